@@ -1,0 +1,47 @@
+"""Tiny models and references shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import lcinfer
+
+TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+            rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(**over) -> lcinfer.ModelConfig:
+  return lcinfer.ModelConfig.from_hf({**TINY, **over})
+
+
+def tiny_llm(dtype="float32", seed=0, **over) -> lcinfer.LLM:
+  return lcinfer.LLM.random(tiny_config(**over), dtype=dtype, seed=seed, attention="dense")
+
+
+def naive_attention(q, k, v, q_pos, kv_pos, scale, window=None, q_seg=None, kv_seg=None):
+  """float64 numpy reference: q [B,T,H,D], k/v [B,S,K,D] -> out [B,T,H,D], lse [B,T,H]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  g = h // kh
+  out = np.zeros((b, t, h, v.shape[-1]))
+  lse = np.full((b, t, h), -np.inf)
+  for bi in range(b):
+    for hi in range(h):
+      kk, vv = k[bi, :, hi // g], v[bi, :, hi // g]
+      for ti in range(t):
+        qp = q_pos[bi, ti]
+        ok = (kv_pos[bi] >= 0) & (qp >= 0) & (kv_pos[bi] <= qp)
+        if window is not None:
+          ok &= qp - kv_pos[bi] < window
+        if q_seg is not None:
+          ok &= kv_seg[bi] == q_seg[bi, ti]
+        if not ok.any():
+          continue
+        s = kk[ok] @ q[bi, ti, hi] * scale
+        m = s.max()
+        p = np.exp(s - m)
+        lse[bi, ti, hi] = m + np.log(p.sum())
+        out[bi, ti, hi] = (p / p.sum()) @ vv[ok]
+  return out, lse
