@@ -93,12 +93,19 @@ def test_merge_attention_of_disjoint_key_sets_is_exact():
 def test_registry_auto_and_errors():
   from helpers import tiny_config
 
+  import jax
+
   cfg = tiny_config()
-  assert attention.resolve("auto", cfg, None, "prefill").name == "dense"  # no GPU here
+  on_gpu = jax.devices()[0].platform == "gpu"
+  assert attention.resolve("auto", cfg, None, "prefill").name == ("cudnn" if on_gpu else "dense")
+  assert attention.resolve("auto", cfg, None, "decode").name == "dense"
   with pytest.raises(ConfigError, match="available: auto, cudnn, dense"):
     attention.get("nope")
-  with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-    attention.resolve("cudnn", cfg, None, "prefill")
+  with pytest.raises(ConfigError, match="cannot run decode: cuDNN flash attention serves prefill"):
+    attention.resolve("cudnn", cfg, None, "decode")
+  if not on_gpu:
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+      attention.resolve("cudnn", cfg, None, "prefill")
 
 
 @pytest.mark.gpu

@@ -9,6 +9,8 @@ from helpers import tiny_config
 from lcinfer.errors import ConfigError
 from lcinfer.sharding import make_mesh, spec_for
 
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (CPU: --xla_force_host_platform_device_count=8)")
+
 
 def test_spec_for_maps_logical_names_and_checks_divisibility():
   mesh = make_mesh({"data": 2, "tensor": 4})

@@ -4,7 +4,7 @@ implementation="cudnn"; Dao et al. 2022, FlashAttention-2 algorithm), the defaul
 It covers fresh causal prefill in bf16/fp16 with an optional sliding window; the mask is causal
 by slot index, which equals the position mask for a prefill whose positions increase by one along
 each row with padding at the end (how lcinfer's engine lays out prompts). Calls it does not cover
-(segment ids, float32, decode over a cache) go to the dense XLA reference. cuDNN's softmax
+(segment ids, float32) go to the dense XLA reference; decode is left to other methods. cuDNN's softmax
 statistic comes back in the output dtype; lse is returned in float32.
 """
 
@@ -33,6 +33,8 @@ class CudnnAttention:
   name: str = "cudnn"
 
   def supports(self, config, mesh, phase):
+    if phase != "prefill":
+      return "cuDNN flash attention serves prefill; decode over a cache uses another method"
     if not _gpu_available():
       return "needs a CUDA GPU"
     if mesh is not None and mesh.size > 1:
@@ -56,8 +58,7 @@ class CudnnAttention:
     return out, lse.astype(jnp.float32)
 
   def decode(self, q_BTHD, k_BKCD, v_BKCD, *, q_pos_BT, kv_pos_BKC, scale, window=None):
-    return DENSE.decode(q_BTHD, k_BKCD, v_BKCD, q_pos_BT=q_pos_BT, kv_pos_BKC=kv_pos_BKC, scale=scale,
-                        window=window)
+    raise NotImplementedError("cudnn serves prefill only; resolve a decode method with phase='decode'")
 
 
 CUDNN = base.register(CudnnAttention(), auto_priority=10)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lcinfer.attention import base
+from lcinfer.precision import precision_for
 
 
 def _softmax_out(logits, mask, v, value_spec: str):
@@ -28,7 +29,8 @@ def _softmax_out(logits, mask, v, value_spec: str):
   s = jnp.sum(e, axis=-1, keepdims=True)
   probs = jnp.where(s > 0, e / jnp.where(s > 0, s, 1.0), 0.0)
   lse = jnp.where(s[..., 0] > 0, m[..., 0] + jnp.log(jnp.where(s[..., 0] > 0, s[..., 0], 1.0)), -jnp.inf)
-  out = jnp.einsum(value_spec, probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum(value_spec, probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                   precision=precision_for(v.dtype))
   return out, lse
 
 
@@ -46,7 +48,8 @@ class DenseAttention:
     b, t, h, d = q_BTHD.shape
     kh = k_BSKD.shape[2]
     q = base.split_heads_gqa(q_BTHD, kh)
-    logits = jnp.einsum("BTKGD,BSKD->BKGTS", q, k_BSKD, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("BTKGD,BSKD->BKGTS", q, k_BSKD, preferred_element_type=jnp.float32,
+                        precision=precision_for(k_BSKD.dtype)) * scale
     mask = base.visible(q_pos_BT[:, :, None], kv_pos_BS[:, None, :], window)  # [B, T, S]
     if q_seg_BT is not None:
       mask = mask & (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :])
@@ -57,7 +60,8 @@ class DenseAttention:
     b, t, h, d = q_BTHD.shape
     kh = k_BKCD.shape[1]
     q = base.split_heads_gqa(q_BTHD, kh)
-    logits = jnp.einsum("BTKGD,BKCD->BKGTC", q, k_BKCD, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("BTKGD,BKCD->BKGTC", q, k_BKCD, preferred_element_type=jnp.float32,
+                        precision=precision_for(k_BKCD.dtype)) * scale
     mask = base.visible(q_pos_BT[:, None, None, :, None], kv_pos_BKC[:, :, None, None, :], window)
     out, lse = _softmax_out(logits, mask, v_BKCD, "BKGTC,BKCD->BTKGD")
     return out.reshape(b, t, h, -1).astype(q_BTHD.dtype), _lse_to_bth(lse)

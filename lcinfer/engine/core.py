@@ -97,6 +97,8 @@ def prefill(graphdef, params, tokens_BP, lengths_B, cache: KVCache, *, attention
   """
   tokens_BP = np.asarray(tokens_BP, np.int32)
   lengths_B = np.asarray(lengths_B, np.int32)
+  if tokens_BP.ndim != 2 or tokens_BP.shape[1] == 0:
+    raise ValueError(f"tokens must be [B, P] with P >= 1, got shape {tokens_BP.shape}")
   b, p = tokens_BP.shape
   if b != cache.batch:
     raise ValueError(f"batch of {b} prompts for a cache of batch {cache.batch}")

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcinfer.precision import precision_for
+
 
 class Linear(nnx.Module):
   """y = x W^T + b with W [out, in] (torch.nn.Linear layout)."""
@@ -19,7 +21,8 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[0],)) if bias else None
 
   def __call__(self, x):
-    y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+    w = self.weight[...]
+    y = jnp.einsum("...i,oi->...o", x, w, precision=precision_for(w.dtype))
     if self.bias is not None:
       y = y + self.bias[...]
     return y
@@ -50,7 +53,8 @@ class Embedding(nnx.Module):
 
   def attend(self, x):
     """Tied output projection: x @ E^T."""
-    return jnp.einsum("...e,ve->...v", x, self.weight[...])
+    w = self.weight[...]
+    return jnp.einsum("...e,ve->...v", x, w, precision=precision_for(w.dtype))
 
 
 ACT = {
