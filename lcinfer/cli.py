@@ -59,6 +59,30 @@ def _cmd_generate(a) -> int:
   return 0
 
 
+def _cmd_eval(a) -> int:
+  from pathlib import Path
+
+  import lcinfer
+  from lcinfer.eval import runner
+
+  specs = [runner.EvalSpec(task=t, lengths=tuple(runner.parse_lengths(a.lengths)),
+                           depths=tuple(runner.depths_grid(a.depths)), methods=tuple(a.attention.split(",")),
+                           kv_press=a.kv_press, samples=a.samples, seed=a.seed, max_new_tokens=a.max_new_tokens)
+           for t in a.task.split(",")]  # all names are checked before the model loads
+  out = Path(a.out)
+  runner.check_output_dir(out)
+  if a.model is None:
+    raise lcinfer.ConfigError("no model shipped with this version yet; pass --model PATH (an HF or converted "
+                              "checkpoint with tokenizer files)")
+  llm = lcinfer.load(a.model, dtype=a.dtype)
+  results = [runner.run_grid(llm, spec) for spec in specs]
+  paths = runner.write_results(results, out)
+  for r in results:
+    print(f"\n{r['task']}:\n{runner.format_table(r)}")
+  print(f"\nwrote {', '.join(p.name for p in paths)} to {out}")
+  return 0
+
+
 def _cmd_demo(a) -> int:
   from lcinfer.demo import run_demo
 
@@ -98,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--capacity", type=int, default=None, help="KV cache slots (default: prompt + new tokens)")
   g.add_argument("--ids", action="store_true", help="print token ids instead of text")
   g.set_defaults(fn=_cmd_generate)
+
+  v = sub.add_parser("eval", help="synthetic long-context tasks over a length x depth grid, with heatmaps")
+  v.add_argument("task", help="task name(s), comma-separated (e.g. niah_single,vt)")
+  v.add_argument("--model", default=None, help="checkpoint with tokenizer files")
+  v.add_argument("--lengths", default="1k,2k,4k", help="context lengths in tokens, e.g. 1k,2k,4k,8k")
+  v.add_argument("--depths", type=int, default=5, help="number of needle depths from 0%% to 100%%")
+  v.add_argument("--attention", default="auto", help="attention method(s), comma-separated, compared")
+  v.add_argument("--kv-press", default="none", help="KV-cache press")
+  v.add_argument("--samples", type=int, default=1, help="samples per cell")
+  v.add_argument("--seed", type=int, default=0)
+  v.add_argument("--max-new-tokens", type=int, default=None)
+  v.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+  v.add_argument("--out", default="lcinfer-eval", help="output directory (results.json, summary.md, PNGs)")
+  v.set_defaults(fn=_cmd_eval)
 
   d = sub.add_parser("demo", help="the default job: a short end-to-end run on CPU")
   d.add_argument("--out", default="lcinfer-demo", help="output directory")
