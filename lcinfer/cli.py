@@ -71,10 +71,9 @@ def _cmd_eval(a) -> int:
            for t in a.task.split(",")]  # all names are checked before the model loads
   out = Path(a.out)
   runner.check_output_dir(out)
-  if a.model is None:
-    raise lcinfer.ConfigError("no model shipped with this version yet; pass --model PATH (an HF or converted "
-                              "checkpoint with tokenizer files)")
-  llm = lcinfer.load(a.model, dtype=a.dtype)
+  from lcinfer.demo import shipped_model_path
+
+  llm = lcinfer.load(a.model or shipped_model_path(), dtype=a.dtype)
   results = [runner.run_grid(llm, spec) for spec in specs]
   paths = runner.write_results(results, out)
   for r in results:
@@ -86,7 +85,7 @@ def _cmd_eval(a) -> int:
 def _cmd_demo(a) -> int:
   from lcinfer.demo import run_demo
 
-  return run_demo(out_dir=a.out)
+  return run_demo(out_dir=a.out, lengths=a.lengths, depths=a.depths)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   v = sub.add_parser("eval", help="synthetic long-context tasks over a length x depth grid, with heatmaps")
   v.add_argument("task", help="task name(s), comma-separated (e.g. niah_single,vt)")
-  v.add_argument("--model", default=None, help="checkpoint with tokenizer files")
+  v.add_argument("--model", default=None, help="checkpoint with tokenizer files (default: the shipped model)")
   v.add_argument("--lengths", default="1k,2k,4k", help="context lengths in tokens, e.g. 1k,2k,4k,8k")
   v.add_argument("--depths", type=int, default=5, help="number of needle depths from 0%% to 100%%")
   v.add_argument("--attention", default="auto", help="attention method(s), comma-separated, compared")
@@ -139,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   d = sub.add_parser("demo", help="the default job: a short end-to-end run on CPU")
   d.add_argument("--out", default="lcinfer-demo", help="output directory")
+  d.add_argument("--lengths", default="1k,2k,4k", help="context lengths of the NIAH grid")
+  d.add_argument("--depths", type=int, default=5, help="needle depths per length")
   d.set_defaults(fn=_cmd_demo)
   return p
 

@@ -49,8 +49,13 @@ def test_generate_chat_uses_template(tmp_path, capsys):
   assert got == llm.generate([np.asarray(ids)], max_new_tokens=3, stop=[]).tokens[0].tolist()
 
 
-def test_demo_runs(tmp_path, capsys):
-  assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-  out = capsys.readouterr().out
-  assert "max |logits(HF dir) - logits(converted)|           0.0e+00" in out
-  assert (tmp_path / "demo" / "tiny-lcinfer" / "lcinfer.json").exists()
+def test_demo_runs_niah_with_the_shipped_model(tmp_path, capsys):
+  out = tmp_path / "demo"
+  assert main(["demo", "--out", str(out), "--lengths", "512,1k", "--depths", "2"]) == 0
+  printed = capsys.readouterr().out
+  assert "| method | 512 | 1024 | mean acc | mean TTFT s | KV MB @ max |" in printed
+  res = json.loads((out / "results.json").read_text())[0]
+  assert len(res["cells"]) == 4
+  # the shipped model really retrieves (deterministic samples; 100% on the H100 run to 16K)
+  assert np.mean([c["accuracy"] for c in res["cells"]]) >= 0.75
+  assert (out / "heatmap-niah_single-dense.png").stat().st_size > 0

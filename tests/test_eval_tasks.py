@@ -74,7 +74,7 @@ def test_prompt_length_in_tokens(sp_count, name, length):
   n = sp_count(s.prompt)
   assert length - lce.tolerance(length) <= n <= length, (n, length)
   assert s.meta["prompt_tokens"] == n and s.meta["context_tokens"] == sp_count(s.context)
-  assert s.prompt == s.context + s.question and s.question.startswith("\n") and s.question.endswith("Answer:")
+  assert s.prompt == s.context + s.question and s.question.startswith("\n") and "\nAnswer:" in s.question
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -123,7 +123,7 @@ def test_vt_chain_is_spread_around_depth(sp_count):
     assert offsets == sorted(offsets)  # the chain reads in order
     end = hops[0] if depth == 0 else hops[-1]
     assert abs(end["token_depth"] - depth) <= 0.05
-    value = s.question.split("value ")[1].rstrip("?\nAnswer:")
+    value = s.question.split("value ")[1].split("?")[0]
     assert f"VAR {s.answers[0]} = {value}." in s.context
     for a, b in zip(s.answers, s.answers[1:]):
       assert f"VAR {b} = VAR {a}." in s.context
@@ -144,7 +144,7 @@ def test_needle_answers_are_unique_to_the_needle():
   key = s.meta["needles"][0]["key"]
   assert s.context.count(s.answers[0]) == 1
   assert f"The special magic number for {key} is {s.answers[0]}." in s.context
-  assert s.question == f"\nQuestion: What is the special magic number for {key}?\nAnswer:"
+  assert s.question == f"\nQuestion: What is the special magic number for {key}?\nAnswer: The special magic number for {key} is"
   assert sum(nd["role"] == "distractor" for nd in s.meta["needles"]) == 3
   s = lce.make_sample("kv_uuid", 1500, depth=0.7, seed=2)
   assert s.context.count(s.answers[0]) == 1 and f'": "{s.answers[0]}"' in s.context

@@ -34,7 +34,8 @@ def common_words(length_tokens: int, depth, seed, count_tokens: CountTokens, *, 
   rng = as_rng(seed, "cwe")
   pool = words.word_stream(rng)
   shuffle_seed = rng.getrandbits(64)
-  q = f"\nQuestion: What are the {num_common} most common words in the list above?\nAnswer:"
+  q = (f"\nQuestion: What are the {num_common} most common words in the list above?\n"
+       f"Answer: The {num_common} most common words are")
   rate = max(1.0, count_tokens(_numbered(pool(64))) / 64)
   est_items = max(0.0, (length_tokens - count_tokens(CWE_HEADER + q)) / rate)
   cf = common_freq or max(2, min(30, int(est_items / (2 * num_common))))
@@ -85,7 +86,8 @@ def frequent_words(length_tokens: int, depth, seed, count_tokens: CountTokens, *
   shuffle_seed = rng.getrandbits(64)
   weights = [k ** -alpha for k in range(1, vocab_size + 1)]
   h = sum(weights)
-  q = f"\nQuestion: What are the {num_answers} most frequent coded words in the text above?\nAnswer:"
+  q = (f"\nQuestion: What are the {num_answers} most frequent coded words in the text above?\n"
+       f"Answer: The {num_answers} most frequent coded words are")
 
   def counts(n: int, extra: int = 0) -> list[int]:
     c = [int(n * w / h) for w in weights]

@@ -55,7 +55,7 @@ def fit_padded(core: Callable[[int], str], target: int, count_tokens: CountToken
 
 
 def kv_question(key: str) -> str:
-  return f'\nQuestion: What is the value of key "{key}"?\nAnswer:'
+  return f'\nQuestion: What is the value of key "{key}"?\nAnswer: The value of key "{key}" is'
 
 
 @register("kv_uuid", "a JSON object of UUID keys and values; asks for the value of the key at `depth`")

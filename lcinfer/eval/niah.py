@@ -107,7 +107,7 @@ def _check_digits(v):
 
 
 def _question_one(key):
-  return f"\nQuestion: What is the special magic number for {key}?\nAnswer:"
+  return f"\nQuestion: What is the special magic number for {key}?\nAnswer: The special magic number for {key} is"
 
 
 @register("niah_single", "one needle 'The special magic number for KEY is VALUE.' at `depth`; asks for VALUE")
@@ -146,7 +146,7 @@ def niah_multivalue(length_tokens: int, depth, seed, count_tokens: CountTokens, 
   values = words.distinct(rng, lambda r: words.number(r, value_digits), num_values)
   needles = [Needle(NEEDLE.format(key=key, value=v), d if i == 0 else rng.random(),
                     {"key": key, "value": v, "role": "target"}) for i, v in enumerate(values)]
-  q = f"\nQuestion: What are all the special magic numbers for {key}?\nAnswer:"
+  q = f"\nQuestion: What are all the special magic numbers for {key}?\nAnswer: The special magic numbers for {key} are"
   s = _needle_sample("niah_multivalue", rng, hay, stream, d, depth, needles, q, values, length_tokens,
                      count_tokens)
   in_order = [nd["value"] for nd in sorted(s.meta["needles"], key=lambda nd: nd["char_offset"])]
@@ -166,7 +166,8 @@ def niah_multiquery(length_tokens: int, depth, seed, count_tokens: CountTokens, 
   needles = [Needle(NEEDLE.format(key=kk, value=v), d if i == 0 else rng.random(),
                     {"key": kk, "value": v, "role": "target" if i < num_queries else "distractor"})
              for i, (kk, v) in enumerate(zip(keys, values))]
-  q = f"\nQuestion: What are the special magic numbers for {join_phrase(keys[:num_queries])}?\nAnswer:"
+  asked = join_phrase(keys[:num_queries])
+  q = f"\nQuestion: What are the special magic numbers for {asked}?\nAnswer: The special magic numbers for {asked} are"
   return _needle_sample("niah_multiquery", rng, hay, stream, d, depth, needles, q, values[:num_queries],
                         length_tokens, count_tokens)
 
@@ -202,6 +203,6 @@ def variable_tracking(length_tokens: int, depth, seed, count_tokens: CountTokens
     chain = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
     depths = vt_window(d, num_hops + 1, spread) if c == 0 else [rng.random() for _ in chain]
     needles += vt_chain(rng, chain, values[c], depths, "target" if c == 0 else "distractor")
-  q = f"\nQuestion: Which variables are assigned the value {values[0]}?\nAnswer:"
+  q = f"\nQuestion: Which variables are assigned the value {values[0]}?\nAnswer: The variables assigned the value {values[0]} are"
   return _needle_sample("vt", rng, hay, stream, d, depth, needles, q, names[:num_hops + 1], length_tokens,
                         count_tokens, header=VT_HEADER)

@@ -30,7 +30,7 @@ from lcinfer.eval.haystack import token_counter
 
 KV_PRESSES = ("none",)  # KV-compression presses register here as they land
 ANSWER_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48, "niah_multiquery": 32,
-                 "vt": 40, "cwe": 48, "fwe": 24, "kv_uuid": 32}
+                 "vt": 40, "cwe": 48, "fwe": 24, "kv_uuid": 64}
 
 
 def parse_lengths(s: str) -> list[int]:
@@ -109,6 +109,9 @@ def run_grid(llm, spec: EvalSpec, progress: bool = True) -> dict:
 
   cells = []
   grid = [(m, n, d, s) for m in spec.methods for n in spec.lengths for d in spec.depths for s in range(spec.samples)]
+  # every (length, depth, sample) cell gets its own needle; methods see the same samples
+  cell_seed = {(n, d, s): spec.seed * 1_000_003 + i for i, (n, d, s) in enumerate(
+      (n, d, s) for n in spec.lengths for d in spec.depths for s in range(spec.samples))}
   bar = tqdm(grid, desc=f"eval {spec.task}", unit="sample", disable=not progress)
   per_method = {}
   for method, n, d, s in bar:
@@ -116,7 +119,7 @@ def run_grid(llm, spec: EvalSpec, progress: bool = True) -> dict:
       per_method[method] = LLM(llm.config, llm.graphdef, llm.params, tokenizer=llm.tokenizer, mesh=llm.mesh,
                                attention=method, stop_ids=llm.stop_ids, dtype=llm.dtype.name)
     m = per_method[method]
-    sample = make_sample(spec.task, n, depth=d, seed=spec.seed * 1_000_003 + s, count_tokens=count)
+    sample = make_sample(spec.task, n, depth=d, seed=cell_seed[(n, d, s)], count_tokens=count)
     ids = np.asarray(m.tokenizer.encode(sample.prompt), np.int32)
     t0 = time.perf_counter()
     ttft, new = None, []
