@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--seed", type=int, default=0)
   v.add_argument("--max-new-tokens", type=int, default=None)
   v.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-  v.add_argument("--out", default="lcinfer-eval", help="output directory (results.json, summary.md, PNGs)")
+  v.add_argument("--out", default="lcinfer-eval", help="output directory (results-TASKS.json, summary-TASKS.md, PNGs)")
   v.set_defaults(fn=_cmd_eval)
 
   d = sub.add_parser("demo", help="the default job: a short end-to-end run on CPU")

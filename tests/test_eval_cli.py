@@ -34,7 +34,7 @@ def test_eval_grid_writes_json_heatmaps_and_table(model_dir, tmp_path, capsys):
                "--attention", "dense,auto", "--out", str(out), "--dtype", "float32"]) == 0
   printed = capsys.readouterr().out
   assert "| method | 256 | 512 | mean acc | mean TTFT s | KV MB @ max |" in printed
-  res = json.loads((out / "results.json").read_text())
+  res = json.loads((out / "results-niah_single+vt.json").read_text())
   assert [r["task"] for r in res] == ["niah_single", "vt"]
   cells = res[0]["cells"]
   assert len(cells) == 2 * 2 * 3  # methods x lengths x depths
@@ -42,7 +42,7 @@ def test_eval_grid_writes_json_heatmaps_and_table(model_dir, tmp_path, capsys):
     assert 0.0 <= c["accuracy"] <= 1.0 and c["ttft_s"] > 0 and c["prompt_tokens"] <= c["length"] + 1  # + BOS
     assert c["kv_bytes"] == c["prompt_tokens"] * 2 * 2 * 2 * 16 * 4  # K+V x layers x kv heads x head_dim x f32
   for name in ("heatmap-niah_single-dense.png", "heatmap-niah_single-auto.png", "heatmap-vt-dense.png",
-               "summary.md"):
+               "summary-niah_single+vt.md"):
     assert (out / name).stat().st_size > 0
   assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

@@ -3,8 +3,8 @@
 For every cell and sample: build the prompt at the target length in the model's own tokens,
 prefill + greedy decode through the engine (TTFT = time to the first new token, from the first
 streamed chunk), score the output with the task's string match, and record KV bytes and peak
-memory. Results go to `results.json` (every cell), `summary.md` (one comparison table) and one
-heatmap PNG per task and method, written into a temporary directory and moved into place at the
+memory. Results go to `results-<tasks>.json` (every cell), `summary-<tasks>.md` (one comparison
+table) and one heatmap PNG per task and method (so several runs can share an output directory), written into a temporary directory and moved into place at the
 end, so an interrupted or failed run leaves no partial result files.
 """
 
@@ -189,13 +189,13 @@ def heatmap(results: dict, method: str, path: Path) -> None:
 
 
 def write_results(results_list: Sequence[dict], out: Path) -> list[Path]:
-  """results.json, summary.md and heatmaps, moved into `out` only once all are written."""
+  """results-<tasks>.json, summary-<tasks>.md and heatmaps, moved into `out` once all are written."""
   check_output_dir(out)
   tmp = Path(tempfile.mkdtemp(prefix=".eval-partial-", dir=out))
   try:
-    names = []
-    (tmp / "results.json").write_text(json.dumps(list(results_list), indent=1))
-    names.append("results.json")
+    tag = "+".join(r["task"] for r in results_list)
+    names = [f"results-{tag}.json"]
+    (tmp / names[0]).write_text(json.dumps(list(results_list), indent=1))
     md = []
     for r in results_list:
       md.append(f"## {r['task']} ({r['device']})\n\n{format_table(r)}\n")
@@ -203,8 +203,8 @@ def write_results(results_list: Sequence[dict], out: Path) -> list[Path]:
         name = f"heatmap-{r['task']}-{method}.png"
         heatmap(r, method, tmp / name)
         names.append(name)
-    (tmp / "summary.md").write_text("\n".join(md))
-    names.append("summary.md")
+    (tmp / f"summary-{tag}.md").write_text("\n".join(md))
+    names.append(f"summary-{tag}.md")
     for name in names:
       (tmp / name).replace(out / name)
     return [out / n for n in names]
