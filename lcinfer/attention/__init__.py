@@ -12,5 +12,6 @@ from lcinfer.attention.base import (AttentionMethod, available, get, merge_atten
                                     resolve, visible)
 from lcinfer.attention import dense as _dense  # noqa: F401  (registers "dense")
 from lcinfer.attention import cudnn as _cudnn  # noqa: F401  (registers "cudnn")
+from lcinfer.attention import flash as _flash  # noqa: F401  (registers "flash")
 
 __all__ = ["AttentionMethod", "available", "get", "merge_attention", "register", "resolve", "visible"]

@@ -1,0 +1,16 @@
+"""Pallas kernels and their pure-jnp reference oracles (ARCHITECTURE.md principle 5).
+
+Raw and unbatched-in-spirit: layout [B, T, H, D] for queries and [B, S, K, D] for keys/values at
+the API, GQA from head counts (K/V never repeated in memory), `interpret=` threaded through every
+kernel so CPU CI runs them. No model code here.
+
+    from lcinfer.pallas_kernels import dispatch
+    out_BTHD, lse_BTH = dispatch.call("flash_attention", ("triton", "xla"), q, k, v, scale=...,
+                                      causal=True, interpret=False)
+"""
+
+from lcinfer.pallas_kernels import dispatch  # noqa: F401
+from lcinfer.pallas_kernels.reference import attention_reference  # noqa: F401
+from lcinfer.pallas_kernels import flash_triton  # noqa: F401  (registers "flash_attention"/"triton")
+
+__all__ = ["attention_reference", "dispatch", "flash_triton"]
