@@ -12,5 +12,10 @@ kernel so CPU CI runs them. No model code here.
 from lcinfer.pallas_kernels import dispatch  # noqa: F401
 from lcinfer.pallas_kernels.reference import attention_reference  # noqa: F401
 from lcinfer.pallas_kernels import flash_triton  # noqa: F401  (registers "flash_attention"/"triton")
+from lcinfer.pallas_kernels.reference import block_sparse_reference  # noqa: F401
+from lcinfer.pallas_kernels.sparse_index import (BlockSparse, Columns, blocks_from_mask,  # noqa: F401
+                                                 vertical_slash_to_layout)
+from lcinfer.pallas_kernels import block_sparse  # noqa: F401  (registers "block_sparse_attention")
 
-__all__ = ["attention_reference", "dispatch", "flash_triton"]
+__all__ = ["attention_reference", "dispatch", "flash_triton", "block_sparse", "block_sparse_reference",
+           "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout"]

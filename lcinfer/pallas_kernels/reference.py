@@ -112,3 +112,74 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = 
   lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, h)
   return out.astype(out_dtype or q_BTHD.dtype), lse
 
+
+
+# -- block-sparse attention (layouts from sparse_index.py) ----------------------------------------
+def check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal):
+  """Trace-time validation for block-sparse attention (shapes, dtypes, layout shapes). ValueError."""
+  from lcinfer.pallas_kernels.sparse_index import check_layout
+  check_attention_args(q_BTHD, k_BSKD, v_BSKD, scale=scale, causal=causal, window=None,
+                       q_segment_ids=None, kv_segment_ids=None, kv_offset=0, q_lengths=None,
+                       kv_lengths=None)
+  b, t, h, _ = q_BTHD.shape
+  s = k_BSKD.shape[1]
+  if causal and s != t:
+    raise ValueError(f"causal block-sparse attention is self-attention (query i at position i): "
+                     f"needs S == T, got T={t}, S={s}")
+  check_layout(layout, columns, b, h, t)
+
+
+def block_sparse_key_mask(layout, columns, t: int, s: int, causal: bool = True):
+  """Boolean [B, H, T, S]: the key set of a layout (semantics in sparse_index.py). Reference and
+  tests only: this is the dense mask that the kernel never builds."""
+  bq, bk = layout.block_q, layout.block_k
+  nk = -(-s // bk)
+  j = jnp.arange(layout.kv_block_idx.shape[-1])
+  ok = j < layout.count[..., None]
+  blk = jnp.any((layout.kv_block_idx[..., None] == jnp.arange(nk)) & ok[..., None], axis=-2)  # [B,H,nq,nk]
+  qb = jnp.arange(t) // bq
+  mask = blk[:, :, qb][..., jnp.arange(s) // bk]                         # [B, H, T, S]
+  if columns is not None:
+    jc = jnp.arange(columns.index.shape[-1])
+    okc = jc < columns.count[..., None]
+    col = jnp.any((columns.index[..., None] == jnp.arange(s)) & okc[..., None], axis=-2)  # [B,H,nq,S]
+    mask = mask | col[:, :, qb]
+  if causal:
+    mask = mask & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])
+  return mask
+
+
+def masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask_BHTS, *, scale: float, out_dtype=None):
+  """Float32 softmax attention under an explicit per-head boolean mask [B, H, T, S]; GQA by head
+  count. Rows that see nothing: out = 0, lse = -inf. Returns (out [B,T,H,D], lse [B,T,H])."""
+  b, t, h, d = q_BTHD.shape
+  kh = k_BSKD.shape[2]
+  g = h // kh
+  q = q_BTHD.astype(jnp.float32).reshape(b, t, kh, g, d)
+  logits = jnp.einsum("BTKGD,BSKD->BKGTS", q, k_BSKD.astype(jnp.float32),
+                      precision=lax.Precision.HIGHEST) * scale
+  logits = jnp.where(mask_BHTS.reshape(b, kh, g, t, -1), logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(logits - m)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  seen = denom > 0
+  p = e / jnp.where(seen, denom, 1.0)
+  out = jnp.einsum("BKGTS,BSKD->BTKGD", p, v_BSKD.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST).reshape(b, t, h, d)
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), -jnp.inf)[..., 0]
+  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, h)
+  return out.astype(out_dtype or q_BTHD.dtype), lse
+
+
+def block_sparse_reference(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float, causal: bool = True,
+                           columns=None, out_dtype=None, interpret: bool = False, num_warps=None,
+                           num_stages=None):
+  """Block-sparse attention in float32 from the dense key mask of `layout` (+ `columns`): the
+  union semantics of sparse_index.py, causal inside the blocks. Returns (out [B,T,H,D], lse [B,T,H]).
+  `interpret` and the kernel's knobs are accepted and ignored (dispatcher)."""
+  del interpret, num_warps, num_stages
+  check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
+  t, s = q_BTHD.shape[1], k_BSKD.shape[1]
+  mask = block_sparse_key_mask(layout, columns, t, s, causal)
+  return masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale, out_dtype=out_dtype)

@@ -1,0 +1,209 @@
+"""Block-sparse attention forward as a Pallas kernel for GPUs, Triton lowering.
+
+    out_BTHD, lse_BTH = block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale=d ** -0.5,
+                                               causal=True, columns=None, interpret=False)
+
+`layout` is a `sparse_index.BlockSparse` (per batch, head, query block: a count and a padded list
+of KV blocks), `columns` an optional `sparse_index.Columns` (gathered key columns: the vertical
+part of vertical-slash). Key-set semantics: sparse_index.py (union of listed blocks and columns,
+causal, entries beyond count and out-of-range entries ignored). Design:
+  * The layout is first canonicalized on device (`sparse_index.canonicalize`: sorted, deduplicated,
+    in range, causally clipped; columns minus listed blocks), so the kernel trusts its lists and
+    never double counts a key.
+  * One program per (query block, batch, query head); K/V refs span the whole (padded) sequence of
+    kv head h // G (GQA through the index_map, no repeat); `fori_loop(0, count)` over the listed
+    blocks with run-time offsets `pl.ds(idx * block_k, block_k)`.
+  * Online softmax in float32 (exp2), causal mask by index (a no-op below the diagonal), tail keys
+    masked by index (lengths padded in the wrapper).
+  * Then the columns, `column_chunk` at a time: K/V rows gathered by index (`k_ref[cols, :]`),
+    entries beyond the column count masked, merged into the same online softmax.
+  * A query that sees nothing: out = 0, lse = -inf.
+Blocks must be powers of two >= 16 (Triton tiles); head_dim 64 or 128.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.flash_triton import (MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_block,
+                                                 _gpu_backend, _next_pow2)
+from lcinfer.pallas_kernels.reference import block_sparse_reference, check_block_sparse_args
+from lcinfer.pallas_kernels.sparse_index import BlockSparse, Columns, canonicalize
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk, aliased,
+            f32_dots):
+  q_ref, k_ref, v_ref, meta_ref, blk_ref = refs[:5]
+  rest = refs[5:]
+  if has_cols:
+    col_ref, *rest = rest
+  if aliased:
+    rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
+  o_ref, lse_ref = rest
+
+  qb = pl.program_id(0)
+  q_pos = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q = q_ref[...]
+  precision = lax.Precision.HIGHEST if f32_dots else None
+  qk_scale = scale * _LOG2E
+
+  def update(carry, s, v, mask):
+    acc, m_prev, l_prev = carry
+    s = jnp.where(mask, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha = jnp.exp2(m_prev - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                 precision=precision,
+                                                 preferred_element_type=jnp.float32)
+    return acc, m_next, l_next
+
+  def qk(k):
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32) * qk_scale
+
+  def block_body(j, carry):
+    start = pl.multiple_of(blk_ref[j] * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
+    mask = jnp.broadcast_to((k_pos < s_valid)[None, :], (block_q, block_k))
+    if causal:
+      mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    return update(carry, qk(k), v, mask)
+
+  d = q.shape[-1]
+  carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  carry = lax.fori_loop(0, meta_ref[0], block_body, carry)
+
+  if has_cols:
+    ccount = meta_ref[1]
+
+    def col_body(c, carry):
+      off = c * col_chunk
+      slot = off + jnp.arange(col_chunk, dtype=jnp.int32)
+      cols = col_ref[pl.ds(pl.multiple_of(off, col_chunk), col_chunk)]
+      ok = slot < ccount
+      cols = jnp.where(ok, cols, 0)  # canonicalized: in range; beyond the count: row 0, masked
+      k = k_ref[cols, :]
+      v = v_ref[cols, :]
+      mask = jnp.broadcast_to(ok[None, :], (block_q, col_chunk))
+      if causal:
+        mask = mask & (cols[None, :] <= q_pos[:, None])
+      return update(carry, qk(k), v, mask)
+
+    carry = lax.fori_loop(0, lax.div(ccount + col_chunk - 1, col_chunk), col_body, carry)
+
+  acc, m, l = carry
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "causal", "col_chunk", "num_warps", "num_stages", "interpret", "poison"))
+def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col_chunk, num_warps,
+                  num_stages, interpret, poison):
+  b, t, h, d = q_BTHD.shape
+  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  g = h // kh
+  bq, bk = layout.block_q, layout.block_k
+  layout, columns = canonicalize(layout, columns, t, s, causal)
+  nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
+  tp, sp = nq * bq, nk * bk
+  q = jnp.pad(q_BTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  k = jnp.pad(k_BSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+  v = jnp.pad(v_BSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+  has_cols = columns is not None
+
+  def pad_last(x, n):
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+  mb = _next_pow2(max(1, layout.max_blocks))
+  blk = pad_last(layout.kv_block_idx, mb)
+  ccount = columns.count if has_cols else jnp.zeros_like(layout.count)
+  meta = jnp.stack([layout.count, ccount], axis=-1).astype(jnp.int32)   # [B, H, nq, 2]
+
+  q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  lse_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
+  in_specs = [q_spec, kv_spec, kv_spec,
+              pl.BlockSpec((None, None, None, 2), lambda i, bi, hi: (bi, hi, i, 0)),
+              pl.BlockSpec((None, None, None, mb), lambda i, bi, hi: (bi, hi, i, 0))]
+  args = [q, k, v, meta, blk]
+  if has_cols:
+    mc = pl.cdiv(max(1, columns.max_cols), col_chunk) * col_chunk
+    args.append(pad_last(columns.index, mc))
+    in_specs.append(pl.BlockSpec((None, None, None, mc), lambda i, bi, hi: (bi, hi, i, 0)))
+  out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
+               jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
+  aliases = {}
+  if poison is not None:  # testing hook, as in flash_triton: unwritten outputs keep `poison`
+    aliases = {len(args): 0, len(args) + 1: 1}
+    args += [jnp.full(out_shape[0].shape, poison, out_shape[0].dtype),
+             jnp.full(out_shape[1].shape, poison, jnp.float32)]
+    in_specs += [q_spec, lse_spec]
+  kernel = functools.partial(
+      _kernel, scale=scale, causal=causal, block_q=bq, block_k=bk, s_valid=s, has_cols=has_cols,
+      col_chunk=col_chunk, aliased=poison is not None, f32_dots=q.dtype == jnp.float32)
+  out, lse = pl.pallas_call(
+      kernel,
+      grid=(nq, b, h),
+      in_specs=in_specs,
+      out_specs=[q_spec, lse_spec],
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="lcinfer_block_sparse_fwd",
+  )(*args)
+  return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
+
+
+def block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, scale: float,
+                           causal: bool = True, columns: Columns | None = None,
+                           column_chunk: int = 16, interpret: bool = False,
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           _poison: float | None = None):
+  """Block-sparse attention forward. Returns (out [B, T, H, D] in q's dtype, lse [B, T, H] f32).
+
+  Raises ValueError for malformed calls (shapes, dtypes, layout shapes, block sizes) and
+  `dispatch.Unsupported` for valid calls the kernel does not cover (head_dim, no GPU without
+  interpret), so that the dispatcher can fall back to "xla" (the reference).
+  """
+  check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
+  _check_block("layout.block_q", layout.block_q)
+  _check_block("layout.block_k", layout.block_k)
+  _check_block("column_chunk", column_chunk)
+  d = q_BTHD.shape[-1]
+  if d not in SUPPORTED_HEAD_DIMS:
+    raise dispatch.Unsupported(f"head_dim {d} is not supported by the Triton block-sparse kernel "
+                               f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+  if q_BTHD.shape[1] == 0 or k_BSKD.shape[1] == 0:
+    raise dispatch.Unsupported("empty sequence")
+  if not interpret and _gpu_backend() is None:
+    raise dispatch.Unsupported("the Triton block-sparse kernel needs a CUDA GPU; pass "
+                               "interpret=True to run it on CPU")
+  return _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=float(scale),
+                       causal=bool(causal), col_chunk=column_chunk,
+                       num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages or 2,
+                       interpret=bool(interpret), poison=_poison)
+
+
+dispatch.register("block_sparse_attention", "triton", block_sparse_attention)
+dispatch.register("block_sparse_attention", "xla", block_sparse_reference)

@@ -1,0 +1,244 @@
+"""Sparse attention structure as data, and its on-device (pure jnp, jittable) construction.
+
+    layout = BlockSparse(count [B, H, nq] int32, kv_block_idx [B, H, nq, max_blocks] int32,
+                         block_q, block_k)                       # block_q/block_k static
+    columns = Columns(count [B, H, nq] int32, index [B, H, nq, max_cols] int32)
+
+Semantics (shared by `reference.block_sparse_reference` and the kernel in `block_sparse.py`):
+query row i (query block qb = i // block_q) attends the UNION of
+  * every key in KV block kv_block_idx[b, h, qb, j] for j < count[b, h, qb]
+    (keys idx * block_k .. idx * block_k + block_k - 1), and
+  * every key column index[b, h, qb, j] for j < columns.count[b, h, qb],
+intersected with (causal: key <= i) and (key < S). Keys are counted once however often they are
+listed (duplicate blocks, duplicate columns, a column inside a listed block). Entries at or beyond
+`count` are ignored whatever they hold; listed entries outside the sequence (block index < 0 or
+>= cdiv(S, block_k); column < 0 or >= S) are ignored too (masked, never clamped onto a real key).
+These are run-time values, so they cannot be rejected at trace time; shapes and dtypes are.
+A query that attends nothing gets out = 0 and lse = -inf.
+
+`canonicalize` turns any layout into the form the kernel consumes (sorted, duplicate-free,
+in-range block lists, causally clipped; columns disjoint from the listed blocks); it runs on
+device before the kernel. Dense [T, T] masks never appear here (only in the float32 reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockSparse:
+  """Per (batch, head, query block): how many KV blocks, and which (padded list)."""
+  count: jax.Array         # [B, H, nq] int32
+  kv_block_idx: jax.Array  # [B, H, nq, max_blocks] int32
+  block_q: int = dataclasses.field(metadata=dict(static=True), default=64)
+  block_k: int = dataclasses.field(metadata=dict(static=True), default=64)
+
+  @property
+  def max_blocks(self) -> int:
+    return self.kv_block_idx.shape[-1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Columns:
+  """Per (batch, head, query block): gathered key columns (the vertical part of vertical-slash)."""
+  count: jax.Array  # [B, H, nq] int32
+  index: jax.Array  # [B, H, nq, max_cols] int32
+
+  @property
+  def max_cols(self) -> int:
+    return self.index.shape[-1]
+
+
+def _check_int(name, x, shape):
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array (int32), got dtype {x.dtype}")
+  if shape is not None and tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_layout(layout: BlockSparse, columns: Columns | None, b: int, h: int, t: int):
+  """Trace-time validation of a layout against queries [B, T, H, ...]. Raises ValueError."""
+  if not isinstance(layout, BlockSparse):
+    raise ValueError(f"layout must be a BlockSparse, got {type(layout).__name__}")
+  for name in ("block_q", "block_k"):
+    v = getattr(layout, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise ValueError(f"layout.{name} must be a positive static int, got {v!r}")
+  nq = -(-t // layout.block_q)
+  _check_int("layout.count", layout.count, (b, h, nq))
+  if layout.kv_block_idx.ndim != 4:
+    raise ValueError(f"layout.kv_block_idx must be [B, H, nq, max_blocks], got shape "
+                     f"{tuple(layout.kv_block_idx.shape)}")
+  _check_int("layout.kv_block_idx", layout.kv_block_idx, (b, h, nq, layout.kv_block_idx.shape[-1]))
+  if columns is not None:
+    if isinstance(columns, tuple) or not isinstance(columns, Columns):
+      raise ValueError(f"columns must be a Columns(count, index) or None, got {type(columns).__name__}")
+    _check_int("columns.count", columns.count, (b, h, nq))
+    if columns.index.ndim != 4:
+      raise ValueError(f"columns.index must be [B, H, nq, max_cols], got shape {tuple(columns.index.shape)}")
+    _check_int("columns.index", columns.index, (b, h, nq, columns.index.shape[-1]))
+
+
+def _last_q_row(nq, block_q, t):
+  """[nq] int32: the last (valid) query row of each query block."""
+  return jnp.minimum((jnp.arange(nq, dtype=jnp.int32) + 1) * block_q, t) - 1
+
+
+def _sort_dedupe(x, valid, sentinel):
+  """Sort each row (last axis) of x ascending with invalid entries and duplicates pushed to the
+  end as `sentinel`; returns (sorted x, count of distinct valid entries)."""
+  x = jnp.sort(jnp.where(valid, x, sentinel), axis=-1)
+  dup = jnp.concatenate([jnp.zeros_like(x[..., :1], bool), x[..., 1:] == x[..., :-1]], axis=-1)
+  x = jnp.sort(jnp.where(dup, sentinel, x), axis=-1)
+  return x, jnp.sum(x != sentinel, axis=-1).astype(jnp.int32)
+
+
+def _member_sorted(sorted_rows, queries):
+  """queries[..., i] in sorted_rows[...] (both [..., n] / [..., m]; rows sorted ascending)."""
+  lead = sorted_rows.shape[:-1]
+  f = lambda a, v: a[jnp.clip(jnp.searchsorted(a, v), 0, a.shape[0] - 1)] == v
+  out = jax.vmap(f)(sorted_rows.reshape(-1, sorted_rows.shape[-1]),
+                    queries.reshape(-1, queries.shape[-1]))
+  return out.reshape(*lead, queries.shape[-1])
+
+
+def canonicalize(layout: BlockSparse, columns: Columns | None, t: int, s: int, causal: bool):
+  """The kernel's input form, same key sets: block lists sorted ascending, duplicate-free, in
+  range [0, cdiv(s, block_k)), without blocks wholly above the diagonal when causal (all entries
+  < count are real; entries beyond are 0); columns sorted, duplicate-free, in [0, s), not inside
+  a listed block, not above the block's last query row when causal (entries beyond count are 0).
+  Cost: two sorts of each list; no [T, S] or [nq, nk] arrays."""
+  bq, bk = layout.block_q, layout.block_k
+  nq, nk = layout.count.shape[-1], -(-s // bk)
+  last = _last_q_row(nq, bq, t)[:, None]                       # [nq, 1]
+  idx = layout.kv_block_idx.astype(jnp.int32)
+  j = jnp.arange(idx.shape[-1], dtype=jnp.int32)
+  ok = (j < layout.count[..., None]) & (idx >= 0) & (idx < nk)
+  if causal:
+    ok = ok & (idx * bk <= last)
+  blocks, count = _sort_dedupe(idx, ok, nk)
+  new_layout = BlockSparse(count, jnp.where(blocks == nk, 0, blocks), bq, bk)
+  if columns is None:
+    return new_layout, None
+  cols = columns.index.astype(jnp.int32)
+  jc = jnp.arange(cols.shape[-1], dtype=jnp.int32)
+  okc = (jc < columns.count[..., None]) & (cols >= 0) & (cols < s)
+  if causal:
+    okc = okc & (cols <= last)
+  if blocks.shape[-1]:
+    okc = okc & ~_member_sorted(blocks, jnp.where(okc, cols, 0) // bk)
+  cols, ccount = _sort_dedupe(cols, okc, s)
+  return new_layout, Columns(ccount, jnp.where(cols == s, 0, cols))
+
+
+def blocks_from_mask(block_mask, max_blocks: int, *, block_q: int, block_k: int) -> BlockSparse:
+  """BlockSparse from any method's block selection block_mask [B, H, nq, nk] bool (e.g. top-k of
+  pooled scores). Lists are ascending. If a row selects more than `max_blocks` blocks, the
+  `max_blocks` highest-indexed ones (closest to the diagonal) are kept and the rest are dropped."""
+  if block_mask.ndim != 4 or block_mask.dtype != jnp.bool_:
+    raise ValueError(f"block_mask must be a bool [B, H, nq, nk] array, got {block_mask.dtype} "
+                     f"{tuple(block_mask.shape)}")
+  if not isinstance(max_blocks, int) or max_blocks < 1:
+    raise ValueError(f"max_blocks must be a static int >= 1, got {max_blocks!r}")
+  nk = block_mask.shape[-1]
+  kb = jnp.arange(nk, dtype=jnp.int32)
+  # descending order of selected blocks first: top max_blocks of (selected ? index : -1)
+  key = jnp.where(block_mask, kb, -1)
+  m = min(max_blocks, nk)
+  top = lax.top_k(key, m)[0]                                    # descending, -1 = not selected
+  count = jnp.sum(top >= 0, axis=-1).astype(jnp.int32)
+  top = jnp.sort(jnp.where(top >= 0, top, nk), axis=-1)         # ascending, padding at the end
+  top = jnp.where(top == nk, 0, top)
+  if m < max_blocks:
+    top = jnp.pad(top, [(0, 0)] * 3 + [(0, max_blocks - m)])
+  return BlockSparse(count, top.astype(jnp.int32), block_q, block_k)
+
+
+def vertical_slash_to_layout(vertical_idx, slash_idx, seq_len: int, block_q: int, block_k: int,
+                             max_blocks: int, max_cols: int):
+  """MInference's vertical-slash index (Jiang et al. 2024), as grid-aligned blocks plus columns.
+
+  vertical_idx [B, H, V] int: key columns every query (at or after them) attends.
+  slash_idx [B, H, S] int: diagonal offsets o >= 0; query i attends key i - o.
+  Entries outside [0, seq_len) are ignored (use -1 as padding). Causal self-attention, T = seq_len.
+
+  For query block [q0, q1] a slash o touches keys [max(q0 - o, 0), q1 - o] (empty if q1 < o), i.e.
+  KV blocks [max(q0 - o, 0) // block_k, (q1 - o) // block_k]. These ranges are merged (sorted by
+  start; each range minus everything already covered) into a disjoint ascending block list. If it
+  is longer than `max_blocks`, the highest blocks (nearest the diagonal) are kept and the lowest
+  dropped. Vertical columns c <= q1 that do not fall in a kept block become gathered columns,
+  duplicate-free, in the order given by vertical_idx (pass them by importance, e.g. top-k order);
+  beyond `max_cols` the later ones are dropped. Block granularity over-covers: every required key
+  {k <= q : k in verticals or q - k in slashes} is attended (unless truncated), plus the other
+  keys of the selected blocks (causal). Returns (BlockSparse, Columns). Jittable, no [T, T] array.
+  """
+  for name, x in (("vertical_idx", vertical_idx), ("slash_idx", slash_idx)):
+    if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer [B, H, n] array, got {x.dtype} {tuple(x.shape)}")
+  if vertical_idx.shape[:2] != slash_idx.shape[:2]:
+    raise ValueError(f"vertical_idx and slash_idx must share [B, H], got {tuple(vertical_idx.shape)} "
+                     f"and {tuple(slash_idx.shape)}")
+  if slash_idx.shape[-1] == 0:
+    raise ValueError("slash_idx needs at least one entry (pad with -1; MInference keeps offset 0)")
+  for name, x in (("seq_len", seq_len), ("block_q", block_q), ("block_k", block_k),
+                  ("max_blocks", max_blocks), ("max_cols", max_cols)):
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+      raise ValueError(f"{name} must be a static int >= 1, got {x!r}")
+  t, bk = seq_len, block_k
+  nq = -(-t // block_q)
+  q0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]    # [nq, 1]
+  q1 = _last_q_row(nq, block_q, t)[:, None]
+  # -- slashes -> merged block ranges ------------------------------------------------------------
+  o = slash_idx.astype(jnp.int32)
+  o = jnp.where((o >= 0) & (o < t), o, 2 * t)                   # invalid: empty for every block
+  o = -jnp.sort(-o, axis=-1)[:, :, None, :]                     # descending offset = ascending key
+  lo = jnp.maximum(q0 - o, 0) // bk                             # [B, H, nq, S]
+  hi = jnp.where(q1 - o >= 0, (q1 - o) // bk, -1)
+  prev_hi = lax.cummax(hi, axis=hi.ndim - 1)
+  prev_hi = jnp.concatenate([jnp.full_like(prev_hi[..., :1], -1), prev_hi[..., :-1]], axis=-1)
+  lo = jnp.maximum(lo, prev_hi + 1)                             # minus what is already covered
+  length = jnp.maximum(hi - lo + 1, 0)
+  end = jnp.cumsum(length, axis=-1)                             # exclusive ranks end here
+  total = end[..., -1:]
+  count = jnp.minimum(total, max_blocks)[..., 0].astype(jnp.int32)
+  rank = jnp.maximum(total - max_blocks, 0) + jnp.arange(max_blocks, dtype=jnp.int32)
+  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
+      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_blocks)).reshape(rank.shape)
+  seg = jnp.minimum(seg, o.shape[-1] - 1)
+  start = jnp.take_along_axis(end - length, seg, axis=-1)
+  blocks = jnp.take_along_axis(lo, seg, axis=-1) + rank - start
+  slot_ok = jnp.arange(max_blocks) < count[..., None]
+  blocks = jnp.where(slot_ok, blocks, 0).astype(jnp.int32)
+  layout = BlockSparse(count, blocks, block_q, block_k)
+  # -- verticals -> columns not inside a kept block ------------------------------------------------
+  c = vertical_idx.astype(jnp.int32)
+  okv = (c >= 0) & (c < t)
+  # first occurrence of each value (stable sort by value; a duplicate follows its first copy)
+  order = jnp.argsort(jnp.where(okv, c, t), axis=-1, stable=True)
+  sc = jnp.take_along_axis(jnp.where(okv, c, t), order, axis=-1)
+  dup_sorted = jnp.concatenate([jnp.zeros_like(sc[..., :1], bool), sc[..., 1:] == sc[..., :-1]], -1)
+  dup = jnp.zeros_like(dup_sorted).at[
+      jnp.arange(c.shape[0])[:, None, None], jnp.arange(c.shape[1])[None, :, None], order].set(dup_sorted)
+  okv = okv & ~dup
+  cq = jnp.broadcast_to(c[:, :, None, :], c.shape[:2] + (nq, c.shape[-1]))
+  ok = okv[:, :, None, :] & (cq <= q1)
+  sorted_blocks = jnp.where(slot_ok, blocks, jnp.iinfo(jnp.int32).max)
+  sorted_blocks = jnp.sort(sorted_blocks, axis=-1)  # already ascending; sort for safety
+  ok = ok & ~_member_sorted(sorted_blocks, jnp.where(ok, cq, 0) // bk)
+  # order-preserving compaction: valid entries first, in vertical_idx order
+  perm = jnp.argsort(~ok, axis=-1, stable=True)
+  m = min(max_cols, c.shape[-1])
+  perm = perm[..., :m]
+  cols = jnp.take_along_axis(cq, perm, axis=-1)
+  ccount = jnp.minimum(jnp.sum(ok, axis=-1), max_cols).astype(jnp.int32)
+  cols = jnp.where(jnp.arange(m) < ccount[..., None], cols, 0)
+  if m < max_cols:
+    cols = jnp.pad(cols, [(0, 0)] * 3 + [(0, max_cols - m)])
+  return layout, Columns(ccount, cols.astype(jnp.int32))
