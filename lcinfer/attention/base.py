@@ -13,6 +13,7 @@ in memory. Masks come from positions, never from slot order:
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -83,6 +84,15 @@ def resolve(name: str, config, mesh=None, phase: str = "prefill") -> AttentionMe
       return m
     reasons.append(f"{n}: {reason}")
   raise ConfigError(f"no attention method supports {phase}: " + "; ".join(reasons))
+
+
+@functools.cache
+def gpu_available() -> bool:
+  """Whether JAX sees a CUDA GPU (methods that need one say so in `supports`)."""
+  try:
+    return any(d.platform == "gpu" for d in jax.devices())
+  except RuntimeError:
+    return False
 
 
 # -- masks ---------------------------------------------------------------------------------------

@@ -11,21 +11,12 @@ statistic comes back in the output dtype; lse is returned in float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from lcinfer.attention import base
 from lcinfer.attention.dense import DENSE
-
-
-@functools.cache
-def _gpu_available() -> bool:
-  try:
-    return any(d.platform == "gpu" for d in jax.devices())
-  except RuntimeError:
-    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +26,7 @@ class CudnnAttention:
   def supports(self, config, mesh, phase):
     if phase != "prefill":
       return "cuDNN flash attention serves prefill; decode over a cache uses another method"
-    if not _gpu_available():
+    if not base.gpu_available():
       return "needs a CUDA GPU"
     if mesh is not None and mesh.size > 1:
       return "not wired for a multi-device mesh yet"

@@ -15,10 +15,8 @@ Calls with T != S (queries over a longer key set) go to the dense XLA method.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,14 +32,6 @@ INTERPRET = os.environ.get("LCINFER_PALLAS_INTERPRET", "") not in ("", "0", "fal
 
 _Q_PAD = int(np.iinfo(np.int32).min) + 2   # distinct from the kernel's own tail sentinels
 _KV_PAD = int(np.iinfo(np.int32).min) + 3
-
-
-@functools.cache
-def _gpu_available() -> bool:
-  try:
-    return any(d.platform == "gpu" for d in jax.devices())
-  except RuntimeError:
-    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +52,7 @@ class FlashAttention:
   def supports(self, config, mesh, phase):
     if phase != "prefill":
       return "flash (Pallas) serves prefill only; decode over a cache uses another method"
-    if not self._interpret and not _gpu_available():
+    if not self._interpret and not base.gpu_available():
       return ("needs a GPU (use interpret mode in tests: FlashAttention(interpret=True) or "
               "LCINFER_PALLAS_INTERPRET=1)")
     if mesh is not None and mesh.size > 1:

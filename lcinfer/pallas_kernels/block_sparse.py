@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.flash_triton import (MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_block,
+from lcinfer.pallas_kernels.flash_triton import (SUPPORTED_HEAD_DIMS, _check_block,
                                                  _gpu_backend, _next_pow2)
 from lcinfer.pallas_kernels.reference import block_sparse_reference, check_block_sparse_args
 from lcinfer.pallas_kernels.sparse_index import BlockSparse, Columns, canonicalize

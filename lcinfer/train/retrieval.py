@@ -20,7 +20,6 @@ import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
