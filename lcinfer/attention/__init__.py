@@ -13,5 +13,6 @@ from lcinfer.attention.base import (AttentionMethod, available, get, merge_atten
 from lcinfer.attention import dense as _dense  # noqa: F401  (registers "dense")
 from lcinfer.attention import cudnn as _cudnn  # noqa: F401  (registers "cudnn")
 from lcinfer.attention import flash as _flash  # noqa: F401  (registers "flash")
+from lcinfer.attention import flash_decode as _flash_decode  # noqa: F401  (registers "flash_decode")
 
 __all__ = ["AttentionMethod", "available", "get", "merge_attention", "register", "resolve", "visible"]

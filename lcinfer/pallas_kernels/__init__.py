@@ -16,6 +16,8 @@ from lcinfer.pallas_kernels.reference import block_sparse_reference  # noqa: F40
 from lcinfer.pallas_kernels.sparse_index import (BlockSparse, Columns, blocks_from_mask,  # noqa: F401
                                                  vertical_slash_to_layout)
 from lcinfer.pallas_kernels import block_sparse  # noqa: F401  (registers "block_sparse_attention")
+from lcinfer.pallas_kernels import decode  # noqa: F401  (registers "decode_attention")
+from lcinfer.pallas_kernels.decode import decode_attention, decode_reference  # noqa: F401
 
 __all__ = ["attention_reference", "dispatch", "flash_triton", "block_sparse", "block_sparse_reference",
-           "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout"]
+           "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode", "decode_attention", "decode_reference"]

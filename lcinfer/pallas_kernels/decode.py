@@ -1,0 +1,291 @@
+"""Flash-decoding (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for long-context inference") as
+a Pallas kernel for GPUs, Triton lowering, plus its pure-jnp float32 oracle.
+
+    out_BTHD, lse_BTH = decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale=d ** -0.5,
+                                         window=None, num_splits=None, block_k=None, interpret=False)
+
+A few queries (T = 1..8 new tokens per row) attend over a long cache in lcinfer's layout
+(`lcinfer.kv.cache`: k, v [B, K, C, D], pos [B, K, C] int32 with -1 = empty slot). Masks come from
+positions only (never slot order), as `lcinfer.attention.base.visible` says:
+    key at pos p is visible to a query at q  iff  p >= 0, q >= 0, p <= q and (window: q - p < window).
+
+Design:
+  * Split-K over the sequence: grid (B, K, num_splits). One program owns one kv head of one row and
+    one contiguous split of the cache, and walks it in blocks of block_k with an online softmax
+    (float32 statistics, exp2 with log2(e) folded into the scale).
+  * GQA without repeats: the G = H / K query heads of a kv head and the T queries form G*T rows that
+    share every K/V block load (one [R, D] x [D, block_k] dot, R = G*T padded up to a power of two
+    >= 16 for tl.dot; padded rows have position -1, so they see nothing and are dropped).
+  * Each split writes a partial (out, lse); the splits are combined exactly by lse in plain jnp
+    (empty splits have lse = -inf and weight 0; rows that see nothing give out 0, lse -inf).
+  * Capacity C that is not a multiple of block_k * num_splits is padded in the wrapper with pos = -1.
+  * No block skipping: slots may be in any order (a press may reorder them), so every block is read.
+    Decode is bound by reading the cache once; that is what the kernel does.
+Compile params use `jax.experimental.pallas.triton.CompilerParams` (Triton lowering).
+`interpret=True` runs the same kernel on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from lcinfer.pallas_kernels import dispatch
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+MIN_BLOCK = 16   # tl.dot needs M, N, K >= 16
+MAX_ROWS = 128   # G * T rows per program (beyond that: fall back)
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << (max(1, n) - 1).bit_length()
+
+
+def _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_splits, block_k):
+  """ValueError for malformed calls (wrong for every implementation)."""
+  for name, x, nd in (("q", q_BTHD, 4), ("k", k_BKCD, 4), ("v", v_BKCD, 4), ("pos", pos_BKC, 3),
+                      ("q_pos", q_pos_BT, 2)):
+    if getattr(x, "ndim", None) != nd:
+      raise ValueError(f"{name} must be a {nd}-d array, got shape {getattr(x, 'shape', None)}")
+  b, t, h, d = q_BTHD.shape
+  if k_BKCD.shape != v_BKCD.shape:
+    raise ValueError(f"k and v must have the same shape, got {k_BKCD.shape} and {v_BKCD.shape}")
+  bk_, kh, c, dk = k_BKCD.shape
+  if bk_ != b:
+    raise ValueError(f"batch mismatch: q has {b}, k has {bk_}")
+  if dk != d:
+    raise ValueError(f"head_dim mismatch: q has {d}, k has {dk}")
+  if kh == 0 or h % kh:
+    raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kh})")
+  if pos_BKC.shape != (b, kh, c):
+    raise ValueError(f"pos must be [B, K, C] = {(b, kh, c)}, got {pos_BKC.shape}")
+  if q_pos_BT.shape != (b, t):
+    raise ValueError(f"q_pos must be [B, T] = {(b, t)}, got {q_pos_BT.shape}")
+  if not (q_BTHD.dtype == k_BKCD.dtype == v_BKCD.dtype):
+    raise ValueError(f"q, k and v must share a dtype, got {q_BTHD.dtype}, {k_BKCD.dtype}, {v_BKCD.dtype}")
+  if q_BTHD.dtype not in _DTYPES:
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q_BTHD.dtype}")
+  for name, x in (("pos", pos_BKC), ("q_pos", q_pos_BT)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array, got {x.dtype}")
+  if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+    raise ValueError(f"window must be a positive int or None, got {window!r}")
+  if num_splits is not None and (not isinstance(num_splits, int) or num_splits <= 0):
+    raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+  if block_k is not None and (not isinstance(block_k, int) or block_k < MIN_BLOCK or block_k & (block_k - 1)):
+    raise ValueError(f"block_k must be a power of two >= {MIN_BLOCK} (Triton tile), got {block_k!r}")
+  if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    raise ValueError(f"scale must be a Python float, got {scale!r}")
+
+
+def decode_reference(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window=None,
+                     num_splits=None, block_k=None, interpret=False, out_dtype=None):
+  """Float32 oracle (plain jnp, HIGHEST precision): (out [B, T, H, D] in out_dtype or q's dtype,
+  lse [B, T, H] float32, -inf where a query sees nothing, out 0 there). `num_splits`, `block_k`
+  and `interpret` are accepted and ignored (dispatcher signature)."""
+  del interpret
+  _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
+  b, t, h, d = q_BTHD.shape
+  kh = k_BKCD.shape[1]
+  q = q_BTHD.astype(jnp.float32).reshape(b, t, kh, h // kh, d)
+  k, v = k_BKCD.astype(jnp.float32), v_BKCD.astype(jnp.float32)
+  hi = lax.Precision.HIGHEST
+  s = jnp.einsum("btkgd,bkcd->bkgtc", q, k, precision=hi) * scale
+  qp = q_pos_BT.astype(jnp.int32)[:, None, None, :, None]
+  kp = pos_BKC.astype(jnp.int32)[:, :, None, None, :]
+  ok = (kp >= 0) & (qp >= 0) & (kp <= qp)
+  if window is not None:
+    ok = ok & (qp - kp < window)
+  s = jnp.where(ok, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(s - m)
+  den = jnp.sum(e, axis=-1)
+  seen = den > 0
+  den_safe = jnp.where(seen, den, 1.0)
+  out = jnp.einsum("bkgtc,bkcd->btkgd", e / den_safe[..., None], v, precision=hi)
+  lse = jnp.where(seen, m[..., 0] + jnp.log(den_safe), -jnp.inf)  # [b, k, g, t]
+  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, t, h)
+  return out.reshape(b, t, h, d).astype(out_dtype or q_BTHD.dtype), lse
+
+
+# -- kernel ---------------------------------------------------------------------------------------
+def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_k, blocks_per_split,
+            aliased, f32_dots):
+  if aliased:
+    rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
+  o_ref, lse_ref = rest
+  split = pl.program_id(2)
+  q = q_ref[...]                 # [R, D]
+  q_pos = qpos_ref[...]          # [R] int32 (-1: padded row)
+  precision = lax.Precision.HIGHEST if f32_dots else None
+  qk_scale = scale * _LOG2E
+  base = split * (blocks_per_split * block_k)
+
+  def body(j, carry):
+    acc, m_prev, l_prev = carry
+    start = pl.multiple_of(base + j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]
+    v = v_ref[pl.ds(start, block_k), :]
+    k_pos = pos_ref[pl.ds(start, block_k)]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * qk_scale  # [R, bk]
+    mask = (k_pos[None, :] >= 0) & (q_pos[:, None] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+      mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
+    s = jnp.where(mask, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # nothing seen yet: no NaN
+    alpha = jnp.exp2(m_prev - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                 precision=precision,
+                                                 preferred_element_type=jnp.float32)
+    return acc, m_next, l_next
+
+  r, d = q.shape
+  init = (jnp.zeros((r, d), jnp.float32), jnp.full((r,), -jnp.inf, jnp.float32),
+          jnp.zeros((r,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, blocks_per_split, body, init)
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = acc / l_safe[:, None]
+  lse_ref[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+
+
+def combine_splits(o_BKSRD, lse_BKSR):
+  """Exact lse-weighted combination over the split axis (2): -> (out [B, K, R, D] f32, lse [B, K, R])."""
+  m = jnp.max(lse_BKSR, axis=2, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse_BKSR - m)                  # empty split: exp(-inf) = 0
+  den = jnp.sum(w, axis=2)
+  empty = den == 0                           # (a NaN, e.g. an unwritten partial, stays NaN)
+  den_safe = jnp.where(empty, 1.0, den)
+  out = jnp.sum(w[..., None] * o_BKSRD, axis=2) / den_safe[..., None]
+  lse = jnp.where(empty, -jnp.inf, m[:, :, 0] + jnp.log(den_safe))
+  return out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "num_splits", "block_k", "num_warps",
+                                             "num_stages", "interpret", "poison"))
+def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_splits, block_k,
+            num_warps, num_stages, interpret, poison):
+  b, t, h, d = q_BTHD.shape
+  kh, c = k_BKCD.shape[1], k_BKCD.shape[2]
+  g = h // kh
+  rows = g * t
+  r = max(MIN_BLOCK, _next_pow2(rows))
+  bps = pl.cdiv(pl.cdiv(c, block_k), num_splits)   # blocks per split
+  cp = bps * num_splits * block_k
+  # rows of one kv head: r = g * T + t (query head kh * G + g at query t)
+  q = jnp.transpose(q_BTHD.reshape(b, t, kh, g, d), (0, 2, 3, 1, 4)).reshape(b, kh, rows, d)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, r - rows), (0, 0)))
+  qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)),
+                 constant_values=-1)                                                # [B, R]
+  k = jnp.pad(k_BKCD, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+  v = jnp.pad(v_BKCD, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+  pos = jnp.pad(pos_BKC.astype(jnp.int32), ((0, 0), (0, 0), (0, cp - c)), constant_values=-1)
+
+  q_spec = pl.BlockSpec((None, None, r, d), lambda bi, ki, si: (bi, ki, 0, 0))
+  qpos_spec = pl.BlockSpec((None, r), lambda bi, ki, si: (bi, 0))
+  kv_spec = pl.BlockSpec((None, None, cp, d), lambda bi, ki, si: (bi, ki, 0, 0))
+  pos_spec = pl.BlockSpec((None, None, cp), lambda bi, ki, si: (bi, ki, 0))
+  o_spec = pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si: (bi, ki, si, 0, 0))
+  lse_spec = pl.BlockSpec((None, None, None, r), lambda bi, ki, si: (bi, ki, si, 0))
+  out_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, r, d), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, num_splits, r), jnp.float32)]
+  args = [q, qpos, k, v, pos]
+  in_specs = [q_spec, qpos_spec, kv_spec, kv_spec, pos_spec]
+  aliases = {}
+  if poison is not None:
+    # Testing hook: partial outputs start as `poison`-filled buffers aliased to the outputs, so an
+    # element the kernel does not write keeps the poison and reaches the combined result.
+    aliases = {len(args): 0, len(args) + 1: 1}
+    args += [jnp.full(s.shape, poison, s.dtype) for s in out_shape]
+    in_specs += [o_spec, lse_spec]
+  kernel = functools.partial(_kernel, scale=scale, window=window, block_k=block_k,
+                             blocks_per_split=bps, aliased=poison is not None,
+                             f32_dots=q.dtype == jnp.float32)
+  o_part, lse_part = pl.pallas_call(
+      kernel,
+      grid=(b, kh, num_splits),
+      in_specs=in_specs,
+      out_specs=[o_spec, lse_spec],
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="lcinfer_flash_decode",
+  )(*args)
+  out, lse = combine_splits(o_part, lse_part)        # [B, K, R, D], [B, K, R]
+  out = out[:, :, :rows].reshape(b, kh, g, t, d)
+  out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BTHD.dtype)
+  lse = jnp.transpose(lse[:, :, :rows].reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
+  return out, lse
+
+
+def _gpu_device():
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return dev if dev.platform == "gpu" else None
+
+
+def pick_config(dev, b: int, kh: int, c: int, d: int) -> tuple[int, int, int, int]:
+  """(num_splits, block_k, num_warps, num_stages): enough (B, K, split) programs to fill the GPU
+  (about two per SM), each split at least one block. Starting points, not tuned yet."""
+  block_k = 64 if d >= 128 else 128
+  block_k = max(MIN_BLOCK, min(block_k, _next_pow2(c)))
+  sms = getattr(dev, "core_count", None) or 132
+  n_blocks = pl.cdiv(c, block_k)
+  splits = max(1, min(n_blocks, pl.cdiv(2 * sms, b * kh)))
+  return splits, block_k, 4, 2
+
+
+def decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale: float,
+                     window: int | None = None, num_splits: int | None = None,
+                     block_k: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, interpret: bool = False,
+                     _poison: float | None = None):
+  """Flash-decoding. Returns (out [B, T, H, D] in q's dtype, lse [B, T, H] float32).
+
+  Raises ValueError for malformed calls and `dispatch.Unsupported` for valid calls the kernel
+  does not cover (head_dim not 64/128, G*T > 128 rows, empty cache, no GPU without interpret).
+  """
+  _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
+  b, t, h, d = q_BTHD.shape
+  kh, c = k_BKCD.shape[1], k_BKCD.shape[2]
+  if d not in SUPPORTED_HEAD_DIMS:
+    raise dispatch.Unsupported(f"head_dim {d} is not supported by the flash-decoding kernel "
+                               f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+  if t == 0 or c == 0 or b == 0:
+    raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
+  if (h // kh) * t > MAX_ROWS:
+    raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}; "
+                               "use a prefill kernel for long query chunks")
+  dev = _gpu_device()
+  if not interpret and dev is None:
+    raise dispatch.Unsupported("the flash-decoding kernel needs a CUDA GPU; pass interpret=True to "
+                               "run it on CPU")
+  splits, bk, warps, stages = pick_config(dev, b, kh, c, d)
+  block_k = bk if block_k is None else block_k
+  if num_splits is None:
+    num_splits = max(1, min(splits, pl.cdiv(c, block_k)))
+  return _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale=float(scale), window=window,
+                 num_splits=num_splits, block_k=block_k, num_warps=num_warps or warps,
+                 num_stages=num_stages or stages, interpret=bool(interpret), poison=_poison)
+
+
+dispatch.register("decode_attention", "triton", decode_attention)
+dispatch.register("decode_attention", "xla", decode_reference)
