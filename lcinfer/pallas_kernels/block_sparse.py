@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.flash_triton import (SUPPORTED_HEAD_DIMS, _check_block,
                                                  _gpu_backend, _next_pow2)
 from lcinfer.pallas_kernels.reference import block_sparse_reference, check_block_sparse_args
@@ -152,26 +152,12 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
     in_specs.append(pl.BlockSpec((None, None, None, mc), lambda i, bi, hi: (bi, hi, i, 0)))
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-  aliases = {}
-  if poison is not None:  # testing hook, as in flash_triton: unwritten outputs keep `poison`
-    aliases = {len(args): 0, len(args) + 1: 1}
-    args += [jnp.full(out_shape[0].shape, poison, out_shape[0].dtype),
-             jnp.full(out_shape[1].shape, poison, jnp.float32)]
-    in_specs += [q_spec, lse_spec]
   kernel = functools.partial(
       _kernel, scale=scale, causal=causal, block_q=bq, block_k=bk, s_valid=s, has_cols=has_cols,
       col_chunk=col_chunk, aliased=poison is not None, f32_dots=q.dtype == jnp.float32)
-  out, lse = pl.pallas_call(
-      kernel,
-      grid=(nq, b, h),
-      in_specs=in_specs,
-      out_specs=[q_spec, lse_spec],
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="lcinfer_block_sparse_fwd",
-  )(*args)
+  out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
+                         out_shape=out_shape, num_warps=num_warps, num_stages=num_stages,
+                         interpret=interpret, name="lcinfer_block_sparse_fwd", poison=poison)
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
 
 

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.launch import triton_call
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 MIN_BLOCK = 16   # tl.dot needs M, N, K >= 16
@@ -206,27 +206,14 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
                jax.ShapeDtypeStruct((b, kh, num_splits, r), jnp.float32)]
   args = [q, qpos, k, v, pos]
   in_specs = [q_spec, qpos_spec, kv_spec, kv_spec, pos_spec]
-  aliases = {}
-  if poison is not None:
-    # Testing hook: partial outputs start as `poison`-filled buffers aliased to the outputs, so an
-    # element the kernel does not write keeps the poison and reaches the combined result.
-    aliases = {len(args): 0, len(args) + 1: 1}
-    args += [jnp.full(s.shape, poison, s.dtype) for s in out_shape]
-    in_specs += [o_spec, lse_spec]
   kernel = functools.partial(_kernel, scale=scale, window=window, block_k=block_k,
                              blocks_per_split=bps, aliased=poison is not None,
                              f32_dots=q.dtype == jnp.float32)
-  o_part, lse_part = pl.pallas_call(
-      kernel,
-      grid=(b, kh, num_splits),
-      in_specs=in_specs,
-      out_specs=[o_spec, lse_spec],
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="lcinfer_flash_decode",
-  )(*args)
+  # poison (testing hook): the partial outputs start poisoned, so unwritten elements reach the result
+  o_part, lse_part = triton_call(kernel, args, grid=(b, kh, num_splits), in_specs=in_specs,
+                                 out_specs=[o_spec, lse_spec], out_shape=out_shape, num_warps=num_warps,
+                                 num_stages=num_stages, interpret=interpret, name="lcinfer_flash_decode",
+                                 poison=poison)
   out, lse = combine_splits(o_part, lse_part)        # [B, K, R, D], [B, K, R]
   out = out[:, :, :rows].reshape(b, kh, g, t, d)
   out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BTHD.dtype)

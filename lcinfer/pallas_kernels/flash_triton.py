@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import attention_reference, check_attention_args
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -188,29 +188,13 @@ def _flash(q_BTHD, k_BSKD, v_BSKD, q_seg, kv_seg, *, scale, causal, window, kv_o
                  pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-  aliases = {}
-  if poison is not None:
-    # Testing hook: the outputs start as buffers filled with `poison` (aliased inputs), so any
-    # element the kernel does not write keeps that value and shows up in the result.
-    aliases = {len(args): 0, len(args) + 1: 1}
-    args += [jnp.full(out_shape[0].shape, poison, out_shape[0].dtype),
-             jnp.full(out_shape[1].shape, poison, jnp.float32)]
-    in_specs += [q_spec, lse_spec]
   kernel = functools.partial(
       _kernel, scale=scale, causal=causal, window=window, kv_offset=kv_offset, block_q=block_q,
       block_k=block_k, s_valid=s, num_kv_blocks=nk, num_q_blocks=nq, has_seg=has_seg,
       aliased=poison is not None, f32_dots=q.dtype == jnp.float32)
-  out, lse = pl.pallas_call(
-      kernel,
-      grid=(nq, b, h),
-      in_specs=in_specs,
-      out_specs=[q_spec, lse_spec],
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="lcinfer_flash_fwd",
-  )(*args)
+  out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
+                         out_shape=out_shape, num_warps=num_warps, num_stages=num_stages,
+                         interpret=interpret, name="lcinfer_flash_fwd", poison=poison)
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
 
 
