@@ -24,7 +24,6 @@ Blocks must be powers of two >= 16 (Triton tiles); head_dim 64 or 128.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +31,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.flash_triton import (SUPPORTED_HEAD_DIMS, _check_block,
                                                  _gpu_backend, _next_pow2)
 from lcinfer.pallas_kernels.reference import block_sparse_reference, check_block_sparse_args
 from lcinfer.pallas_kernels.sparse_index import BlockSparse, Columns, canonicalize
 
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk, aliased,
@@ -56,24 +54,7 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk
   q_pos = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q = q_ref[...]
   precision = lax.Precision.HIGHEST if f32_dots else None
-  qk_scale = scale * _LOG2E
-
-  def update(carry, s, v, mask):
-    acc, m_prev, l_prev = carry
-    s = jnp.where(mask, s, -jnp.inf)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    alpha = jnp.exp2(m_prev - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                 precision=precision,
-                                                 preferred_element_type=jnp.float32)
-    return acc, m_next, l_next
-
-  def qk(k):
-    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32) * qk_scale
+  qk_scale = scale * osm.LOG2E
 
   def block_body(j, carry):
     start = pl.multiple_of(blk_ref[j] * block_k, block_k)
@@ -83,12 +64,9 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk
     mask = jnp.broadcast_to((k_pos < s_valid)[None, :], (block_q, block_k))
     if causal:
       mask = mask & (k_pos[None, :] <= q_pos[:, None])
-    return update(carry, qk(k), v, mask)
+    return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)
 
-  d = q.shape[-1]
-  carry = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-           jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, meta_ref[0], block_body, carry)
+  carry = lax.fori_loop(0, meta_ref[0], block_body, osm.init(block_q, q.shape[-1]))
 
   if has_cols:
     ccount = meta_ref[1]
@@ -104,15 +82,13 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk
       mask = jnp.broadcast_to(ok[None, :], (block_q, col_chunk))
       if causal:
         mask = mask & (cols[None, :] <= q_pos[:, None])
-      return update(carry, qk(k), v, mask)
+      return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)
 
     carry = lax.fori_loop(0, lax.div(ccount + col_chunk - 1, col_chunk), col_body, carry)
 
-  acc, m, l = carry
-  seen = l > 0
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+  out, lse = osm.finish(carry)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=(

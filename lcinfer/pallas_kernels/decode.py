@@ -28,7 +28,6 @@ Compile params use `jax.experimental.pallas.triton.CompilerParams` (Triton lower
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +35,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.launch import triton_call
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 MIN_BLOCK = 16   # tl.dot needs M, N, K >= 16
 MAX_ROWS = 128   # G * T rows per program (beyond that: fall back)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 
 
 def _next_pow2(n: int) -> int:
@@ -128,39 +126,21 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_
   q = q_ref[...]                 # [R, D]
   q_pos = qpos_ref[...]          # [R] int32 (-1: padded row)
   precision = lax.Precision.HIGHEST if f32_dots else None
-  qk_scale = scale * _LOG2E
+  qk_scale = scale * osm.LOG2E
   base = split * (blocks_per_split * block_k)
 
   def body(j, carry):
-    acc, m_prev, l_prev = carry
     start = pl.multiple_of(base + j * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     k_pos = pos_ref[pl.ds(start, block_k)]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * qk_scale  # [R, bk]
     mask = (k_pos[None, :] >= 0) & (q_pos[:, None] >= 0) & (k_pos[None, :] <= q_pos[:, None])
     if window is not None:
       mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
-    s = jnp.where(mask, s, -jnp.inf)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # nothing seen yet: no NaN
-    alpha = jnp.exp2(m_prev - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                 precision=precision,
-                                                 preferred_element_type=jnp.float32)
-    return acc, m_next, l_next
+    return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)  # [R, bk]
 
-  r, d = q.shape
-  init = (jnp.zeros((r, d), jnp.float32), jnp.full((r,), -jnp.inf, jnp.float32),
-          jnp.zeros((r,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, blocks_per_split, body, init)
-  seen = l > 0
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = acc / l_safe[:, None]
-  lse_ref[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+  carry = lax.fori_loop(0, blocks_per_split, body, osm.init(*q.shape))
+  o_ref[...], lse_ref[...] = osm.finish(carry)
 
 
 def combine_splits(o_BKSRD, lse_BKSR):

@@ -25,7 +25,6 @@ lowering (not Mosaic GPU) in jax 0.11. `interpret=True` runs the same kernel on 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import attention_reference, check_attention_args
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 _PAD_Q_SEG = int(np.iinfo(np.int32).min)       # padded query rows: never match
 _PAD_KV_SEG = int(np.iinfo(np.int32).min) + 1  # padded keys: never match
 
@@ -100,7 +98,7 @@ def _kernel(*refs, scale, causal, window, kv_offset, block_q, block_k, s_valid, 
   q = q_ref[...]                                       # [bq, D]
   q_seg = qseg_ref[...] if has_seg else None
   precision = lax.Precision.HIGHEST if f32_dots else None
-  qk_scale = scale * _LOG2E                            # base-2 softmax
+  qk_scale = scale * osm.LOG2E                            # base-2 softmax
 
   lo = 0
   hi = num_kv_blocks
@@ -110,12 +108,10 @@ def _kernel(*refs, scale, causal, window, kv_offset, block_q, block_k, s_valid, 
     lo = lax.div(jnp.maximum(q_lo - window + 1, 0), block_k)
 
   def body(kb, carry):
-    acc, m_prev, l_prev = carry
     start = pl.multiple_of(kb * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32) * qk_scale  # [bq, bk] f32
+    s = osm.logits(q, k, qk_scale, precision)  # [bq, bk] f32
     k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
     mask = None
 
@@ -130,26 +126,12 @@ def _kernel(*refs, scale, causal, window, kv_offset, block_q, block_k, s_valid, 
     if has_seg:
       kv_seg = kvseg_ref[pl.ds(start, block_k)]
       mask = _and(mask, q_seg[:, None] == kv_seg[None, :])
-    if mask is not None:
-      s = jnp.where(mask, s, -jnp.inf)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows with nothing seen yet: no NaN
-    alpha = jnp.exp2(m_prev - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                 precision=precision,
-                                                 preferred_element_type=jnp.float32)
-    return acc, m_next, l_next
+    return osm.update(carry, s, v, mask, precision)
 
-  d = q.shape[-1]
-  init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
-  acc, m, l = lax.fori_loop(lo, hi, body, init)
-  seen = l > 0
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m * _LN2 + jnp.log(l_safe), -jnp.inf)
+  carry = lax.fori_loop(lo, hi, body, osm.init(block_q, q.shape[-1]))
+  out, lse = osm.finish(carry)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -1,0 +1,51 @@
+"""The online softmax shared by lcinfer's attention kernels (Milakov & Gimelshein 2018;
+FlashAttention-2, Dao 2023, Algorithm 1), in base 2: logits arrive pre-scaled by log2(e).
+
+  m' = max(m, max_j s_j),  l' = 2^(m - m') l + sum_j 2^(s_j - m'),  acc' = 2^(m - m') acc + 2^(s - m') v
+  out = acc / l,  lse = m ln 2 + ln l   (natural log; -inf and out 0 for a row that saw nothing)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def init(rows: int, d: int):
+  """(acc [rows, d], m [rows], l [rows]) in float32 before any key."""
+  return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def logits(q, k, qk_scale, precision):
+  """q [R, D] x k [N, D] -> [R, N] float32, scaled (qk_scale already includes log2(e))."""
+  return lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32) * qk_scale
+
+
+def update(carry, s, v, mask, precision):
+  """Fold one block of base-2 logits s [R, N] (masked where mask is False) and values v [N, D]."""
+  acc, m_prev, l_prev = carry
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows with nothing seen yet: no NaN
+  alpha = jnp.exp2(m_prev - m_safe)
+  p = jnp.exp2(s - m_safe[:, None])
+  l_next = alpha * l_prev + jnp.sum(p, axis=1)
+  acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                               precision=precision, preferred_element_type=jnp.float32)
+  return acc, m_next, l_next
+
+
+def finish(carry):
+  """(out [R, D] float32, lse [R] natural log)."""
+  acc, m, l = carry
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  return acc / l_safe[:, None], jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
