@@ -77,6 +77,26 @@ def test_kernel_matches_oracle_interpret(case):
   _check_against_oracle(case, interpret=True, seed=zlib.crc32(case[0].encode()))
 
 
+def _random_geometry(seed):
+  """A seeded draw of the mask geometry that decides which KV blocks are interior (unmasked),
+  window edge or diagonal: lengths, offset, window and block sizes."""
+  rng = np.random.default_rng(seed)
+  bq, bk = (int(x) for x in rng.choice([16, 32, 64], 2))
+  t = int(rng.integers(1, 150))
+  offset = int(rng.integers(0, 60)) if rng.random() < 0.5 else 0
+  s = t + offset
+  kw = dict(block_q=bq, block_k=bk, kv_offset=offset)
+  if rng.random() < 0.6:
+    kw["window"] = int(rng.integers(1, s + 20))
+  dtype = "bfloat16" if rng.random() < 0.3 else "float32"
+  return (f"geometry{seed}", 1, t, s, 2, 1, 64, dtype, kw)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kernel_random_geometry_interpret(seed):
+  _check_against_oracle(_random_geometry(seed), interpret=True, seed=100 + seed)
+
+
 def test_sweep_covers_empty_and_full_rows():
   # the lengths cases must exercise both kinds of lse rows, else the -inf checks test nothing
   empty = _check_against_oracle(CASES[11], interpret=True, seed=5)

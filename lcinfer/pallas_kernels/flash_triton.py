@@ -9,8 +9,9 @@ Algorithm 1: online softmax over KV blocks, one program per (query block, batch,
 Masking follows `reference.py` exactly (index based: query i at absolute position kv_offset + i,
 key j at j). Design:
   * GQA without copying K/V: the K/V BlockSpec index_map picks kv head h // G for query head h.
-  * Causal and sliding window skip whole KV blocks: the fori_loop runs over [lo, hi) computed from
-    the query block, so blocks above the diagonal or left of the window are never loaded.
+  * Causal and sliding window skip whole KV blocks: the loops run over [lo, hi) computed from
+    the query block, so blocks above the diagonal or left of the window are never loaded; the
+    interior blocks (fully visible to the whole query block) run in their own loop without masks.
   * Logits and softmax statistics in float32 (exp2 with log2(e) folded into the scale); operands
     stay bf16/f16 (float32 dots use IEEE precision, not TF32); p is cast to the value dtype for
     the second product.
@@ -106,8 +107,19 @@ def _kernel(*refs, scale, causal, window, kv_offset, block_q, block_k, s_valid, 
     hi = jnp.minimum(lax.div(q_lo + block_q - 1, block_k) + 1, num_kv_blocks)
   if window is not None:  # first visible key is q_lo - window + 1
     lo = lax.div(jnp.maximum(q_lo - window + 1, 0), block_k)
+  # Interior blocks [lo_full, hi_full) are visible to every row of the query block (before the
+  # diagonal, inside the window, no padded tail): they skip the mask arithmetic. Segment ids
+  # mask every block.
+  hi_full = s_valid // block_k
+  if causal:  # the whole key block at or before the first query row
+    hi_full = jnp.minimum(hi_full, lax.div(q_lo + 1, block_k))
+  lo_full = lo
+  if window is not None:  # every key after the last row's window start q_lo + block_q - window
+    lo_full = jnp.maximum(lo, lax.div(jnp.maximum(q_lo + block_q - window, 0) + block_k - 1, block_k))
+  lo_full = jnp.minimum(lo_full, hi)
+  hi_full = jnp.clip(hi_full, lo_full, hi)
 
-  def body(kb, carry):
+  def body(kb, carry, masked):
     start = pl.multiple_of(kb * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
@@ -117,18 +129,22 @@ def _kernel(*refs, scale, causal, window, kv_offset, block_q, block_k, s_valid, 
 
     def _and(a, b):
       return b if a is None else a & b
-    if s_valid % block_k:
+    if masked and s_valid % block_k:
       mask = _and(mask, (k_pos < s_valid)[None, :])
-    if causal:
+    if masked and causal:
       mask = _and(mask, k_pos[None, :] <= q_pos[:, None])
-    if window is not None:
+    if masked and window is not None:
       mask = _and(mask, q_pos[:, None] - window < k_pos[None, :])
     if has_seg:
       kv_seg = kvseg_ref[pl.ds(start, block_k)]
       mask = _and(mask, q_seg[:, None] == kv_seg[None, :])
     return osm.update(carry, s, v, mask, precision)
 
-  carry = lax.fori_loop(lo, hi, body, osm.init(block_q, q.shape[-1]))
+  masked = functools.partial(body, masked=True)
+  carry = osm.init(block_q, q.shape[-1])
+  carry = lax.fori_loop(lo, lo_full, masked, carry)                                 # window edge
+  carry = lax.fori_loop(lo_full, hi_full, functools.partial(body, masked=False), carry)  # interior
+  carry = lax.fori_loop(hi_full, hi, masked, carry)                                 # diagonal, tail
   out, lse = osm.finish(carry)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
