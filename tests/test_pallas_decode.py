@@ -31,6 +31,11 @@ CASES = [
     ("d128_g4", 1, 3, 100, 8, 2, 128, "float32", dict(layout="shuffled", block_k=32, num_splits=2)),
     ("bf16_g8_window", 2, 3, 256, 8, 1, 64, "bfloat16", dict(layout="shuffled", window=77, block_k=32, num_splits=4)),
     ("bf16_d128_t1", 1, 1, 17, 4, 1, 128, "bfloat16", dict(layout="holes", block_k=16, num_splits=2)),
+    # C a block multiple with a split count that does not divide the blocks: a short last split,
+    # the cache read in place (no padding)
+    ("short_last_split", 1, 2, 96, 4, 2, 64, "float32", dict(layout="shuffled", block_k=16, num_splits=4)),
+    # default blocks for C = 80, head_dim 128: block_k shrinks to one that divides C
+    ("default_blocks_c80", 1, 1, 80, 8, 2, 128, "float32", dict(layout="holes")),
 ]
 
 
@@ -113,6 +118,33 @@ def test_poison_exposes_unwritten_outputs(monkeypatch):
   out, lse = decode_attention(q, k, k, pos, jnp.asarray([[18]]), scale=0.1, num_splits=2,
                               block_k=16, interpret=True, _poison=NAN)
   assert np.isnan(np.asarray(out)).all() and np.isnan(np.asarray(lse)).all()
+
+
+def _pad_shapes(jaxpr):
+  """Output shapes of every `pad` in a jaxpr, nested jaxprs included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pad":
+      shapes.append(tuple(eqn.outvars[0].aval.shape))
+    for p in eqn.params.values():
+      inner = getattr(p, "jaxpr", p)
+      if hasattr(inner, "eqns"):
+        shapes += _pad_shapes(inner)
+  return shapes
+
+
+@pytest.mark.parametrize("c,copied", [(96 * 16, False), (100, True)])
+def test_cache_is_read_in_place(c, copied):
+  """Decode is bandwidth-bound: a capacity that is a multiple of 16 must not be padded (a padded
+  copy would read and write the whole cache again every step); other capacities are."""
+  q = jnp.zeros((1, 1, 8, 128), jnp.bfloat16)
+  k = jnp.zeros((1, 2, c, 128), jnp.bfloat16)
+  pos = jnp.zeros((1, 2, c), jnp.int32)
+  qp = jnp.zeros((1, 1), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda *a: decode_attention(*a, scale=0.1, num_splits=5, interpret=True))(
+      q, k, k, pos, qp)
+  cache_pads = [s for s in _pad_shapes(jaxpr.jaxpr) if len(s) >= 3 and s[2] >= c]
+  assert bool(cache_pads) == copied, cache_pads
 
 
 def test_oracle_matches_naive_and_dense():

@@ -18,7 +18,9 @@ Design:
     >= 16 for tl.dot; padded rows have position -1, so they see nothing and are dropped).
   * Each split writes a partial (out, lse); the splits are combined exactly by lse in plain jnp
     (empty splits have lse = -inf and weight 0; rows that see nothing give out 0, lse -inf).
-  * Capacity C that is not a multiple of block_k * num_splits is padded in the wrapper with pos = -1.
+  * block_k divides the capacity C when C is a multiple of 16 (the default picks it so), and the
+    last split takes the remaining blocks: the cache is read in place, never copied. Only other
+    capacities are padded in the wrapper (pos = -1), which copies the cache.
   * No block skipping: slots may be in any order (a press may reorder them), so every block is read.
     Decode is bound by reading the cache once; that is what the kernel does.
 Compile params use `jax.experimental.pallas.triton.CompilerParams` (Triton lowering).
@@ -118,7 +120,7 @@ def decode_reference(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window
 
 # -- kernel ---------------------------------------------------------------------------------------
 def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_k, blocks_per_split,
-            aliased, f32_dots):
+            num_blocks, aliased, f32_dots):
   if aliased:
     rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
   o_ref, lse_ref = rest
@@ -139,7 +141,8 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_
       mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
     return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)  # [R, bk]
 
-  carry = lax.fori_loop(0, blocks_per_split, body, osm.init(*q.shape))
+  n = jnp.minimum(blocks_per_split, num_blocks - split * blocks_per_split)  # the last split may be short
+  carry = lax.fori_loop(0, n, body, osm.init(*q.shape))
   o_ref[...], lse_ref[...] = osm.finish(carry)
 
 
@@ -165,16 +168,20 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   g = h // kh
   rows = g * t
   r = max(MIN_BLOCK, _next_pow2(rows))
-  bps = pl.cdiv(pl.cdiv(c, block_k), num_splits)   # blocks per split
-  cp = bps * num_splits * block_k
+  cp = pl.cdiv(c, block_k) * block_k   # == c whenever block_k divides C (the wrapper makes sure)
+  nb = cp // block_k
+  bps = pl.cdiv(nb, num_splits)          # blocks per split; the last split takes the remainder
+  num_splits = pl.cdiv(nb, bps)          # no empty splits
   # rows of one kv head: r = g * T + t (query head kh * G + g at query t)
   q = jnp.transpose(q_BTHD.reshape(b, t, kh, g, d), (0, 2, 3, 1, 4)).reshape(b, kh, rows, d)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, r - rows), (0, 0)))
   qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)),
                  constant_values=-1)                                                # [B, R]
-  k = jnp.pad(k_BKCD, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
-  v = jnp.pad(v_BKCD, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
-  pos = jnp.pad(pos_BKC.astype(jnp.int32), ((0, 0), (0, 0), (0, cp - c)), constant_values=-1)
+  k, v, pos = k_BKCD, v_BKCD, pos_BKC.astype(jnp.int32)
+  if cp != c:  # a copy of the whole cache: only for capacities that are not a multiple of 16
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+    pos = jnp.pad(pos, ((0, 0), (0, 0), (0, cp - c)), constant_values=-1)
 
   q_spec = pl.BlockSpec((None, None, r, d), lambda bi, ki, si: (bi, ki, 0, 0))
   qpos_spec = pl.BlockSpec((None, r), lambda bi, ki, si: (bi, 0))
@@ -187,7 +194,7 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   args = [q, qpos, k, v, pos]
   in_specs = [q_spec, qpos_spec, kv_spec, kv_spec, pos_spec]
   kernel = functools.partial(_kernel, scale=scale, window=window, block_k=block_k,
-                             blocks_per_split=bps, aliased=poison is not None,
+                             blocks_per_split=bps, num_blocks=nb, aliased=poison is not None,
                              f32_dots=q.dtype == jnp.float32)
   # poison (testing hook): the partial outputs start poisoned, so unwritten elements reach the result
   o_part, lse_part = triton_call(kernel, args, grid=(b, kh, num_splits), in_specs=in_specs,
@@ -214,6 +221,8 @@ def pick_config(dev, b: int, kh: int, c: int, d: int) -> tuple[int, int, int, in
   (about two per SM), each split at least one block. Starting points, not tuned yet."""
   block_k = 64 if d >= 128 else 128
   block_k = max(MIN_BLOCK, min(block_k, _next_pow2(c)))
+  while block_k > MIN_BLOCK and c % block_k:  # a block that divides C: no padded copy of the cache
+    block_k //= 2
   sms = getattr(dev, "core_count", None) or 132
   n_blocks = pl.cdiv(c, block_k)
   splits = max(1, min(n_blocks, pl.cdiv(2 * sms, b * kh)))
