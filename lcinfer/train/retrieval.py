@@ -240,7 +240,7 @@ def run_recipe(config_path: str | Path, out_dir: str | Path, *, total_steps: int
                       metrics_path=str(out / "metrics.jsonl"), dtype="float32", **tc)
   if init_from is not None:
     model = lcinfer.load(init_from, dtype="float32")
-    if model.config != config:
+    if dataclasses.replace(model.config, dtype=config.dtype) != config:  # a bf16 export may init an f32 run
       raise ConfigError(f"--init {init_from} has another model config than {config_path}")
   else:
     model = lcinfer.LLM.random(config, dtype="float32", seed=tconf.seed)
