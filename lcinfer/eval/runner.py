@@ -172,7 +172,7 @@ def heatmap(results: dict, method: str, path: Path) -> None:
     for j, n in enumerate(lengths):
       grid[i, j] = np.mean([c["accuracy"] for c in results["cells"]
                             if c["method"] == method and c["length"] == n and c["depth"] == d])
-  fig, ax = plt.subplots(figsize=(1.1 + 0.9 * len(lengths), 1.2 + 0.45 * len(depths)))
+  fig, ax = plt.subplots(figsize=(max(3.2, 1.1 + 0.9 * len(lengths)), 1.2 + 0.45 * len(depths)))  # title fits
   im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
   ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
   ax.set_yticks(range(len(depths)), ["-" if d is None else f"{d:.0%}" for d in depths])
