@@ -13,8 +13,9 @@ causal, entries beyond count and out-of-range entries ignored). Design:
   * One program per (query block, batch, query head); K/V refs span the whole (padded) sequence of
     kv head h // G (GQA through the index_map, no repeat); `fori_loop(0, count)` over the listed
     blocks with run-time offsets `pl.ds(idx * block_k, block_k)`.
-  * Online softmax in float32 (exp2), causal mask by index (a no-op below the diagonal), tail keys
-    masked by index (lengths padded in the wrapper).
+  * Online softmax in float32 (exp2). The listed blocks that every row of the query block sees
+    whole (a prefix of the sorted list: left of the diagonal, not the padded tail) run without
+    masks; the rest get the causal and tail masks by index (lengths padded in the wrapper).
   * Then the columns, `column_chunk` at a time: K/V rows gathered by index (`k_ref[cols, :]`),
     entries beyond the column count masked, merged into the same online softmax.
   * A query that sees nothing: out = 0, lse = -inf.
@@ -56,17 +57,23 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk
   precision = lax.Precision.HIGHEST if f32_dots else None
   qk_scale = scale * osm.LOG2E
 
-  def block_body(j, carry):
+  def block_body(j, carry, masked):
     start = pl.multiple_of(blk_ref[j] * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
-    k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
-    mask = jnp.broadcast_to((k_pos < s_valid)[None, :], (block_q, block_k))
-    if causal:
-      mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    mask = None
+    if masked:
+      k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
+      mask = jnp.broadcast_to((k_pos < s_valid)[None, :], (block_q, block_k))
+      if causal:
+        mask = mask & (k_pos[None, :] <= q_pos[:, None])
     return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)
 
-  carry = lax.fori_loop(0, meta_ref[0], block_body, osm.init(block_q, q.shape[-1]))
+  # The sorted list starts with the blocks every row of the query block sees whole (meta[2] of
+  # them: left of the diagonal, no padded tail); they skip the mask arithmetic.
+  carry = osm.init(block_q, q.shape[-1])
+  carry = lax.fori_loop(0, meta_ref[2], functools.partial(block_body, masked=False), carry)
+  carry = lax.fori_loop(meta_ref[2], meta_ref[0], functools.partial(block_body, masked=True), carry)
 
   if has_cols:
     ccount = meta_ref[1]
@@ -113,13 +120,19 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   mb = _next_pow2(max(1, layout.max_blocks))
   blk = pad_last(layout.kv_block_idx, mb)
   ccount = columns.count if has_cols else jnp.zeros_like(layout.count)
-  meta = jnp.stack([layout.count, ccount], axis=-1).astype(jnp.int32)   # [B, H, nq, 2]
+  # blocks whole for every row of the query block: a prefix of the ascending list
+  q0 = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
+  whole = (jnp.arange(layout.max_blocks) < layout.count[..., None]) & (layout.kv_block_idx * bk + bk <= s)
+  if causal:
+    whole = whole & (layout.kv_block_idx * bk + bk - 1 <= q0)
+  n_whole = jnp.sum(whole, axis=-1)
+  meta = jnp.stack([layout.count, ccount, n_whole], axis=-1).astype(jnp.int32)   # [B, H, nq, 3]
 
   q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
   lse_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   in_specs = [q_spec, kv_spec, kv_spec,
-              pl.BlockSpec((None, None, None, 2), lambda i, bi, hi: (bi, hi, i, 0)),
+              pl.BlockSpec((None, None, None, 3), lambda i, bi, hi: (bi, hi, i, 0)),
               pl.BlockSpec((None, None, None, mb), lambda i, bi, hi: (bi, hi, i, 0))]
   args = [q, k, v, meta, blk]
   if has_cols:
@@ -163,7 +176,7 @@ def block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, scale
                                "interpret=True to run it on CPU")
   return _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=float(scale),
                        causal=bool(causal), col_chunk=column_chunk,
-                       num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages or 2,
+                       num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages or 3,
                        interpret=bool(interpret), poison=_poison)
 
 
