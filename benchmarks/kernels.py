@@ -1,0 +1,472 @@
+"""Kernel benchmarks (issue 4, ../shared/BENCHMARKS.md "kernels"): one run, every comparison side by side.
+
+  * copy: a 2 GiB device copy, the bandwidth ceiling of the same run (read + write bytes / time);
+  * dense: causal attention forward, bf16, B=1, H=32, D=128 at S = 8K/32K/128K: cuDNN
+    (jax.nn.dot_product_attention), jax's deprecated Pallas Triton mha, lcinfer's Triton-lowered
+    Pallas flash kernel, and lcinfer's default dense prefill path ("auto"). TFLOP/s = 2*B*H*S^2*D / t;
+  * block_sparse: 10% of the causally visible KV blocks kept (the diagonal always) at 128K;
+  * vertical_slash: BENCHMARKS.md's four (v, s) pattern sets at 128K (H=32, and GQA with 8 KV
+    heads), index construction on device included in the time; speedup over cuDNN dense and
+    efficiency = density x dense time / time (density: the exact fraction of causal (q, k) pairs);
+  * decode: one query per head over a 128K bf16 cache (B=1, H=32, K=8, D=128): lcinfer's
+    flash-decoding kernel and the dense XLA decode, GB/s of K+V read and fraction of copy bandwidth;
+  * --tune: block-size sweeps of the flash and flash-decoding kernels.
+
+Timing: jit, compile measured apart, warm-up, median of --reps runs with block_until_ready.
+Writes benchmarks/results/kernels-<device>.md and .json (or --out DIR).
+Run on a GPU:  PYTHONPATH=. python3 benchmarks/kernels.py [--tune]
+Smoke test of the plumbing on CPU (tiny shapes, Pallas interpret mode):  ... --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
+from lcinfer.pallas_kernels.decode import decode_attention
+from lcinfer.pallas_kernels.flash_triton import flash_attention
+from lcinfer.pallas_kernels.sparse_index import blocks_from_mask, vertical_slash_to_layout
+
+VS_SETS = ((1000, 6096), (30, 800), (3500, 100), (100, 800))
+MINFERENCE_MS = {(1000, 6096): 38.6, (30, 800): 15.6, (3500, 100): 34.5, (100, 800): 15.3}
+
+
+def bench(fn, *args, reps: int = 7) -> dict:
+  """{'ms': median steady-state ms, 'compile_s': lower + compile seconds, 'runs': reps}."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))  # warm-up
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    ts.append(time.perf_counter() - t)
+  return {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps}
+
+
+def attempt(rows: list, name: str, fn):
+  """Run fn() -> dict; a failure becomes a row with the error (the benchmark goes on)."""
+  try:
+    r = fn()
+  except Exception as e:  # noqa: BLE001 - recorded, not hidden
+    traceback.print_exc()
+    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+  r = {"name": name, **r}
+  rows.append(r)
+  print(json.dumps(r), flush=True)
+  if _SAVE is not None:  # results so far stay on disk if a later section dies or runs out of time
+    _SAVE(rows)
+  return r
+
+
+_SAVE = None
+
+
+def rand(key, shape, dtype=jnp.bfloat16):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+# -- copy bandwidth ------------------------------------------------------------------------------
+def copy_bandwidth(args) -> dict:
+  n = (2 << 30) // 4 if not args.smoke else 1 << 20
+  x = jax.random.uniform(jax.random.key(0), (n,), jnp.float32)
+  r = bench(lambda x: x * 1.0001, x, reps=args.reps)
+  return {**r, "GB/s": 2 * n * 4 / (r["ms"] * 1e-3) / 1e9}
+
+
+# -- dense ---------------------------------------------------------------------------------------
+def dense_impls(args, h, d):
+  scale = d ** -0.5
+  impls = {
+      "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                            implementation="cudnn"),
+      "cudnn_with_lse": lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, scale=scale, is_causal=True, implementation="cudnn", return_residual=True),
+      "jax_pallas_mha": lambda q, k, v: _mha(q, k, v, scale),
+      "jax_mosaic_gpu_attention": lambda q, k, v: _mosaic_attention(q, k, v, scale),
+      "lcinfer_flash": lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=True,
+                                                       interpret=args.smoke)[0],
+      "lcinfer_default": _default_dense(h, d, scale),
+  }
+  if args.smoke:
+    impls = {k: v for k, v in impls.items() if k == "lcinfer_flash"}
+  return impls
+
+
+def _mha(q, k, v, scale):
+  from jax.experimental.pallas.ops.gpu.attention import mha
+  return mha(q, k, v, None, sm_scale=scale, causal=True)
+
+
+def _mosaic_attention(q, k, v, scale):
+  """jax's own Hopper (Mosaic GPU, wgmma, warp-specialized) attention example, as a reference for
+  what that path reaches; it has no scale argument, so q is pre-scaled (an extra elementwise op)."""
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+  cfg = am.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+  return am.attention((q * scale).astype(q.dtype), k, v, cfg)
+
+
+def _default_dense(h, d, scale):
+  """lcinfer's default prefill attention ("auto") for a model with these heads."""
+  import lcinfer
+  from lcinfer import attention
+
+  cfg = lcinfer.ModelConfig.from_hf({"model_type": "llama", "hidden_size": h * d, "num_attention_heads": h,
+                                     "num_key_value_heads": h, "head_dim": d, "num_hidden_layers": 1,
+                                     "intermediate_size": 4 * h * d, "vocab_size": 256,
+                                     "max_position_embeddings": 1 << 20})
+  method = attention.resolve("auto", cfg, None, "prefill")
+
+  def f(q, k, v):
+    pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+    return method.prefill(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, scale=scale)[0]
+  f.method = method.name
+  return f
+
+
+def run_dense(args, rows):
+  b, h, d = 1, args.heads, 128
+  for s in args.seqs:
+    ks = jax.random.split(jax.random.key(s), 3)
+    q, k, v = (rand(kk, (b, s, h, d)) for kk in ks)
+    flops = 2 * b * h * s * s * d
+    res = {}
+    for name, f in dense_impls(args, h, d).items():
+      label = f"{name} ({f.method})" if hasattr(f, "method") else name
+      r = attempt(rows, f"dense {label} S={s}", lambda: bench(f, q, k, v, reps=args.reps))
+      r.update(section="dense", impl=name, S=s)
+      if "ms" in r:
+        r["TFLOP/s"] = flops / (r["ms"] * 1e-3) / 1e12
+        res[name] = r
+    for r in res.values():
+      if "cudnn" in res:
+        r["x_cudnn"] = res["cudnn"]["ms"] / r["ms"]
+    del q, k, v
+
+
+def cudnn_dense_ms(args, s, h, kh) -> float | None:
+  if args.smoke:
+    return None
+  ks = jax.random.split(jax.random.key(s + 7), 3)
+  q = rand(ks[0], (1, s, h, 128))
+  k, v = (rand(kk, (1, s, kh, 128)) for kk in ks[1:])
+  f = dense_impls(args, h, 128)["cudnn"]
+  return bench(f, q, k, v, reps=args.reps)["ms"]
+
+
+# -- block-sparse, 10% kept -----------------------------------------------------------------------
+def run_block_sparse(args, rows, dense_ms):
+  s, h, d = args.sparse_len, args.heads, 128
+  ks = jax.random.split(jax.random.key(11), 4)
+  q, k, v = (rand(kk, (1, s, h, d)) for kk in ks[:3])
+  for bq, bk in ((64, 64), (128, 64), (128, 128)):
+    nq, nk = s // bq, s // bk
+    qb = jnp.arange(nq)[:, None]
+    kb = jnp.arange(nk)[None, :]
+    causal = kb * bk <= qb * bq + bq - 1
+    diag = (kb * bk <= qb * bq + bq - 1) & (kb * bk + bk - 1 >= qb * bq)
+    keep = (jax.random.uniform(ks[3], (1, h, nq, nk)) < args.keep) & causal | diag
+    density = float(jnp.sum(keep)) / float(h * jnp.sum(causal))
+    max_blocks = int(jnp.max(jnp.sum(keep, -1)))
+    layout = jax.jit(blocks_from_mask, static_argnums=(1,), static_argnames=("block_q", "block_k"))(
+        keep, max_blocks, block_q=bq, block_k=bk)
+
+    def f(q, k, v, layout):
+      return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, interpret=args.smoke)[0]
+    r = attempt(rows, f"block_sparse keep={args.keep} blocks {bq}x{bk} S={s}",
+                lambda: bench(f, q, k, v, layout, reps=args.reps))
+    r.update(section="block_sparse", S=s, block_q=bq, block_k=bk, density=density)
+    if "ms" in r and dense_ms:
+      r["speedup"] = dense_ms / r["ms"]
+      r["efficiency"] = density * dense_ms / r["ms"]
+
+
+# -- vertical-slash -------------------------------------------------------------------------------
+def vs_pattern(rng, s, h, v, n_slash):
+  """BENCHMARKS.md: verticals = the 30 first columns + (v - 30) uniform random ones; slashes = the
+  nearest (n_slash - 50) diagonals + 50 uniform random far diagonals. Per head; [1, H, n] int32."""
+  vert = np.empty((h, v), np.int64)
+  sl = np.empty((h, n_slash), np.int64)
+  near = max(n_slash - 50, 0)
+  for i in range(h):
+    vert[i, :min(30, v)] = np.arange(min(30, v))
+    if v > 30:
+      vert[i, 30:] = rng.choice(np.arange(30, s), v - 30, replace=False)
+    sl[i, :near] = np.arange(near)
+    sl[i, near:] = rng.choice(np.arange(near, s), n_slash - near, replace=False)
+  return vert[None].astype(np.int32), sl[None].astype(np.int32)
+
+
+def vs_density(vert, sl, s) -> float:
+  """Exact fraction of causal (q, k) pairs with k a vertical or q - k a slash, averaged over heads."""
+  total = 0.0
+  for c, o in zip(vert[0].astype(np.int64), sl[0].astype(np.int64)):
+    both = np.sum(np.maximum(s - (c[:, None] + o[None, :]), 0) > 0)  # pairs (c + o, c) on both
+    total += np.sum(s - c) + np.sum(s - o) - both
+  return total / (vert.shape[1] * s * (s + 1) / 2)
+
+
+def run_vertical_slash(args, rows, dense_ms_by_kh):
+  s, h, d = args.sparse_len, args.heads, 128
+  rng = np.random.default_rng(0)
+  for kh in (h, args.gqa_kv_heads):
+    ks = jax.random.split(jax.random.key(13 + kh), 3)
+    q = rand(ks[0], (1, s, h, d))
+    k, v = (rand(kk, (1, s, kh, d)) for kk in ks[1:])
+    dense_ms = dense_ms_by_kh.get(kh)
+    for nv, ns in args.vs_sets:
+      vert, sl = vs_pattern(rng, s, h, min(nv, s), min(ns, s))
+      density = vs_density(vert, sl, s)
+      bq = bk = args.vs_block
+      max_blocks = -(-max(ns - 50, 1) // bk) + 2 * min(50, ns) + 2
+      max_cols = max(16, -(-nv // 16) * 16)
+
+      def f(q, k, v, vert, sl):
+        layout, cols = vertical_slash_to_layout(vert, sl, s, bq, bk, max_blocks, max_cols)
+        return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, columns=cols,
+                                      interpret=args.smoke)[0]
+
+      def index_only(vert, sl):
+        return vertical_slash_to_layout(vert, sl, s, bq, bk, max_blocks, max_cols)
+      vj, sj = jnp.asarray(vert), jnp.asarray(sl)
+      r = attempt(rows, f"vertical_slash (v={nv}, s={ns}) K={kh} S={s}",
+                  lambda: bench(f, q, k, v, vj, sj, reps=args.reps))
+      r.update(section="vertical_slash", S=s, v=nv, s=ns, kv_heads=kh, density=density,
+               block=bq, minference_ms=MINFERENCE_MS.get((nv, ns)))
+      if "ms" in r:
+        try:
+          r["index_ms"] = bench(index_only, vj, sj, reps=args.reps)["ms"]
+        except Exception as e:  # noqa: BLE001
+          r["index_ms_error"] = str(e)[:200]
+        if dense_ms:
+          r["speedup"] = dense_ms / r["ms"]
+          r["efficiency"] = density * dense_ms / r["ms"]
+    del q, k, v
+
+
+# -- decode ---------------------------------------------------------------------------------------
+def run_decode(args, rows, copy_gbs, configs=None):
+  from lcinfer.attention.dense import DENSE
+
+  b, kh, h, c, d = 1, args.gqa_kv_heads, args.heads, args.decode_len, 128
+  ks = jax.random.split(jax.random.key(5), 3)
+  q = rand(ks[0], (b, 1, h, d))
+  k, v = (rand(kk, (b, kh, c, d)) for kk in ks[1:])
+  pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, kh, c))
+  qp = jnp.full((b, 1), c - 1, jnp.int32)
+  nbytes = 2 * b * kh * c * d * 2
+  impls = {}
+  if not configs:
+    impls["lcinfer_flash_decode"] = lambda *a: decode_attention(*a, scale=d ** -0.5, interpret=args.smoke)[0]
+    if not args.smoke:
+      impls["dense_xla"] = lambda q, k, v, p, qp: DENSE.decode(q, k, v, q_pos_BT=qp, kv_pos_BKC=p,
+                                                               scale=d ** -0.5)[0]
+  for cfg in configs or []:
+    impls[f"flash_decode {cfg}"] = (lambda cfg: lambda *a: decode_attention(
+        *a, scale=d ** -0.5, interpret=args.smoke, **cfg)[0])(cfg)
+  for name, f in impls.items():
+    r = attempt(rows, f"decode {name} C={c} bf16", lambda: bench(f, q, k, v, pos, qp, reps=max(args.reps, 20)))
+    r.update(section="tune_decode" if configs else "decode", impl=name, C=c, cache="bf16", kv_heads=kh)
+    if "ms" in r:
+      r["GB/s"] = nbytes / (r["ms"] * 1e-3) / 1e9
+      if copy_gbs:
+        r["x_copy_bw"] = r["GB/s"] / copy_gbs
+
+
+# -- flash tuning ---------------------------------------------------------------------------------
+def run_flash_tune(args, rows):
+  b, h, d = 1, args.heads, 128
+  for s in args.tune_seqs:
+    ks = jax.random.split(jax.random.key(s), 3)
+    q, k, v = (rand(kk, (b, s, h, d)) for kk in ks)
+    for bq, bk, w, st in ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+                          (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4), (128, 32, 4, 4)):
+      def f(q, k, v):
+        return flash_attention(q, k, v, scale=d ** -0.5, block_q=bq, block_k=bk, num_warps=w,
+                               num_stages=st, interpret=args.smoke)[0]
+      r = attempt(rows, f"tune flash S={s} bq={bq} bk={bk} warps={w} stages={st}",
+                  lambda: bench(f, q, k, v, reps=args.reps))
+      r.update(section="tune_flash", S=s, block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+      if "ms" in r:
+        r["TFLOP/s"] = 2 * b * h * s * s * d / (r["ms"] * 1e-3) / 1e12
+
+
+# -- report ---------------------------------------------------------------------------------------
+def device_info() -> dict:
+  dev = jax.devices()[0]
+  info = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+          "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+          "python": platform.python_version(),
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+  try:
+    import importlib.metadata as md
+    info["jaxlib"] = md.version("jaxlib")
+    plug = [p for p in ("jax-cuda13-plugin", "jax-cuda12-plugin") if _has_dist(md, p)]
+    info["cuda_plugin"] = f"{plug[0]} {md.version(plug[0])}" if plug else None
+  except Exception:  # noqa: BLE001
+    pass
+  try:
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=20).stdout.strip()
+  except Exception:  # noqa: BLE001
+    info["nvidia_smi"] = None
+  return info
+
+
+def _has_dist(md, name):
+  try:
+    md.version(name)
+    return True
+  except md.PackageNotFoundError:
+    return False
+
+
+def fmt(x, spec=".1f"):
+  return "-" if x is None else format(x, spec)
+
+
+def markdown(info, rows, command) -> str:
+  out = [f"# Kernel benchmarks: {info['device']}", "",
+         f"- device: {info.get('nvidia_smi') or info['device']}; {info['date']}",
+         f"- jax {info['jax']}, jaxlib {info.get('jaxlib')}, {info.get('cuda_plugin')}, Python {info['python']}",
+         f"- command: `{command}`",
+         "- timing: compiled once (compile time apart), warm-up, median of the runs; fresh random bf16 inputs", ""]
+  by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
+  copy = [r for r in rows if r["name"] == "copy"]
+  if copy and "GB/s" in copy[0]:
+    out += [f"Copy bandwidth (2 GiB, read + write): {copy[0]['GB/s']:.0f} GB/s", ""]
+  if by("dense"):
+    out += ["## Dense causal attention forward (B=1, H=32, D=128, bf16)", "",
+            "| implementation | S | ms | TFLOP/s | x cuDNN | compile s |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['impl']} | {r['S']} | {fmt(r.get('ms'), '.2f')} | {fmt(r.get('TFLOP/s'))} | "
+            f"{fmt(r.get('x_cudnn'), '.3f')} | {fmt(r.get('compile_s'))} |" if 'ms' in r else
+            f"| {r['name']} | {r['S']} | error: {r['error']} | | | |" for r in by("dense")]
+    out.append("")
+  if by("block_sparse"):
+    out += ["## Block-sparse (random blocks kept among the causal ones, the diagonal always)", "",
+            "| blocks | S | density | ms | speedup vs cuDNN dense | efficiency |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | {fmt(r.get('ms'), '.2f')} | "
+            f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} |" if 'ms' in r else
+            f"| {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | error: {r['error']} | | |"
+            for r in by("block_sparse")]
+    out.append("")
+  if by("vertical_slash"):
+    out += ["## Vertical-slash (index construction included)", "",
+            "| (v, s) | KV heads | density | ms | of which index ms | speedup vs cuDNN dense | efficiency | "
+            "MInference ms (BENCHMARKS.md) |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| ({r['v']}, {r['s']}) | {r['kv_heads']} | {r['density']:.3f} | {fmt(r.get('ms'), '.2f')} | "
+            f"{fmt(r.get('index_ms'), '.2f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} | "
+            f"{fmt(r.get('minference_ms'))} |" if 'ms' in r else
+            f"| ({r['v']}, {r['s']}) | {r['kv_heads']} | {r['density']:.3f} | error: {r['error']} | | | | |"
+            for r in by("vertical_slash")]
+    out.append("")
+  if by("decode"):
+    out += ["## Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)", "",
+            "| implementation | cache | C | ms | GB/s (K+V read) | of copy bandwidth |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['impl']} | {r['cache']} | {r['C']} | {fmt(r.get('ms'), '.4f')} | "
+            f"{fmt(r.get('GB/s'), '.0f')} | {fmt(r.get('x_copy_bw'), '.2f')} |" if 'ms' in r else
+            f"| {r['name']} | {r['cache']} | {r['C']} | error: {r['error']} | | |" for r in by("decode")]
+    out.append("")
+  tune = by("tune_flash") + by("tune_decode")
+  if tune:
+    out += ["## Tuning sweeps", "", "| config | ms | TFLOP/s or GB/s |", "|---|---|---|"]
+    out += [f"| {r['name']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('TFLOP/s', r.get('GB/s')))} |" if 'ms' in r
+            else f"| {r['name']} | error: {r['error']} | |" for r in tune]
+    out.append("")
+  return "\n".join(out)
+
+
+def parse_lengths(s: str) -> list[int]:
+  out = []
+  for part in s.split(","):
+    m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", part)
+    if not m:
+      raise SystemExit(f"bad length {part!r}: use e.g. 8k,32k,128k")
+    out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--only", default="copy,dense,block_sparse,vertical_slash,decode",
+                 help="sections, comma-separated (copy, dense, block_sparse, vertical_slash, decode)")
+  p.add_argument("--seqs", default="8k,32k,128k", help="dense lengths")
+  p.add_argument("--sparse-len", default="128k", help="block-sparse and vertical-slash length")
+  p.add_argument("--decode-len", default="128k")
+  p.add_argument("--heads", type=int, default=32)
+  p.add_argument("--gqa-kv-heads", type=int, default=8)
+  p.add_argument("--keep", type=float, default=0.10, help="block-sparse: fraction of causal blocks kept")
+  p.add_argument("--vs-block", type=int, default=64)
+  p.add_argument("--reps", type=int, default=7)
+  p.add_argument("--tune", action="store_true", help="also sweep flash / flash-decoding block sizes")
+  p.add_argument("--tune-seqs", default="8k,32k")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes in Pallas interpret mode (CPU)")
+  p.add_argument("--out", default="benchmarks/results")
+  args = p.parse_args(argv)
+  only = set(args.only.split(","))
+  args.seqs, args.tune_seqs = parse_lengths(args.seqs), parse_lengths(args.tune_seqs)
+  args.sparse_len, args.decode_len = parse_lengths(args.sparse_len)[0], parse_lengths(args.decode_len)[0]
+  args.vs_sets = VS_SETS
+  if args.smoke:
+    args.seqs, args.tune_seqs, args.sparse_len, args.decode_len = [128], [64], 256, 256
+    args.heads, args.gqa_kv_heads, args.reps, args.vs_sets = 2, 1, 1, ((40, 60), (3, 9))
+  elif jax.devices()[0].platform != "gpu":
+    raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (or --smoke for a CPU plumbing check)")
+  info = device_info()
+  print(json.dumps(info), flush=True)
+  command = "PYTHONPATH=. python3 benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = f"kernels-{slug}" + ("-smoke" if args.smoke else "")
+
+  def save(rows):
+    (out / f"{stem}.json").write_text(json.dumps({"info": info, "command": command, "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text(markdown(info, rows, command))
+  global _SAVE
+  _SAVE = save
+  rows: list[dict] = []
+  copy_gbs = None
+  if "copy" in only:
+    copy_gbs = attempt(rows, "copy", lambda: copy_bandwidth(args)).get("GB/s")
+  if "dense" in only:
+    run_dense(args, rows)
+  if {"block_sparse", "vertical_slash"} & only:
+    dense_ms = {}
+    for kh in (args.heads, args.gqa_kv_heads):
+      r = attempt(rows, f"cudnn dense reference S={args.sparse_len} K={kh}",
+                  lambda: {"ms": cudnn_dense_ms(args, args.sparse_len, args.heads, kh)})
+      dense_ms[kh] = r.get("ms")
+    if "block_sparse" in only:
+      run_block_sparse(args, rows, dense_ms[args.heads])
+    if "vertical_slash" in only:
+      run_vertical_slash(args, rows, dense_ms)
+  if "decode" in only:
+    run_decode(args, rows, copy_gbs)
+  if args.tune:
+    run_flash_tune(args, rows)
+    cfgs = [dict(num_splits=n, block_k=bk, num_warps=w, num_stages=st)
+            for n in (16, 32) for bk in (64, 128, 256) for w, st in ((4, 2), (4, 3), (2, 3))]
+    run_decode(args, rows, copy_gbs, configs=cfgs)
+  save(rows)
+  print(markdown(info, rows, command))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

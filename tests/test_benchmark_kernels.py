@@ -1,0 +1,42 @@
+"""The kernel benchmark's plumbing on CPU (--smoke: tiny shapes, Pallas interpret mode), so that a
+device run is not spent discovering a broken script. Timings here mean nothing and are not checked."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import kernels  # noqa: E402
+
+
+def test_smoke_run_writes_results(tmp_path):
+  assert kernels.main(["--smoke", "--out", str(tmp_path)]) == 0
+  data = json.loads((tmp_path / "kernels-cpu-smoke.json").read_text())
+  rows = data["rows"]
+  errors = [r for r in rows if "error" in r]
+  assert not errors, errors
+  sections = {r.get("section") for r in rows}
+  assert {"dense", "block_sparse", "vertical_slash", "decode"} <= sections
+  for r in rows:
+    if r.get("section") in ("block_sparse", "vertical_slash"):
+      assert 0 < r["density"] <= 1
+  md = (tmp_path / "kernels-cpu-smoke.md").read_text()
+  assert "## Vertical-slash" in md and "## Decode attention" in md
+
+
+def test_vertical_slash_density_is_exact():
+  """vs_density against a brute-force count of the causal (q, k) pairs the pattern selects."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  s = 120
+  vert, sl = kernels.vs_pattern(rng, s, 3, 35, 70)
+  want = []
+  for c, o in zip(vert[0], sl[0]):
+    q = np.arange(s)[:, None]
+    k = np.arange(s)[None, :]
+    sel = (k <= q) & (np.isin(k, c) | np.isin(q - k, o))
+    want.append(sel.sum() / (s * (s + 1) / 2))
+  assert abs(kernels.vs_density(vert, sl, s) - np.mean(want)) < 1e-12
