@@ -16,10 +16,13 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-def init(rows: int, d: int):
-  """(acc [rows, d], m [rows], l [rows]) in float32 before any key."""
-  return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
+def init(rows: int, d):
+  """(acc [rows, d], m [rows], l [rows]) in float32 before any key. d may be a tuple of widths:
+  then acc is a tuple of [rows, w] accumulators (values kept in channel pieces, e.g. unpacked from
+  quantized codes), and `update` takes v as a matching tuple."""
+  acc = (tuple(jnp.zeros((rows, w), jnp.float32) for w in d) if isinstance(d, tuple)
+         else jnp.zeros((rows, d), jnp.float32))
+  return acc, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32)
 
 
 def logits(q, k, qk_scale, precision):
@@ -38,14 +41,18 @@ def update(carry, s, v, mask, precision):
   alpha = jnp.exp2(m_prev - m_safe)
   p = jnp.exp2(s - m_safe[:, None])
   l_next = alpha * l_prev + jnp.sum(p, axis=1)
-  acc = acc * alpha[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                               precision=precision, preferred_element_type=jnp.float32)
+
+  def pv(a, vv):
+    return a * alpha[:, None] + lax.dot_general(p.astype(vv.dtype), vv, (((1,), (0,)), ((), ())),
+                                                precision=precision, preferred_element_type=jnp.float32)
+  acc = tuple(pv(a, vv) for a, vv in zip(acc, v)) if isinstance(acc, tuple) else pv(acc, v)
   return acc, m_next, l_next
 
 
 def finish(carry):
-  """(out [R, D] float32, lse [R] natural log)."""
+  """(out [R, D] float32 (a tuple of pieces if acc is one), lse [R] natural log)."""
   acc, m, l = carry
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
-  return acc / l_safe[:, None], jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+  out = tuple(a / l_safe[:, None] for a in acc) if isinstance(acc, tuple) else acc / l_safe[:, None]
+  return out, jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
