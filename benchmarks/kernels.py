@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
+from lcinfer.pallas_kernels import quant
 from lcinfer.pallas_kernels.decode import decode_attention
+from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention
 from lcinfer.pallas_kernels.flash_triton import flash_attention
 from lcinfer.pallas_kernels.sparse_index import blocks_from_mask, vertical_slash_to_layout
 
@@ -279,6 +281,7 @@ def run_decode(args, rows, copy_gbs, configs=None):
   for cfg in configs or []:
     impls[f"flash_decode {cfg}"] = (lambda cfg: lambda *a: decode_attention(
         *a, scale=d ** -0.5, interpret=args.smoke, **cfg)[0])(cfg)
+  bf16_ms = None
   for name, f in impls.items():
     r = attempt(rows, f"decode {name} C={c} bf16", lambda: bench(f, q, k, v, pos, qp, reps=max(args.reps, 20)))
     r.update(section="tune_decode" if configs else "decode", impl=name, C=c, cache="bf16", kv_heads=kh)
@@ -286,6 +289,28 @@ def run_decode(args, rows, copy_gbs, configs=None):
       r["GB/s"] = nbytes / (r["ms"] * 1e-3) / 1e9
       if copy_gbs:
         r["x_copy_bw"] = r["GB/s"] / copy_gbs
+      if name == "lcinfer_flash_decode":
+        bf16_ms = r["ms"]
+  if configs:
+    return
+  # quantized caches, KIVI-style: keys per channel (groups of 64 tokens), values per token; bf16 scales
+  for bits in (8, 4, 2):
+    kq = quant.quantize(k, bits=bits, axis="channel", group=min(64, c), scale_dtype=jnp.bfloat16)
+    vq = quant.quantize(v, bits=bits, axis="token", group=d, scale_dtype=jnp.bfloat16)
+    qbytes = quant.nbytes(kq) + quant.nbytes(vq)
+
+    def fq(q, kq, vq, pos, qp):
+      return quantized_decode_attention(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke)[0]
+    r = attempt(rows, f"decode lcinfer_quantized_decode int{bits} C={c}",
+                lambda: bench(fq, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
+    r.update(section="decode", impl="lcinfer_quantized_decode", C=c, cache=f"int{bits} (K per-channel g64, "
+             f"V per-token; bf16 scales)", kv_heads=kh, bytes=qbytes)
+    if "ms" in r:
+      r["GB/s"] = qbytes / (r["ms"] * 1e-3) / 1e9
+      if copy_gbs:
+        r["x_copy_bw"] = r["GB/s"] / copy_gbs
+      if bf16_ms:
+        r["x_bf16_time"] = r["ms"] / bf16_ms
 
 
 # -- flash tuning ---------------------------------------------------------------------------------
@@ -377,10 +402,12 @@ def markdown(info, rows, command) -> str:
     out.append("")
   if by("decode"):
     out += ["## Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)", "",
-            "| implementation | cache | C | ms | GB/s (K+V read) | of copy bandwidth |", "|---|---|---|---|---|---|"]
+            "| implementation | cache | C | ms | GB/s (K+V bytes read) | of copy bandwidth | time / bf16 |",
+            "|---|---|---|---|---|---|---|"]
     out += [f"| {r['impl']} | {r['cache']} | {r['C']} | {fmt(r.get('ms'), '.4f')} | "
-            f"{fmt(r.get('GB/s'), '.0f')} | {fmt(r.get('x_copy_bw'), '.2f')} |" if 'ms' in r else
-            f"| {r['name']} | {r['cache']} | {r['C']} | error: {r['error']} | | |" for r in by("decode")]
+            f"{fmt(r.get('GB/s'), '.0f')} | {fmt(r.get('x_copy_bw'), '.2f')} | {fmt(r.get('x_bf16_time'), '.3f')} |"
+            if 'ms' in r else f"| {r['impl']} | {r['cache']} | {r['C']} | error: {r['error']} | | | |"
+            for r in by("decode")]
     out.append("")
   tune = by("tune_flash") + by("tune_decode")
   if tune:
