@@ -19,9 +19,10 @@ from lcinfer.pallas_kernels import block_sparse  # noqa: F401  (registers "block
 from lcinfer.pallas_kernels import decode  # noqa: F401  (registers "decode_attention")
 from lcinfer.pallas_kernels.decode import decode_attention, decode_reference  # noqa: F401
 from lcinfer.pallas_kernels import quant  # noqa: F401  (quantized cache layouts)
+from lcinfer.pallas_kernels import tpu_block_sparse  # noqa: F401  (registers the "tpu" implementations)
 from lcinfer.pallas_kernels.decode_quant import (quantized_decode_attention,  # noqa: F401
                                                  quantized_decode_reference)
 
 __all__ = ["attention_reference", "dispatch", "flash_triton", "block_sparse", "block_sparse_reference",
            "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode", "decode_attention", "decode_reference",
-           "quant", "quantized_decode_attention", "quantized_decode_reference"]
+           "quant", "quantized_decode_attention", "quantized_decode_reference", "tpu_block_sparse"]

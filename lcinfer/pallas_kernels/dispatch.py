@@ -43,22 +43,29 @@ def register(op: str, name: str, fn: Callable | None = None):
   return deco if fn is None else deco(fn)
 
 
+FALLBACK = "xla"  # the pure-jnp reference: always able to run, so always tried last by default
+
+
+def _default_order(table) -> tuple[str, ...]:
+  return tuple(n for n in table if n != FALLBACK) + ((FALLBACK,) if FALLBACK in table else ())
+
+
 def implementations(op: str) -> tuple[str, ...]:
-  """Registered implementation names of `op`, in default order."""
+  """Registered implementation names of `op`, in default order (registration order, "xla" last)."""
   if op not in _IMPLS:
     raise KeyError(f"unknown op {op!r}; registered: {', '.join(sorted(_IMPLS))}")
-  return tuple(_IMPLS[op])
+  return _default_order(_IMPLS[op])
 
 
 def call(op: str, impls: Sequence[str] | str | None, *args, interpret: bool = False, **kwargs):
-  """Run the first implementation of `op` (in `impls` order, or registration order) that serves
-  the call; `interpret` is passed to every implementation."""
+  """Run the first implementation of `op` (in `impls` order, or the default order: registration
+  order with the "xla" reference last) that serves the call; `interpret` is passed to every one."""
   table = _IMPLS.get(op)
   if table is None:
     raise KeyError(f"unknown op {op!r}; registered: {', '.join(sorted(_IMPLS))}")
   if isinstance(impls, str):
     impls = (impls,)
-  order = tuple(table) if impls is None else tuple(impls)
+  order = _default_order(table) if impls is None else tuple(impls)
   if not order:
     raise ValueError(f"empty implementation list for {op!r}; registered: {', '.join(table)}")
   reasons: list[tuple[str, str]] = []

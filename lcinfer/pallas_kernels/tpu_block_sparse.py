@@ -1,0 +1,214 @@
+"""Block-sparse attention forward for TPUs (Pallas Mosaic TPU), with the block lists scalar-prefetched
+into SMEM so that they drive the K/V DMAs (the splash-attention scheme, Pallas TPU docs "Scalar
+prefetch"), plus a dense causal flash forward built on it.
+
+    out_BTHD, lse_BTH = tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale=...,
+                                                   causal=True, interpret=False)
+    out_BTHD, lse_BTH = tpu_flash_attention(q_BTHD, k_BSKD, v_BSKD, scale=..., causal=True)
+
+Same semantics as the GPU kernel (`sparse_index.py`: union of listed blocks, causal inside the
+blocks, out-of-range and repeated entries ignored after `canonicalize`); no gathered columns here
+(a layout with columns falls through to another implementation). Design:
+  * grid (B, H, nq, max_blocks); the last axis walks the query block's list ("arbitrary": a
+    reduction with VMEM scratch m, l, acc carried across it), the others are "parallel".
+  * The K/V index_map reads the prefetched list: step j loads KV block list[j] of kv head h // G
+    (GQA without repeats). Steps j >= count reuse the last listed block index, so no new DMA is
+    issued, and their compute is skipped with pl.when.
+  * Online softmax in float32 (FlashAttention-2, Algorithm 1); lse in natural log, -inf and out 0
+    for a row that sees nothing.
+  * TPU tiles: arrays are moved to [B, H, T, D] so that a block's last two dims are (rows, D);
+    block_q and block_k are multiples of 128 on hardware (any power of two >= 8 in interpret mode).
+Tested in TPU interpret mode on CPU (`interpret=True` selects `pltpu.InterpretParams()`); no TPU
+has run it yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
+from lcinfer.pallas_kernels.sparse_index import BlockSparse, canonicalize
+
+NEG_INF = float("-inf")
+
+
+def _kernel(count_ref, idx_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q, block_k, s_valid,
+            max_blocks, aliased):
+  if aliased:
+    refs = refs[2:]  # the poisoned buffers aliased to the outputs; never read
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+  b, h, qi, j = (pl.program_id(i) for i in range(4))
+  n = count_ref[b, h, qi]
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(j < n)
+  def _step():
+    kb = idx_ref[b, h, qi, j]
+    q = q_ref[...]
+    k = k_ref[...]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None) * scale
+    k_pos = kb * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    mask = k_pos < s_valid
+    if causal:
+      q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+      mask = mask & (k_pos <= q_pos)
+    s = jnp.where(mask, s, NEG_INF)
+    m_prev = m_sc[...]                                   # [bq, 1]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next)
+    alpha = jnp.exp(m_prev - m_safe)
+    p = jnp.exp(s - m_safe)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    v = v_ref[...]
+    acc_sc[...] = alpha * acc_sc[...] + lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+        precision=lax.Precision.HIGHEST if v.dtype == jnp.float32 else None)
+    m_sc[...] = m_next
+
+  @pl.when(j == max_blocks - 1)
+  def _finish():
+    l = l_sc[...]
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "poison"))
+def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, *, scale, causal, interpret, poison):
+  b, t, h, d = q_BTHD.shape
+  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  g = h // kh
+  bq, bk = layout.block_q, layout.block_k
+  layout, _ = canonicalize(layout, None, t, s, causal)
+  nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
+  mb = max(1, layout.max_blocks)
+  q = jnp.pad(jnp.transpose(q_BTHD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nq * bq - t), (0, 0)))
+  k = jnp.pad(jnp.transpose(k_BSKD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nk * bk - s), (0, 0)))
+  v = jnp.pad(jnp.transpose(v_BSKD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nk * bk - s), (0, 0)))
+  count = layout.count.astype(jnp.int32)
+  idx = layout.kv_block_idx.astype(jnp.int32)
+  if idx.shape[-1] == 0:
+    idx = jnp.zeros(idx.shape[:-1] + (1,), jnp.int32)
+  # steps past the count repeat the last listed block: same block index, no new DMA
+  last = jnp.take_along_axis(idx, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  idx = jnp.where(jnp.arange(mb) < count[..., None], idx, last)
+
+  def kv_map(bi, hi, qi, j, count_ref, idx_ref):
+    return (bi, hi // g, idx_ref[bi, hi, qi, j], 0)
+
+  out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
+               pl.BlockSpec((None, None, bq, 1), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, h, nq * bq, d), q.dtype),
+               jax.ShapeDtypeStruct((b, h, nq * bq, 1), jnp.float32)]
+  in_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, None, bk, d), kv_map)]
+  args = [count, idx, q, k, v]
+  aliases = {}
+  if poison is not None:  # testing hook: outputs start poisoned; an unwritten element keeps it
+    aliases = {len(args): 0, len(args) + 1: 1}
+    args += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
+    in_specs += out_specs
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(b, h, nq, mb), in_specs=in_specs, out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, d), jnp.float32)])
+  kernel = functools.partial(_kernel, scale=scale, causal=causal, block_q=bq, block_k=bk, s_valid=s,
+                             max_blocks=mb, aliased=poison is not None)
+  out, lse = pl.pallas_call(
+      kernel, grid_spec=grid_spec, out_shape=out_shape, input_output_aliases=aliases,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if interpret else False,
+      name="lcinfer_tpu_block_sparse_fwd")(*args)
+  out = jnp.transpose(out[:, :, :t], (0, 2, 1, 3))
+  lse = jnp.transpose(lse[:, :, :t, 0], (0, 2, 1))
+  return out, lse
+
+
+def _on_tpu() -> bool:
+  try:
+    return jax.devices()[0].platform == "tpu"
+  except RuntimeError:
+    return False
+
+
+def _check_blocks(bq, bk, interpret):
+  for name, x in (("block_q", bq), ("block_k", bk)):
+    if not isinstance(x, int) or x < 8 or x & (x - 1):
+      raise ValueError(f"{name} must be a power of two >= 8, got {x!r}")
+    if not interpret and x % 128:
+      raise dispatch.Unsupported(f"{name} = {x}: TPU tiles need multiples of 128 (use 128 or more)")
+
+
+def tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, scale: float,
+                               causal: bool = True, columns=None, interpret: bool = False,
+                               _poison: float | None = None, **unused):
+  """Block-sparse attention on a TPU (or in TPU interpret mode on CPU). Returns (out [B,T,H,D],
+  lse [B,T,H] float32). Gathered columns are not supported here (Unsupported: falls through)."""
+  del unused
+  check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
+  if columns is not None:
+    raise dispatch.Unsupported("the TPU block-sparse kernel takes no gathered columns yet")
+  if not interpret and not _on_tpu():
+    raise dispatch.Unsupported("the TPU block-sparse kernel needs a TPU; pass interpret=True to run "
+                               "it in TPU interpret mode on CPU")
+  _check_blocks(layout.block_q, layout.block_k, interpret)
+  if q_BTHD.shape[1] == 0 or k_BSKD.shape[1] == 0:
+    raise dispatch.Unsupported("empty sequence")
+  return _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, scale=float(scale), causal=bool(causal),
+                           interpret=bool(interpret), poison=_poison)
+
+
+def causal_layout(b: int, h: int, t: int, s: int, block_q: int, block_k: int, causal: bool) -> BlockSparse:
+  """Every KV block a query block may see (all of them, or those up to the diagonal)."""
+  nq, nk = pl.cdiv(t, block_q), pl.cdiv(s, block_k)
+  kb = jnp.arange(nk, dtype=jnp.int32)
+  count = (jnp.minimum((jnp.arange(nq, dtype=jnp.int32) * block_q + block_q - 1) // block_k + 1, nk)
+           if causal else jnp.full((nq,), nk, jnp.int32))
+  return BlockSparse(jnp.broadcast_to(count, (b, h, nq)), jnp.broadcast_to(kb, (b, h, nq, nk)),
+                     block_q, block_k)
+
+
+def tpu_flash_attention(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = True, window=None,
+                        q_segment_ids=None, kv_segment_ids=None, kv_offset: int = 0, q_lengths=None,
+                        kv_lengths=None, block_q: int | None = None, block_k: int | None = None,
+                        interpret: bool = False, _poison: float | None = None, **unused):
+  """Dense flash forward on TPU: the block-sparse kernel over the full (causal) block list.
+  Covers causal or full self-attention; windows, segments, offsets and lengths are Unsupported
+  (the dispatcher falls through)."""
+  del unused
+  check_attention_args(q_BTHD, k_BSKD, v_BSKD, scale=scale, causal=causal, window=window,
+                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_offset=kv_offset,
+                       q_lengths=q_lengths, kv_lengths=kv_lengths)
+  extras = {"window": window, "q_segment_ids": q_segment_ids, "q_lengths": q_lengths, "kv_lengths": kv_lengths}
+  used = [n for n, x in extras.items() if x is not None] + (["kv_offset"] if kv_offset else [])
+  if used:
+    raise dispatch.Unsupported(f"the TPU flash kernel does not take {', '.join(used)} yet")
+  b, t, h, _ = q_BTHD.shape
+  s = k_BSKD.shape[1]
+  if causal and s != t:
+    raise dispatch.Unsupported("the TPU flash kernel is self-attention when causal (S == T)")
+  bq = block_q or (128 if t >= 128 or not interpret else max(8, 1 << (max(t, 1) - 1).bit_length()))
+  bk = block_k or (128 if s >= 128 or not interpret else max(8, 1 << (max(s, 1) - 1).bit_length()))
+  layout = causal_layout(b, h, t, s, bq, bk, causal)
+  return tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale=scale, causal=causal,
+                                    interpret=interpret, _poison=_poison)
+
+
+dispatch.register("block_sparse_attention", "tpu", tpu_block_sparse_attention)
+dispatch.register("flash_attention", "tpu", tpu_flash_attention)

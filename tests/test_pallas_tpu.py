@@ -1,0 +1,97 @@
+"""The Mosaic TPU block-sparse / flash kernels (pallas_kernels/tpu_block_sparse.py) in TPU interpret
+mode on CPU, against the float32 oracles, outputs NaN-poisoned before each run."""
+
+import zlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import assert_matches_oracle
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
+from lcinfer.pallas_kernels.sparse_index import BlockSparse, Columns, blocks_from_mask
+from lcinfer.pallas_kernels.tpu_block_sparse import tpu_block_sparse_attention, tpu_flash_attention
+
+NAN = float("nan")
+
+# (name, b, t, h, kh, d, dtype, block_q, block_k, keep probability)
+SPARSE = [
+    ("g1_odd", 1, 100, 2, 2, 64, "float32", 16, 32, 0.5),
+    ("g4_empty_rows", 2, 64, 4, 1, 128, "float32", 16, 16, 0.15),
+    ("g8_bf16", 1, 77, 8, 1, 64, "bfloat16", 32, 16, 0.6),
+]
+
+
+def _qkv(seed, b, t, h, kh, d, dtype):
+  rng = np.random.default_rng(seed)
+  dt = jnp.dtype(dtype)
+  return (jnp.asarray(rng.standard_normal((b, t, h, d)), dt), jnp.asarray(rng.standard_normal((b, t, kh, d)), dt),
+          jnp.asarray(rng.standard_normal((b, t, kh, d)), dt), rng)
+
+
+@pytest.mark.parametrize("case", SPARSE, ids=[c[0] for c in SPARSE])
+def test_block_sparse_matches_oracle(case):
+  name, b, t, h, kh, d, dtype, bq, bk, keep = case
+  q, k, v, rng = _qkv(zlib.crc32(name.encode()), b, t, h, kh, d, dtype)
+  nq, nk = -(-t // bq), -(-t // bk)
+  layout = blocks_from_mask(jnp.asarray(rng.random((b, h, nq, nk)) < keep), nk, block_q=bq, block_k=bk)
+  out, lse = tpu_block_sparse_attention(q, k, v, layout, scale=d ** -0.5, interpret=True, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, layout, scale=d ** -0.5, out_dtype=jnp.float32)
+  empty = assert_matches_oracle(name, out, lse, ref, ref_lse, dtype)
+  if name == "g4_empty_rows":
+    assert empty.any() and (~empty).any()
+
+
+def test_garbage_entries_follow_union_semantics():
+  """Duplicates, out-of-range and beyond-count entries: the canonicalized lists the kernel reads."""
+  q, k, v, _ = _qkv(3, 1, 48, 2, 1, 64, "float32")
+  idx = jnp.asarray([[[[0, 0, 7, -1], [1, 0, 1, 2], [2, 9, 0, 1]]] * 2])   # nq = 3 (bq 16), nk = 3
+  layout = BlockSparse(jnp.asarray([[[2, 3, 4]] * 2], jnp.int32), idx.astype(jnp.int32), 16, 16)
+  out, lse = tpu_block_sparse_attention(q, k, v, layout, scale=0.125, interpret=True, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, layout, scale=0.125)
+  assert_matches_oracle("garbage", out, lse, ref, ref_lse, "float32")
+
+
+@pytest.mark.parametrize("causal,t,bq,bk,dtype", [(True, 100, 32, 16, "float32"), (False, 40, 16, 32, "float32"),
+                                                  (True, 64, 16, 16, "bfloat16")])
+def test_flash_matches_oracle(causal, t, bq, bk, dtype):
+  q, k, v, _ = _qkv(t, 2, t, 4, 2, 128, dtype)
+  out, lse = tpu_flash_attention(q, k, v, scale=0.1, causal=causal, block_q=bq, block_k=bk, interpret=True,
+                                 _poison=NAN)
+  ref, ref_lse = attention_reference(q, k, v, scale=0.1, causal=causal, out_dtype=jnp.float32)
+  assert_matches_oracle(f"flash causal={causal}", out, lse, ref, ref_lse, dtype)
+
+
+def test_poison_exposes_unwritten_outputs(monkeypatch):
+  from lcinfer.pallas_kernels import tpu_block_sparse as tbs
+
+  def lazy(*refs, **kw):
+    pass
+  monkeypatch.setattr(tbs, "_kernel", lazy)
+  q = jnp.ones((1, 8, 1, 64), jnp.float32)
+  out, lse = tpu_flash_attention(q, q, q, scale=0.1, block_q=8, block_k=8, interpret=True, _poison=NAN)
+  assert np.isnan(np.asarray(out)).all() and np.isnan(np.asarray(lse)).all()
+
+
+def test_unsupported_calls_fall_through_with_reasons():
+  q, k, v, _ = _qkv(0, 1, 32, 2, 1, 64, "float32")
+  layout = blocks_from_mask(jnp.ones((1, 2, 2, 2), bool), 2, block_q=16, block_k=16)
+  cols = Columns(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 4), jnp.int32))
+  with pytest.raises(dispatch.DispatchError, match="tpu: the TPU block-sparse kernel takes no gathered columns"):
+    dispatch.call("block_sparse_attention", ("tpu",), q, k, v, layout, scale=0.1, columns=cols, interpret=True)
+  out, _ = dispatch.call("block_sparse_attention", ("tpu", "xla"), q, k, v, layout, scale=0.1, columns=cols,
+                         interpret=True)
+  ref, _ = block_sparse_reference(q, k, v, layout, scale=0.1, columns=cols)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
+  with pytest.raises(dispatch.DispatchError, match="tpu: the TPU flash kernel does not take window"):
+    dispatch.call("flash_attention", ("tpu",), q, k, v, scale=0.1, window=4, interpret=True)
+  with pytest.raises(dispatch.DispatchError, match="needs a TPU; pass interpret=True"):
+    dispatch.call("flash_attention", ("tpu",), q, k, v, scale=0.1)
+  assert dispatch.implementations("flash_attention")[-1] == "xla"  # the reference is the last resort
+
+
+def test_bad_blocks_raise():
+  q, k, v, _ = _qkv(0, 1, 32, 2, 1, 64, "float32")
+  with pytest.raises(ValueError, match="block_q must be a power of two >= 8"):
+    tpu_flash_attention(q, k, v, scale=0.1, block_q=12, block_k=16, interpret=True)
