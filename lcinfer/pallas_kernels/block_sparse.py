@@ -4,18 +4,22 @@
                                                causal=True, columns=None, interpret=False)
 
 `layout` is a `sparse_index.BlockSparse` (per batch, head, query block: a count and a padded list
-of KV blocks), `columns` an optional `sparse_index.Columns` (gathered key columns: the vertical
-part of vertical-slash). Key-set semantics: sparse_index.py (union of listed blocks and columns,
-causal, entries beyond count and out-of-range entries ignored). Design:
-  * The layout is first canonicalized on device (`sparse_index.canonicalize`: sorted, deduplicated,
-    in range, causally clipped; columns minus listed blocks), so the kernel trusts its lists and
-    never double counts a key.
+of grid-aligned KV blocks) or a `vertical_slash.KeyRanges` (key ranges of at most block_k keys at
+any offset: MInference's slash runs); `columns` an optional `sparse_index.Columns` (gathered key
+columns: the vertical part of vertical-slash). Key-set semantics: sparse_index.py and
+vertical_slash.py (union of listed blocks / ranges and columns, causal, entries beyond count and
+out-of-range entries ignored). Design:
+  * The layout is first canonicalized on device (`sparse_index.canonicalize` or
+    `vertical_slash.canonicalize_ranges`: sorted, disjoint, in range, causally clipped; columns
+    minus listed keys), so the kernel trusts its lists and never double counts a key. Both become
+    (lo, hi) key ranges of at most block_k keys.
   * One program per (query block, batch, query head); K/V refs span the whole (padded) sequence of
-    kv head h // G (GQA through the index_map, no repeat); `fori_loop(0, count)` over the listed
-    blocks with run-time offsets `pl.ds(idx * block_k, block_k)`.
-  * Online softmax in float32 (exp2). The listed blocks that every row of the query block sees
-    whole (a prefix of the sorted list: left of the diagonal, not the padded tail) run without
-    masks; the rest get the causal and tail masks by index (lengths padded in the wrapper).
+    kv head h // G (GQA through the index_map, no repeat); `fori_loop` over the listed ranges with
+    run-time offsets `pl.ds(start, block_k)` (start = lo, kept in bounds for unaligned ranges;
+    keys outside [lo, hi) masked).
+  * Online softmax in float32 (exp2). The ranges that every row of the query block sees whole
+    (block_k keys left of the diagonal, not the padded tail; listed first) run without masks; the
+    rest get the range, causal and tail masks by index (lengths padded in the wrapper).
   * Then the columns, `column_chunk` at a time: K/V rows gathered by index (`k_ref[cols, :]`),
     entries beyond the column count masked, merged into the same online softmax.
   * A query that sees nothing: out = 0, lse = -inf.
@@ -38,13 +42,14 @@ from lcinfer.pallas_kernels.flash_triton import (SUPPORTED_HEAD_DIMS, _check_blo
                                                  _gpu_backend, _next_pow2)
 from lcinfer.pallas_kernels.reference import block_sparse_reference, check_block_sparse_args
 from lcinfer.pallas_kernels.sparse_index import BlockSparse, Columns, canonicalize
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, canonicalize_ranges
 
 
 
-def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk, aliased,
-            f32_dots):
-  q_ref, k_ref, v_ref, meta_ref, blk_ref = refs[:5]
-  rest = refs[5:]
+def _kernel(*refs, scale, causal, block_q, block_k, s_valid, s_padded, has_cols, col_chunk, aliased,
+            f32_dots, aligned):
+  q_ref, k_ref, v_ref, meta_ref, lo_ref, hi_ref = refs[:6]
+  rest = refs[6:]
   if has_cols:
     col_ref, *rest = rest
   if aliased:
@@ -58,19 +63,24 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, has_cols, col_chunk
   qk_scale = scale * osm.LOG2E
 
   def block_body(j, carry, masked):
-    start = pl.multiple_of(blk_ref[j] * block_k, block_k)
+    lo = lo_ref[j]
+    if aligned:  # grid blocks: the load starts at the range
+      start = pl.multiple_of(lo, block_k)
+    else:        # a range at any offset: load block_k keys from a start that stays in bounds
+      start = jnp.minimum(lo, s_padded - block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
     mask = None
     if masked:
       k_pos = start + jnp.arange(block_k, dtype=jnp.int32)
-      mask = jnp.broadcast_to((k_pos < s_valid)[None, :], (block_q, block_k))
+      keep = (k_pos >= lo) & (k_pos < hi_ref[j]) if not aligned else k_pos < hi_ref[j]
+      mask = jnp.broadcast_to(keep[None, :], (block_q, block_k))
       if causal:
         mask = mask & (k_pos[None, :] <= q_pos[:, None])
     return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)
 
-  # The sorted list starts with the blocks every row of the query block sees whole (meta[2] of
-  # them: left of the diagonal, no padded tail); they skip the mask arithmetic.
+  # The canonical lists start with the ranges every row of the query block sees whole (meta[2] of
+  # them: block_k keys, left of the diagonal); they skip the mask arithmetic.
   carry = osm.init(block_q, q.shape[-1])
   carry = lax.fori_loop(0, meta_ref[2], functools.partial(block_body, masked=False), carry)
   carry = lax.fori_loop(meta_ref[2], meta_ref[0], functools.partial(block_body, masked=True), carry)
@@ -106,9 +116,22 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
   bq, bk = layout.block_q, layout.block_k
-  layout, columns = canonicalize(layout, columns, t, s, causal)
   nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
   tp, sp = nq * bq, nk * bk
+  aligned = isinstance(layout, BlockSparse)
+  if aligned:
+    layout, columns = canonicalize(layout, columns, t, s, causal)
+    lo = layout.kv_block_idx * bk
+    hi = jnp.minimum(lo + bk, s)
+    count = layout.count
+    # blocks whole for every row of the query block: a prefix of the ascending list
+    q0 = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
+    whole = (jnp.arange(layout.max_blocks) < count[..., None]) & (lo + bk <= s)
+    if causal:
+      whole = whole & (lo + bk - 1 <= q0)
+    n_whole = jnp.sum(whole, axis=-1)
+  else:
+    lo, hi, count, n_whole, columns = canonicalize_ranges(layout, columns, t, s, causal)
   q = jnp.pad(q_BTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   k = jnp.pad(k_BSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
   v = jnp.pad(v_BSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
@@ -117,24 +140,18 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   def pad_last(x, n):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
 
-  mb = _next_pow2(max(1, layout.max_blocks))
-  blk = pad_last(layout.kv_block_idx, mb)
-  ccount = columns.count if has_cols else jnp.zeros_like(layout.count)
-  # blocks whole for every row of the query block: a prefix of the ascending list
-  q0 = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
-  whole = (jnp.arange(layout.max_blocks) < layout.count[..., None]) & (layout.kv_block_idx * bk + bk <= s)
-  if causal:
-    whole = whole & (layout.kv_block_idx * bk + bk - 1 <= q0)
-  n_whole = jnp.sum(whole, axis=-1)
-  meta = jnp.stack([layout.count, ccount, n_whole], axis=-1).astype(jnp.int32)   # [B, H, nq, 3]
+  mb = _next_pow2(max(1, lo.shape[-1]))
+  ccount = columns.count if has_cols else jnp.zeros_like(count)
+  meta = jnp.stack([count, ccount, n_whole], axis=-1).astype(jnp.int32)   # [B, H, nq, 3]
 
   q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
   lse_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, i))
   in_specs = [q_spec, kv_spec, kv_spec,
               pl.BlockSpec((None, None, None, 3), lambda i, bi, hi: (bi, hi, i, 0)),
+              pl.BlockSpec((None, None, None, mb), lambda i, bi, hi: (bi, hi, i, 0)),
               pl.BlockSpec((None, None, None, mb), lambda i, bi, hi: (bi, hi, i, 0))]
-  args = [q, k, v, meta, blk]
+  args = [q, k, v, meta, pad_last(lo.astype(jnp.int32), mb), pad_last(hi.astype(jnp.int32), mb)]
   if has_cols:
     mc = pl.cdiv(max(1, columns.max_cols), col_chunk) * col_chunk
     args.append(pad_last(columns.index, mc))
@@ -142,17 +159,18 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   kernel = functools.partial(
-      _kernel, scale=scale, causal=causal, block_q=bq, block_k=bk, s_valid=s, has_cols=has_cols,
-      col_chunk=col_chunk, aliased=poison is not None, f32_dots=q.dtype == jnp.float32)
+      _kernel, scale=scale, causal=causal, block_q=bq, block_k=bk, s_valid=s, s_padded=sp,
+      has_cols=has_cols, col_chunk=col_chunk, aliased=poison is not None,
+      f32_dots=q.dtype == jnp.float32, aligned=aligned)
   out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
                          out_shape=out_shape, num_warps=num_warps, num_stages=num_stages,
                          interpret=interpret, name="lcinfer_block_sparse_fwd", poison=poison)
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
 
 
-def block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, scale: float,
+def block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse | KeyRanges, *, scale: float,
                            causal: bool = True, columns: Columns | None = None,
-                           column_chunk: int = 16, interpret: bool = False,
+                           column_chunk: int = 32, interpret: bool = False,
                            num_warps: int | None = None, num_stages: int | None = None,
                            _poison: float | None = None):
   """Block-sparse attention forward. Returns (out [B, T, H, D] in q's dtype, lse [B, T, H] f32).

@@ -117,7 +117,8 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = 
 # -- block-sparse attention (layouts from sparse_index.py) ----------------------------------------
 def check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal):
   """Trace-time validation for block-sparse attention (shapes, dtypes, layout shapes). ValueError."""
-  from lcinfer.pallas_kernels.sparse_index import check_layout
+  from lcinfer.pallas_kernels.sparse_index import BlockSparse, check_layout
+  from lcinfer.pallas_kernels.vertical_slash import KeyRanges, check_ranges
   check_attention_args(q_BTHD, k_BSKD, v_BSKD, scale=scale, causal=causal, window=None,
                        q_segment_ids=None, kv_segment_ids=None, kv_offset=0, q_lengths=None,
                        kv_lengths=None)
@@ -126,7 +127,11 @@ def check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, c
   if causal and s != t:
     raise ValueError(f"causal block-sparse attention is self-attention (query i at position i): "
                      f"needs S == T, got T={t}, S={s}")
-  check_layout(layout, columns, b, h, t)
+  if isinstance(layout, KeyRanges):
+    check_ranges(layout, b, h, t)
+    check_layout(BlockSparse(layout.count, layout.start, layout.block_q, layout.block_k), columns, b, h, t)
+  else:
+    check_layout(layout, columns, b, h, t)
 
 
 def block_sparse_key_mask(layout, columns, t: int, s: int, causal: bool = True):
@@ -175,11 +180,15 @@ def masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask_BHTS, *, scale: floa
 def block_sparse_reference(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float, causal: bool = True,
                            columns=None, out_dtype=None, interpret: bool = False, num_warps=None,
                            num_stages=None):
-  """Block-sparse attention in float32 from the dense key mask of `layout` (+ `columns`): the
-  union semantics of sparse_index.py, causal inside the blocks. Returns (out [B,T,H,D], lse [B,T,H]).
+  """Block-sparse attention in float32 from the dense key mask of `layout` (a BlockSparse or
+  KeyRanges) (+ `columns`): the union semantics of sparse_index.py / vertical_slash.py, causal. Returns (out [B,T,H,D], lse [B,T,H]).
   `interpret` and the kernel's knobs are accepted and ignored (dispatcher)."""
   del interpret, num_warps, num_stages
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
+  from lcinfer.pallas_kernels.vertical_slash import KeyRanges, ranges_key_mask
   t, s = q_BTHD.shape[1], k_BSKD.shape[1]
-  mask = block_sparse_key_mask(layout, columns, t, s, causal)
+  if isinstance(layout, KeyRanges):
+    mask = ranges_key_mask(layout, columns, t, s, causal)
+  else:
+    mask = block_sparse_key_mask(layout, columns, t, s, causal)
   return masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale, out_dtype=out_dtype)

@@ -162,6 +162,8 @@ def tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, s
   lse [B,T,H] float32). Gathered columns are not supported here (Unsupported: falls through)."""
   del unused
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
+  if not isinstance(layout, BlockSparse):
+    raise dispatch.Unsupported("the TPU block-sparse kernel takes grid-aligned BlockSparse layouts only")
   if columns is not None:
     raise dispatch.Unsupported("the TPU block-sparse kernel takes no gathered columns yet")
   if not interpret and not _on_tpu():

@@ -1,0 +1,224 @@
+"""Key ranges at arbitrary offsets, and MInference's vertical-slash index built on device as ranges
+plus gathered columns (Jiang et al. 2024, "MInference 1.0", Sec. 3.2 / Algorithm 3: slash lines
+become key ranges of one query block's height starting at unaligned offsets, vertical lines become
+gathered columns).
+
+    ranges = KeyRanges(count [B, H, nq] int32, start [B, H, nq, M] int32, end [B, H, nq, M] int32,
+                       block_q, block_k)                         # block_q / block_k static
+    ranges, columns = vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len, block_q, block_k,
+                                               max_ranges, max_cols)
+
+Semantics (shared by `ranges_key_mask` and the kernel in `block_sparse.py`): query row i (query
+block qb = i // block_q) attends the UNION of the keys [start_j, min(end_j, start_j + block_k)) for
+j < count[b, h, qb] (a range is at most block_k keys: one kernel load), and of the `Columns`,
+intersected with (causal: key <= i) and [0, S). Overlapping or repeated ranges count each key once;
+entries beyond `count` are ignored. `canonicalize_ranges` makes the kernel's form (clipped,
+disjoint, sorted, the ranges that need no mask first) on device.
+
+Compared with grid-aligned blocks (`sparse_index.vertical_slash_to_layout`) a slash far from the
+diagonal costs one range per query block instead of up to two blocks, and adjacent slashes merge
+into runs cut into block_k-long pieces, so the kernel loads ~(density x S) keys per query block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcinfer.pallas_kernels.sparse_index import Columns, _check_int, _last_q_row
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyRanges:
+  """Per (batch, head, query block): how many key ranges, and their [start, end) (padded lists)."""
+  count: jax.Array   # [B, H, nq] int32
+  start: jax.Array   # [B, H, nq, max_ranges] int32
+  end: jax.Array     # [B, H, nq, max_ranges] int32
+  block_q: int = dataclasses.field(metadata=dict(static=True), default=64)
+  block_k: int = dataclasses.field(metadata=dict(static=True), default=64)
+
+  @property
+  def max_ranges(self) -> int:
+    return self.start.shape[-1]
+
+
+def check_ranges(ranges: KeyRanges, b: int, h: int, t: int) -> None:
+  """Trace-time validation of KeyRanges against queries [B, T, H, ...]. ValueError."""
+  for name in ("block_q", "block_k"):
+    v = getattr(ranges, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      raise ValueError(f"ranges.{name} must be a positive static int, got {v!r}")
+  nq = -(-t // ranges.block_q)
+  _check_int("ranges.count", ranges.count, (b, h, nq))
+  if ranges.start.ndim != 4:
+    raise ValueError(f"ranges.start must be [B, H, nq, max_ranges], got shape {tuple(ranges.start.shape)}")
+  _check_int("ranges.start", ranges.start, (b, h, nq, ranges.start.shape[-1]))
+  _check_int("ranges.end", ranges.end, tuple(ranges.start.shape))
+
+
+def _clipped(ranges: KeyRanges, s: int):
+  """(lo, hi, listed): ranges clipped to [0, s) and to block_k keys; `listed` = j < count."""
+  lo = ranges.start.astype(jnp.int32)
+  hi = jnp.minimum(ranges.end.astype(jnp.int32), lo + ranges.block_k)
+  lo, hi = jnp.clip(lo, 0, s), jnp.clip(hi, 0, s)
+  listed = jnp.arange(lo.shape[-1]) < ranges.count[..., None]
+  return lo, hi, listed
+
+
+def ranges_key_mask(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool = True):
+  """Boolean [B, H, T, S]: the key set of `ranges` (+ columns). Reference and tests only."""
+  lo, hi, listed = _clipped(ranges, s)
+  keys = jnp.arange(s)
+  per_block = jnp.any(listed[..., None] & (lo[..., None] <= keys) & (keys < hi[..., None]), axis=-2)
+  if columns is not None:
+    okc = jnp.arange(columns.index.shape[-1]) < columns.count[..., None]
+    per_block = per_block | jnp.any((columns.index[..., None] == keys) & okc[..., None], axis=-2)
+  mask = per_block[:, :, jnp.arange(t) // ranges.block_q]            # [B, H, T, S]
+  if causal:
+    mask = mask & (keys[None, :] <= jnp.arange(t)[:, None])
+  return mask
+
+
+def _inside(lo, hi, count, queries):
+  """queries[..., i] inside one of the disjoint ranges [lo, hi) (the first `count`; lo ascending
+  over the whole row, padding included)."""
+  lead = lo.shape[:-1]
+
+  def one(lo_r, hi_r, n, q_r):
+    p = jnp.searchsorted(lo_r, q_r, side="right") - 1
+    pc = jnp.clip(p, 0, lo_r.shape[0] - 1)
+    return (p >= 0) & (p < n) & (lo_r[pc] <= q_r) & (q_r < hi_r[pc])
+  out = jax.vmap(one)(lo.reshape(-1, lo.shape[-1]), hi.reshape(-1, hi.shape[-1]), count.reshape(-1),
+                      queries.reshape(-1, queries.shape[-1]))
+  return out.reshape(*lead, queries.shape[-1])
+
+
+def _compact(values, ok, width: int):
+  """Order-preserving compaction of each row: the ok entries first (cumsum + scatter, no sort),
+  then zeros; at most `width` kept. Returns ([..., width], count)."""
+  lead, n = values.shape[:-1], values.shape[-1]
+  pos = jnp.cumsum(ok, axis=-1) - 1
+  tgt = jnp.where(ok & (pos < width), pos, width)
+
+  def one(v, t_):
+    return jnp.zeros((width,), values.dtype).at[t_].set(v, mode="drop")
+  out = jax.vmap(one)(values.reshape(-1, n), tgt.reshape(-1, n)).reshape(*lead, width)
+  return out, jnp.minimum(jnp.sum(ok, axis=-1), width).astype(jnp.int32)
+
+
+def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool):
+  """The kernel's form, same key set: (lo, hi, count, n_whole, columns) with ranges clipped, sorted,
+  disjoint (each minus what earlier ones cover), empty ones dropped, and ordered so that the n_whole
+  ranges every row of the query block sees whole (block_k keys at or before its first row) come
+  first; columns duplicate-free, inside no range, causal. Cost: sorts of each list."""
+  bq, bk = ranges.block_q, ranges.block_k
+  nq = ranges.count.shape[-1]
+  last = _last_q_row(nq, bq, t)[:, None]
+  first = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
+  lo, hi, ok = _clipped(ranges, s)
+  ok = ok & (lo < hi)
+  if causal:
+    ok = ok & (lo <= last)
+  lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
+  prev = lax.cummax(hi, axis=hi.ndim - 1)
+  prev = jnp.concatenate([jnp.zeros_like(prev[..., :1]), prev[..., :-1]], axis=-1)
+  lo = jnp.maximum(lo, prev)                                   # minus what earlier ranges cover
+  ok = lo < hi
+  count = jnp.sum(ok, axis=-1).astype(jnp.int32)
+  lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
+  new_cols = None
+  if columns is not None:
+    cols = columns.index.astype(jnp.int32)
+    okc = (jnp.arange(cols.shape[-1]) < columns.count[..., None]) & (cols >= 0) & (cols < s)
+    if causal:
+      okc = okc & (cols <= last)
+    okc = okc & ~_inside(lo, hi, count, jnp.where(okc, cols, 0))
+    cols = jnp.sort(jnp.where(okc, cols, s), axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(cols[..., :1], bool), cols[..., 1:] == cols[..., :-1]], -1)
+    cols = jnp.sort(jnp.where(dup, s, cols), axis=-1)
+    ccount = jnp.sum(cols < s, axis=-1).astype(jnp.int32)
+    new_cols = Columns(ccount, jnp.where(cols < s, cols, 0))
+  valid = jnp.arange(lo.shape[-1]) < count[..., None]
+  whole = valid & (hi - lo == bk)
+  if causal:
+    whole = whole & (hi - 1 <= first)
+  key = jnp.where(whole, 0, jnp.where(valid, 1, 2))
+  _, lo, hi = lax.sort((key, lo, hi), dimension=lo.ndim - 1, num_keys=1, is_stable=True)
+  valid = jnp.arange(lo.shape[-1]) < count[..., None]
+  return (jnp.where(valid, lo, 0), jnp.where(valid, hi, 0), count,
+          jnp.sum(whole, axis=-1).astype(jnp.int32), new_cols)
+
+
+def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int, block_k: int,
+                             max_ranges: int, max_cols: int):
+  """MInference's vertical-slash index as KeyRanges + Columns, built on device (jittable).
+
+  vertical_idx [B, H, V] int: key columns every query (at or after them) attends.
+  slash_idx [B, H, S] int: diagonal offsets o >= 0; query i attends key i - o.
+  Entries outside [0, seq_len) are ignored (-1 pads). Causal self-attention, T = seq_len.
+
+  For query block [q0, q1] a slash o covers keys [max(q0 - o, 0), q1 - o] (nothing if q1 < o).
+  Sorted by start, these ranges merge into disjoint runs (overlapping or adjacent ones join), and
+  each run is cut into block_k-long ranges. If there are more than `max_ranges`, the ones nearest
+  the diagonal are kept. Vertical columns at or before q1 outside every kept range become the
+  gathered columns, in ascending order; beyond `max_cols` the highest are dropped. Every required
+  key {k <= q : k a vertical or q - k a slash} is attended (unless truncated), plus the other keys
+  of the runs (a slash run spans the query block's height). Returns (KeyRanges, Columns).
+  """
+  for name, x in (("vertical_idx", vertical_idx), ("slash_idx", slash_idx)):
+    if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer [B, H, n] array, got {x.dtype} {tuple(x.shape)}")
+  if vertical_idx.shape[:2] != slash_idx.shape[:2]:
+    raise ValueError(f"vertical_idx and slash_idx must share [B, H], got {tuple(vertical_idx.shape)} "
+                     f"and {tuple(slash_idx.shape)}")
+  if slash_idx.shape[-1] == 0:
+    raise ValueError("slash_idx needs at least one entry (pad with -1; MInference keeps offset 0)")
+  for name, x in (("seq_len", seq_len), ("block_q", block_q), ("block_k", block_k),
+                  ("max_ranges", max_ranges), ("max_cols", max_cols)):
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+      raise ValueError(f"{name} must be a static int >= 1, got {x!r}")
+  t, bk = seq_len, block_k
+  nq = -(-t // block_q)
+  q0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]
+  q1 = _last_q_row(nq, block_q, t)[:, None]
+  # -- slashes -> runs -> block_k pieces ----------------------------------------------------------
+  o = slash_idx.astype(jnp.int32)
+  o = jnp.where((o >= 0) & (o < t), o, 2 * t)                 # invalid: empty for every block
+  o = -jnp.sort(-o, axis=-1)[:, :, None, :]                   # descending offset = ascending start
+  valid = q1 - o >= 0                                         # [B, H, nq, S]
+  lo = jnp.maximum(q0 - o, 0)
+  hi = jnp.where(valid, q1 - o, -2)                           # inclusive end (-2: none, below any run)
+  covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
+  before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
+  new_run = valid & (lo > before + 1)                         # a gap: a new run starts
+  run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
+  after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
+  last_of_run = valid & after
+  pieces = jnp.where(last_of_run, (covered - run_lo + bk) // bk, 0)   # ceil(len / bk)
+  end = jnp.cumsum(pieces, axis=-1)
+  total = end[..., -1:]
+  count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
+  rank = jnp.maximum(total - max_ranges, 0) + jnp.arange(max_ranges, dtype=jnp.int32)
+  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
+      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
+  seg = jnp.minimum(seg, o.shape[-1] - 1)
+  first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
+  start = jnp.take_along_axis(run_lo, seg, axis=-1) + (rank - first_piece) * bk
+  stop = jnp.minimum(start + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
+  slot_ok = jnp.arange(max_ranges) < count[..., None]
+  start = jnp.where(slot_ok, start, 0).astype(jnp.int32)
+  stop = jnp.where(slot_ok, stop, 0).astype(jnp.int32)
+  ranges = KeyRanges(count, start, stop, block_q, block_k)
+  # -- verticals -> columns outside every kept range (sorted and deduplicated once per head) ------
+  c = vertical_idx.astype(jnp.int32)
+  c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
+  c = jnp.where(jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], -1), t, c)
+  cq = jnp.broadcast_to(c[:, :, None, :], c.shape[:2] + (nq, c.shape[-1]))
+  sorted_lo = jnp.where(slot_ok, start, t)                  # ascending, padding past the end
+  ok = (cq <= q1) & ~_inside(sorted_lo, stop, count, jnp.minimum(cq, t - 1))  # ranges: sorted, disjoint
+  cols, ccount = _compact(cq, ok, max_cols)
+  return ranges, Columns(ccount, cols)

@@ -1,0 +1,144 @@
+"""KeyRanges (pallas_kernels/vertical_slash.py): the MInference-style index built on device, and the
+block-sparse kernel over unaligned ranges, against numpy models and the float32 oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import assert_matches_oracle
+from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
+from lcinfer.pallas_kernels.reference import block_sparse_reference
+from lcinfer.pallas_kernels.sparse_index import Columns
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges
+
+NAN = float("nan")
+
+
+def _qkv(rng, b, t, h, kh, d, dtype):
+  dt = jnp.dtype(dtype)
+  return tuple(jnp.asarray(rng.standard_normal(shape), dt) for shape in ((b, t, h, d), (b, t, kh, d), (b, t, kh, d)))
+
+
+def _pattern(rng, b, h, t, nv, ns):
+  vert = rng.integers(0, t, (b, h, nv)).astype(np.int32)
+  vert[0, 0, :2] = [-1, 10 * t]                     # padding / out of range: ignored
+  if h > 1:
+    vert[0, 1, :2] = vert[0, 1, 2]                  # duplicates
+  slash = rng.integers(0, t, (b, h, ns)).astype(np.int32)
+  slash[:, :, 0] = 0                                # the diagonal
+  slash[:, :, 1] = 1                                # adjacent to it: runs merge
+  if h > 2:
+    slash[0, 2, 2:] = -1
+  return vert, slash
+
+
+@pytest.mark.parametrize("t,bq,bk", [(64, 16, 16), (100, 32, 16), (100, 16, 32), (77, 16, 64)])
+def test_index_is_exactly_the_union_of_slash_ranges_plus_columns(t, bq, bk):
+  rng = np.random.default_rng(t * 3 + bq + bk)
+  b, h = 2, 3
+  vert, slash = _pattern(rng, b, h, t, 7, 5)
+  nq = -(-t // bq)
+  f = jax.jit(vertical_slash_to_ranges, static_argnums=(2, 3, 4, 5, 6))
+  ranges, cols = f(jnp.asarray(vert), jnp.asarray(slash), t, bq, bk, t, 8)
+  cnt, lo, hi = (np.asarray(x) for x in (ranges.count, ranges.start, ranges.end))
+  ccnt, cidx = np.asarray(cols.count), np.asarray(cols.index)
+  for i in np.ndindex(b, h, nq):
+    q0, q1 = i[2] * bq, min((i[2] + 1) * bq, t) - 1
+    want = set()                                   # keys a slash reaches from some row of the block
+    for o in slash[i[:2]]:
+      if 0 <= o <= q1:
+        want |= set(range(max(q0 - o, 0), q1 - o + 1))
+    got = []
+    for j in range(cnt[i]):
+      assert 0 < hi[i][j] - lo[i][j] <= bk and 0 <= lo[i][j] and hi[i][j] <= q1 + 1
+      got += list(range(lo[i][j], hi[i][j]))
+    assert len(got) == len(set(got)), "ranges overlap"
+    assert set(got) == want, i
+    assert list(lo[i][:cnt[i]]) == sorted(lo[i][:cnt[i]])
+    # merged: a run of adjacent keys is cut into block_k pieces, so the count is minimal
+    runs = sum(1 for kk in want if kk - 1 not in want)
+    assert cnt[i] <= runs + len(want) // bk
+    cs = list(cidx[i][:ccnt[i]])
+    assert cs == sorted({c for c in vert[i[:2]] if 0 <= c <= q1 and c not in want})
+
+
+def test_truncation_keeps_the_ranges_nearest_the_diagonal():
+  t, bq, bk = 64, 16, 16
+  slash = jnp.asarray([[[0, 20, 45]]], jnp.int32)   # last block [48, 63]: keys 48-63, 28-43, 3-18
+  vert = jnp.asarray([[[60, 2, 33, 5, 9]]], jnp.int32)
+  ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 2, 2)
+  c, lo, hi = int(ranges.count[0, 0, 3]), np.asarray(ranges.start)[0, 0, 3], np.asarray(ranges.end)[0, 0, 3]
+  assert c == 2 and list(zip(lo, hi)) == [(28, 44), (48, 64)]
+  assert list(np.asarray(cols.index)[0, 0, 3][:int(cols.count[0, 0, 3])]) == [2, 5]  # lowest first
+
+
+def _random_ranges(rng, b, h, t, bq, bk, m):
+  """Arbitrary user ranges: overlapping, too long (cut to block_k), empty, out of range, garbage past count."""
+  nq = -(-t // bq)
+  start = rng.integers(-bk, t + bk, (b, h, nq, m)).astype(np.int32)
+  end = start + rng.integers(-2, 2 * bk, (b, h, nq, m)).astype(np.int32)
+  count = rng.integers(0, m + 1, (b, h, nq)).astype(np.int32)
+  return KeyRanges(jnp.asarray(count), jnp.asarray(start), jnp.asarray(end), bq, bk)
+
+
+@pytest.mark.parametrize("t,h,kh,d,bq,bk,dtype,with_cols", [
+    (100, 4, 1, 64, 16, 32, "float32", True),
+    (64, 2, 2, 128, 32, 16, "float32", False),
+    (90, 8, 2, 64, 16, 16, "bfloat16", True),
+])
+def test_kernel_on_arbitrary_ranges_matches_oracle(t, h, kh, d, bq, bk, dtype, with_cols):
+  rng = np.random.default_rng(t + h + bq)
+  b = 2
+  q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
+  ranges = _random_ranges(rng, b, h, t, bq, bk, 6)
+  cols = None
+  if with_cols:
+    nq = -(-t // bq)
+    cols = Columns(jnp.asarray(rng.integers(0, 9, (b, h, nq)), jnp.int32),
+                   jnp.asarray(rng.integers(-3, t + 3, (b, h, nq, 8)), jnp.int32))
+  out, lse = block_sparse_attention(q, k, v, ranges, scale=d ** -0.5, columns=cols, interpret=True, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
+  assert_matches_oracle("ranges", out, lse, ref, ref_lse, dtype)
+
+
+def test_kernel_on_vertical_slash_ranges_matches_oracle():
+  rng = np.random.default_rng(5)
+  b, t, h, kh, d = 1, 128, 4, 2, 64
+  vert, slash = _pattern(rng, b, h, t, 9, 6)
+  ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, 32, 32, 12, 16)
+  q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
+  out, lse = block_sparse_attention(q, k, v, ranges, scale=0.125, columns=cols, column_chunk=16,
+                                    interpret=True, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=0.125, columns=cols)
+  assert_matches_oracle("vs ranges", out, lse, ref, ref_lse, "float32")
+
+
+def test_bad_ranges_raise():
+  q = jnp.ones((1, 32, 2, 64), jnp.float32)
+  r = KeyRanges(jnp.ones((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 3), jnp.int32),
+                jnp.zeros((1, 2, 2, 4), jnp.int32), 16, 16)
+  with pytest.raises(ValueError, match=r"ranges.end must have shape \(1, 2, 2, 3\)"):
+    block_sparse_attention(q, q, q, r, scale=0.1, interpret=True)
+  r = KeyRanges(jnp.ones((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 3), jnp.float32),
+                jnp.zeros((1, 2, 2, 3), jnp.int32), 16, 16)
+  with pytest.raises(ValueError, match="ranges.start must be an integer array"):
+    block_sparse_attention(q, q, q, r, scale=0.1, interpret=True)
+  with pytest.raises(ValueError, match="max_ranges must be a static int"):
+    vertical_slash_to_ranges(jnp.ones((1, 1, 2), jnp.int32), jnp.ones((1, 1, 2), jnp.int32), 64, 16, 16, 0, 4)
+
+
+@pytest.mark.gpu
+def test_vertical_slash_ranges_gpu_long():
+  rng = np.random.default_rng(0)
+  b, t, h, kh, d = 1, 1000, 8, 2, 128
+  vert, slash = _pattern(rng, b, h, t, 64, 32)
+  ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, 64, 64, 48, 64)
+  q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
+  out, lse = block_sparse_attention(q, k, v, ranges, scale=d ** -0.5, columns=cols, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
+  assert_matches_oracle("vs ranges gpu", out, lse, ref, ref_lse, "bfloat16")
+  r2 = _random_ranges(rng, b, h, t, 64, 64, 10)
+  out, lse = block_sparse_attention(q, k, v, r2, scale=d ** -0.5, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, r2, scale=d ** -0.5, out_dtype=jnp.float32)
+  assert_matches_oracle("random ranges gpu", out, lse, ref, ref_lse, "bfloat16")
