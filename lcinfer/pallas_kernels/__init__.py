@@ -15,6 +15,7 @@ from lcinfer.pallas_kernels import flash_triton  # noqa: F401  (registers "flash
 from lcinfer.pallas_kernels.reference import block_sparse_reference  # noqa: F401
 from lcinfer.pallas_kernels.sparse_index import (BlockSparse, Columns, blocks_from_mask,  # noqa: F401
                                                  vertical_slash_to_layout)
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges  # noqa: F401
 from lcinfer.pallas_kernels import block_sparse  # noqa: F401  (registers "block_sparse_attention")
 from lcinfer.pallas_kernels import decode  # noqa: F401  (registers "decode_attention")
 from lcinfer.pallas_kernels.decode import decode_attention, decode_reference  # noqa: F401
@@ -25,4 +26,5 @@ from lcinfer.pallas_kernels.decode_quant import (quantized_decode_attention,  # 
 
 __all__ = ["attention_reference", "dispatch", "flash_triton", "block_sparse", "block_sparse_reference",
            "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode", "decode_attention", "decode_reference",
-           "quant", "quantized_decode_attention", "quantized_decode_reference", "tpu_block_sparse"]
+           "quant", "quantized_decode_attention", "quantized_decode_reference", "tpu_block_sparse",
+           "KeyRanges", "vertical_slash_to_ranges"]
