@@ -334,6 +334,30 @@ def run_decode(args, rows, copy_gbs, configs=None):
         r["x_bf16_time"] = r["ms"] / bf16_ms
 
 
+def run_quant_tune(args, rows):
+  """int4 KIVI-style cache: block_k x splits x warps of the quantized flash-decoding kernel."""
+  b, kh, h, c, d = 1, args.gqa_kv_heads, args.heads, args.decode_len, 128
+  ks = jax.random.split(jax.random.key(6), 3)
+  q = rand(ks[0], (b, 1, h, d))
+  kq = quant.quantize(rand(ks[1], (b, kh, c, d)), bits=4, axis="channel", group=min(64, c),
+                      scale_dtype=jnp.bfloat16)
+  vq = quant.quantize(rand(ks[2], (b, kh, c, d)), bits=4, axis="token", group=d, scale_dtype=jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, kh, c))
+  qp = jnp.full((b, 1), c - 1, jnp.int32)
+  nbytes = quant.nbytes(kq) + quant.nbytes(vq)
+  for bk in (64, 128, 256):
+    for n in (32, 64):
+      for w in (4, 8):
+        cfg = dict(block_k=min(bk, c), num_splits=n, num_warps=w)
+
+        def f(q, kq, vq, pos, qp, cfg=cfg):
+          return quantized_decode_attention(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke, **cfg)[0]
+        r = attempt(rows, f"decode int4 {cfg} C={c}", lambda: bench(f, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
+        r.update(section="tune_decode", C=c, cache="int4")
+        if "ms" in r:
+          r["GB/s"] = nbytes / (r["ms"] * 1e-3) / 1e9
+
+
 # -- flash tuning ---------------------------------------------------------------------------------
 def run_flash_tune(args, rows):
   b, h, d = 1, args.heads, 128
@@ -514,6 +538,7 @@ def main(argv=None) -> int:
             for n in (16, 32) for bk, w, st in ((64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 2, 3),
                                                 (256, 4, 2), (256, 8, 2))]
     run_decode(args, rows, copy_gbs, configs=cfgs)
+    run_quant_tune(args, rows)
   save(rows)
   print(markdown(info, rows, command))
   return 0

@@ -72,6 +72,10 @@ CASES = [
     ("bf16_int4_residual_window", 2, 2, 128, 16, 2, 128, "bfloat16", (4, "channel", 32), (4, "token", 128),
      dict(residual=32, window=50, holes=True)),
     ("bf16_int2", 1, 1, 256, 4, 1, 64, "bfloat16", (2, "channel", 64), (2, "token", 16), dict()),
+    # blocks longer than the per-channel token groups: each key's scale row is gathered
+    ("groups_shorter_than_block", 1, 2, 128, 4, 1, 64, "float32", (4, "channel", 16), (4, "channel", 32),
+     dict(block_k=64, num_splits=2)),
+    ("default_blocks_bf16", 1, 1, 512, 8, 2, 128, "bfloat16", (4, "channel", 32), (2, "token", 128), dict()),
 ]
 
 

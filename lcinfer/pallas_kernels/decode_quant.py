@@ -18,7 +18,8 @@ every block load):
     (w >= 16 for tl.dot: token groups of at least 16 channels).
   * Dequantization code * scale + zero happens in float32 right after the load, then the operands
     go to the MMA in q's dtype. Per-token scales are [block_k, 1] slices; per-channel scales one
-    [1, w] row per token group (block_k divides the group).
+    [1, w] row when the block lies in one token group, else each key's row gathered ([block_k, w]).
+  * A block holds 16 / bits times the keys of the bf16 kernel's block (the same bytes per step).
   * The residual window runs through `decode.decode_attention` and merges by lse.
 """
 
@@ -70,10 +71,12 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
       codes = codes >> shift
     if bits < 8:
       codes = codes & ((1 << bits) - 1)
-    if axis == "token":     # [block_k, 1]: one scale per token for this channel group
+    if axis == "token":           # [block_k, 1]: one scale per token for this channel group
       idx = (pl.ds(start, block_k), pl.ds(c0 // group, 1))
-    else:                   # [1, w]: the token group's per-channel scales (block_k divides group)
+    elif group % block_k == 0:    # [1, w]: the block lies in one token group
       idx = (pl.ds(lax.div(start, group), 1), pl.ds(c0, w))
+    else:                         # [block_k, w]: each key's group row, gathered (cache-resident)
+      idx = (lax.div(start + jnp.arange(block_k, dtype=jnp.int32), group), pl.ds(c0, w))
     sc = s_ref[idx].astype(jnp.float32)
     zr = z_ref[idx].astype(jnp.float32)
     return (codes.astype(jnp.float32) * sc + zr).astype(cdt)
@@ -208,12 +211,13 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
     raise dispatch.Unsupported("the quantized flash-decoding kernel needs a CUDA GPU; pass "
                                "interpret=True to run it on CPU")
   splits, bk, warps, stages = pick_config(dev, b, kh, c, d)
-  block_k = bk if block_k is None else block_k
-  for qt in (k_q, v_q):  # a block must not straddle a token group of per-channel scales
-    while qt.axis == "channel" and block_k > MIN_BLOCK and qt.group % block_k:
+  if block_k is None:  # the same bytes per block as the bf16 kernel's: 16 / bits times the keys
+    block_k = bk * 16 // min(k_q.bits, v_q.bits)
+    block_k = max(MIN_BLOCK, min(block_k, 256, _next_pow2(c)))
+    while block_k > MIN_BLOCK and c % block_k:
       block_k //= 2
-  if c % block_k or any(qt.axis == "channel" and qt.group % block_k for qt in (k_q, v_q)):
-    raise dispatch.Unsupported(f"no block size >= {MIN_BLOCK} divides C = {c} and the token groups")
+  if c % block_k:
+    raise dispatch.Unsupported(f"block_k {block_k} does not divide C = {c} (C must be a multiple of 16)")
   if num_splits is None:
     num_splits = max(1, min(splits, c // block_k))
   out = _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=float(scale), window=window,
