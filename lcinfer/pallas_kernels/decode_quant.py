@@ -16,10 +16,10 @@ every block load):
     [r0, r0 + w) shifted by i * bits, so every piece is a static ref slice + shift + mask; the
     logits are the sum over pieces of q[:, piece] . k_piece^T, and the values accumulate per piece
     (w >= 16 for tl.dot: token groups of at least 16 channels).
-  * Dequantization code * scale + zero happens in float32 right after the load, then the operands
-    go to the MMA in q's dtype. Per-token scales are [block_k, 1] slices; per-channel scales one
-    [1, w] row when the block lies in one token group, else each key's row gathered ([block_k, w]).
-  * A block holds 16 / bits times the keys of the bf16 kernel's block (the same bytes per step).
+  * Codes go to the MMA as small integers in q's dtype (exact); the scales are applied outside the
+    products where the algebra allows: q . (c s + z) = (q s) . c + q . z for a row of per-channel
+    scales, s_t (q . c_t) + z_t sum(q) for per-token scales, and likewise for p @ V. Only a block
+    that spans several per-channel token groups dequantizes element-wise (rows gathered).
   * The residual window runs through `decode.decode_attention` and merges by lse.
 """
 
@@ -63,36 +63,65 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
   k_pieces, v_pieces = k_layout[3], v_layout[3]
   q_parts = [q_ref[:, pl.ds(c0, w)] for c0, w, _, _ in k_pieces]
 
-  def load(c_ref, s_ref, z_ref, layout, piece, start):
-    bits, axis, group, _ = layout
-    c0, w, r0, shift = piece
+  def dot(a, b, dims):
+    return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+  def codes_of(c_ref, layout, piece, start):
+    bits, (c0, w, r0, shift) = layout[0], piece
     codes = c_ref[pl.ds(start, block_k), pl.ds(r0, w)]
     if shift:
       codes = codes >> shift
     if bits < 8:
       codes = codes & ((1 << bits) - 1)
-    if axis == "token":           # [block_k, 1]: one scale per token for this channel group
-      idx = (pl.ds(start, block_k), pl.ds(c0 // group, 1))
-    elif group % block_k == 0:    # [1, w]: the block lies in one token group
-      idx = (pl.ds(lax.div(start, group), 1), pl.ds(c0, w))
-    else:                         # [block_k, w]: each key's group row, gathered (cache-resident)
-      idx = (lax.div(start + jnp.arange(block_k, dtype=jnp.int32), group), pl.ds(c0, w))
-    sc = s_ref[idx].astype(jnp.float32)
-    zr = z_ref[idx].astype(jnp.float32)
-    return (codes.astype(jnp.float32) * sc + zr).astype(cdt)
+    return codes.astype(cdt)  # small integers: exact in bf16
+
+  def scales(s_ref, z_ref, layout, piece, start):
+    """('token', s [bk], z [bk]) | ('row', s [1, w], z [1, w]) | ('each', s [bk, w], z [bk, w])."""
+    _, axis, group, _ = layout
+    c0, w = piece[:2]
+    if axis == "token":           # one scale per key for this channel group
+      idx, mode = (pl.ds(start, block_k), c0 // group), "token"
+    elif group % block_k == 0:    # the block lies in one token group: one row of channel scales
+      idx, mode = (pl.ds(lax.div(start, group), 1), pl.ds(c0, w)), "row"
+    else:                         # each key's group row, gathered (cache-resident)
+      idx, mode = (lax.div(start + jnp.arange(block_k, dtype=jnp.int32), group), pl.ds(c0, w)), "each"
+    return mode, s_ref[idx].astype(jnp.float32), z_ref[idx].astype(jnp.float32)
 
   def body(j, carry):
     start = pl.multiple_of(base + j * block_k, block_k)
     s = None
     for qp, piece in zip(q_parts, k_pieces):
-      part = osm.logits(qp, load(kc_ref, ks_ref, kz_ref, k_layout, piece, start), qk_scale, precision)
+      codes = codes_of(kc_ref, k_layout, piece, start)
+      mode, sc, zr = scales(ks_ref, kz_ref, k_layout, piece, start)
+      qf = qp.astype(jnp.float32)
+      if mode == "row":    # q . (c * s + z) = (q * s) . c + q . z
+        part = dot((qf * sc).astype(cdt), codes, ((1,), (1,))) + jnp.sum(qf * zr, axis=1)[:, None]
+      elif mode == "token":  # per key: s_t (q . c_t) + z_t sum(q)
+        part = dot(qp, codes, ((1,), (1,))) * sc[None, :] + jnp.sum(qf, axis=1)[:, None] * zr[None, :]
+      else:
+        part = dot(qp, (codes.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (1,)))
       s = part if s is None else s + part
-    vs = tuple(load(vc_ref, vs_ref, vz_ref, v_layout, piece, start) for piece in v_pieces)
+    s = s * qk_scale
+
+    def pv(p):  # p [R, bk] float32 -> p @ V per piece, V's scales applied outside the product
+      outs = []
+      for piece in v_pieces:
+        codes = codes_of(vc_ref, v_layout, piece, start)
+        mode, sc, zr = scales(vs_ref, vz_ref, v_layout, piece, start)
+        if mode == "token":   # sum_t p_t (s_t c_t + z_t) = (p * s) @ c + p . z
+          outs.append(dot((p * sc[None, :]).astype(cdt), codes, ((1,), (0,)))
+                      + jnp.sum(p * zr[None, :], axis=1)[:, None])
+        elif mode == "row":   # per channel: s_c (p @ c) + z_c sum(p)
+          outs.append(dot(p.astype(cdt), codes, ((1,), (0,))) * sc + jnp.sum(p, axis=1)[:, None] * zr)
+        else:
+          outs.append(dot(p.astype(cdt), (codes.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (0,))))
+      return tuple(outs)
+
     k_pos = pos_ref[pl.ds(start, block_k)]
     mask = (k_pos[None, :] >= 0) & (q_pos[:, None] >= 0) & (k_pos[None, :] <= q_pos[:, None])
     if window is not None:
       mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
-    return osm.update(carry, s, vs, mask, precision)
+    return osm.update(carry, s, pv, mask, precision)
 
   n = jnp.minimum(blocks_per_split, num_blocks - split * blocks_per_split)
   rows = q_ref.shape[0]
@@ -211,11 +240,8 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
     raise dispatch.Unsupported("the quantized flash-decoding kernel needs a CUDA GPU; pass "
                                "interpret=True to run it on CPU")
   splits, bk, warps, stages = pick_config(dev, b, kh, c, d)
-  if block_k is None:  # the same bytes per block as the bf16 kernel's: 16 / bits times the keys
-    block_k = bk * 16 // min(k_q.bits, v_q.bits)
-    block_k = max(MIN_BLOCK, min(block_k, 256, _next_pow2(c)))
-    while block_k > MIN_BLOCK and c % block_k:
-      block_k //= 2
+  if block_k is None:  # the bf16 kernel's block (H100 sweep: int4 at 64 keys beat 128 and 256)
+    block_k = bk
   if c % block_k:
     raise dispatch.Unsupported(f"block_k {block_k} does not divide C = {c} (C must be a multiple of 16)")
   if num_splits is None:

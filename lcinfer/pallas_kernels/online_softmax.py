@@ -19,7 +19,8 @@ LN2 = math.log(2.0)
 def init(rows: int, d):
   """(acc [rows, d], m [rows], l [rows]) in float32 before any key. d may be a tuple of widths:
   then acc is a tuple of [rows, w] accumulators (values kept in channel pieces, e.g. unpacked from
-  quantized codes), and `update` takes v as a matching tuple."""
+  quantized codes), and `update` takes v as a matching tuple, or as a function p -> the tuple of
+  [rows, w] float32 products p @ V (so that V's scales can be applied outside the product)."""
   acc = (tuple(jnp.zeros((rows, w), jnp.float32) for w in d) if isinstance(d, tuple)
          else jnp.zeros((rows, d), jnp.float32))
   return acc, jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32)
@@ -45,7 +46,10 @@ def update(carry, s, v, mask, precision):
   def pv(a, vv):
     return a * alpha[:, None] + lax.dot_general(p.astype(vv.dtype), vv, (((1,), (0,)), ((), ())),
                                                 precision=precision, preferred_element_type=jnp.float32)
-  acc = tuple(pv(a, vv) for a, vv in zip(acc, v)) if isinstance(acc, tuple) else pv(acc, v)
+  if callable(v):  # v(p) -> the [R, w] float32 contributions p @ V of each piece (quantized V)
+    acc = tuple(a * alpha[:, None] + c for a, c in zip(acc, v(p)))
+  else:
+    acc = tuple(pv(a, vv) for a, vv in zip(acc, v)) if isinstance(acc, tuple) else pv(acc, v)
   return acc, m_next, l_next
 
 
