@@ -138,7 +138,8 @@ def _mosaic_attention(q, k, v, scale):
 
 
 def _default_dense(h, d, scale):
-  """lcinfer's default prefill attention ("auto") for a model with these heads."""
+  """lcinfer's default prefill attention ("auto") for a model with these heads, called as a model
+  layer calls it (need_lse=False: the layer drops lse)."""
   import lcinfer
   from lcinfer import attention
 
@@ -150,7 +151,7 @@ def _default_dense(h, d, scale):
 
   def f(q, k, v):
     pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
-    return method.prefill(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, scale=scale)[0]
+    return method.prefill(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, scale=scale, need_lse=False)[0]
   f.method = method.name
   return f
 
@@ -249,10 +250,10 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
       vert, sl = vs_pattern(rng, s, h, min(nv, s), min(ns, s))
       density = vs_density(vert, sl, s)
       vj, sj = jnp.asarray(vert), jnp.asarray(sl)
-      variants = [("ranges", 64, 64), ("ranges", 128, 128)]
+      variants = [("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("ranges", 128, 128, 64)]
       if kh == h:
-        variants.append(("aligned blocks", args.vs_block, args.vs_block))
-      for kind, bq, bk in variants:
+        variants.append(("aligned blocks", args.vs_block, args.vs_block, 32))
+      for kind, bq, bk, chunk in variants:
         max_cols = max(32, -(-nv // 32) * 32)
         if kind == "ranges":  # the near run in block_k pieces, one piece per far slash
           build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
@@ -263,14 +264,14 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
                                     max_blocks=-(-max(ns - 50, 1) // bk) + 2 * min(50, ns) + 2,
                                     max_cols=max_cols)
 
-        def f(q, k, v, vert, sl, build=build):
+        def f(q, k, v, vert, sl, build=build, chunk=chunk):
           layout, cols = build(vert, sl)
-          return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, columns=cols,
+          return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, columns=cols, column_chunk=chunk,
                                         interpret=args.smoke)[0]
-        r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} (v={nv}, s={ns}) K={kh} S={s}",
+        r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} cols/{chunk} (v={nv}, s={ns}) K={kh} S={s}",
                     lambda: bench(f, q, k, v, vj, sj, reps=args.reps))
         r.update(section="vertical_slash", S=s, v=nv, s=ns, kv_heads=kh, density=density, layout=kind,
-                 block=f"{bq}x{bk}", minference_ms=MINFERENCE_MS.get((nv, ns)))
+                 block=f"{bq}x{bk} cols/{chunk}", minference_ms=MINFERENCE_MS.get((nv, ns)))
         if "ms" in r:
           try:
             r["index_ms"] = bench(build, vj, sj, reps=args.reps)["ms"]

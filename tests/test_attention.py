@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,3 +123,22 @@ def test_cudnn_matches_dense_reference_on_gpu(window):
   rel = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
   assert rel < 1e-2, rel
   np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=0.05)
+  # a model layer drops lse: the inference kernel (no softmax statistics), same output
+  fast, none = cud.prefill(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, scale=d ** -0.5, window=window, need_lse=False)
+  assert none is None
+  np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(out, np.float32), atol=2e-2)
+
+
+def test_need_lse_false_is_accepted_by_every_method():
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(x) for x in _qkv(rng, 1, 8, 8, 4, 2, 64))
+  pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 8))
+  ref, _ = DENSE.prefill(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, scale=0.125)
+  for name in attention.available():
+    method = attention.get(name)
+    if name == "flash":
+      method = type(method)(interpret=True)
+    elif name == "cudnn" and not any(dv.platform == "gpu" for dv in jax.devices()):
+      continue
+    out, _ = method.prefill(q, k, v, q_pos_BT=pos, kv_pos_BS=pos, scale=0.125, need_lse=False)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6, err_msg=name)

@@ -34,8 +34,10 @@ class AttentionMethod(Protocol):
     """None if this method can run `phase` for `config` on `mesh`, else the reason it cannot."""
 
   def prefill(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, scale: float,
-              window: int | None = None, q_seg_BT=None, kv_seg_BS=None):
-    """Attention of fresh queries over fresh keys (same call). Returns (out_BTHD, lse_BTH)."""
+              window: int | None = None, q_seg_BT=None, kv_seg_BS=None, need_lse: bool = True):
+    """Attention of fresh queries over fresh keys (same call). Returns (out_BTHD, lse_BTH).
+    need_lse=False: the caller drops lse (a model layer), so a method may skip computing it and
+    return None in its place (cuDNN's softmax statistics cost 3-8% of a long prefill)."""
 
   def decode(self, q_BTHD, k_BKCD, v_BKCD, *, q_pos_BT, kv_pos_BKC, scale: float,
              window: int | None = None):

@@ -44,7 +44,8 @@ class DenseAttention:
     return None
 
   def prefill(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, scale, window=None,
-              q_seg_BT=None, kv_seg_BS=None):
+              q_seg_BT=None, kv_seg_BS=None, need_lse=True):
+    del need_lse  # lse comes at no extra cost here
     b, t, h, d = q_BTHD.shape
     kh = k_BSKD.shape[2]
     q = base.split_heads_gqa(q_BTHD, kh)

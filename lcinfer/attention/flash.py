@@ -62,7 +62,8 @@ class FlashAttention:
     return None
 
   def prefill(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, scale, window=None,
-              q_seg_BT=None, kv_seg_BS=None):
+              q_seg_BT=None, kv_seg_BS=None, need_lse=True):
+    del need_lse  # lse comes at no extra cost here
     t, s = q_BTHD.shape[1], k_BSKD.shape[1]
     if t != s:
       return DENSE.prefill(q_BTHD, k_BSKD, v_BSKD, q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS, scale=scale,

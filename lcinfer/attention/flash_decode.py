@@ -50,7 +50,8 @@ class FlashDecode:
     return None
 
   def prefill(self, q_BTHD, k_BSKD, v_BSKD, *, q_pos_BT, kv_pos_BS, scale, window=None,
-              q_seg_BT=None, kv_seg_BS=None):
+              q_seg_BT=None, kv_seg_BS=None, need_lse=True):
+    del need_lse  # lse comes at no extra cost here
     return DENSE.prefill(q_BTHD, k_BSKD, v_BSKD, q_pos_BT=q_pos_BT, kv_pos_BS=kv_pos_BS, scale=scale,
                          window=window, q_seg_BT=q_seg_BT, kv_seg_BS=kv_seg_BS)
 

@@ -58,7 +58,7 @@ class Attention(nnx.Module):
       layer_cache = layer_cache.write(k, v, pos_BT, slot)
     if fresh:
       out, _ = attention.prefill(q, k, v, q_pos_BT=pos_BT, kv_pos_BS=pos_BT, scale=scale, window=window,
-                                 q_seg_BT=seg_BT, kv_seg_BS=seg_BT)
+                                 q_seg_BT=seg_BT, kv_seg_BS=seg_BT, need_lse=False)
     else:
       out, _ = attention.decode(q, layer_cache.k, layer_cache.v, q_pos_BT=pos_BT, kv_pos_BKC=layer_cache.pos,
                                 scale=scale, window=window)
