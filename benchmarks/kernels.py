@@ -416,7 +416,8 @@ def markdown(info, rows, command) -> str:
          f"- device: {info.get('nvidia_smi') or info['device']}; {info['date']}",
          f"- jax {info['jax']}, jaxlib {info.get('jaxlib')}, {info.get('cuda_plugin')}, Python {info['python']}",
          f"- command: `{command}`",
-         "- timing: compiled once (compile time apart), warm-up, median of the runs; fresh random bf16 inputs", ""]
+         "- timing: compiled once (compile time apart), warm-up, then the median of 7 samples (20 for decode),",
+         "  each a burst of back-to-back calls (~20 ms) ended by one sync; fresh random bf16 inputs", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:
