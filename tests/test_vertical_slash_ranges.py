@@ -59,8 +59,11 @@ def test_index_is_exactly_the_union_of_slash_ranges_plus_columns(t, bq, bk):
     # merged: a run of adjacent keys is cut into block_k pieces, so the count is minimal
     runs = sum(1 for kk in want if kk - 1 not in want)
     assert cnt[i] <= runs + len(want) // bk
-    cs = list(cidx[i][:ccnt[i]])
-    assert cs == sorted({c for c in vert[i[:2]] if 0 <= c <= q1 and c not in want})
+    # one sorted list per head; the block's prefix is every vertical up to its last row (those
+    # inside a range are masked by the kernel, not dropped here)
+    assert cidx.shape[2] == 1
+    cs = list(cidx[i[0], i[1], 0][:ccnt[i]])
+    assert cs == sorted({c for c in vert[i[:2]] if 0 <= c <= q1})
 
 
 def test_truncation_keeps_the_ranges_nearest_the_diagonal():
@@ -70,7 +73,7 @@ def test_truncation_keeps_the_ranges_nearest_the_diagonal():
   ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 2, 2)
   c, lo, hi = int(ranges.count[0, 0, 3]), np.asarray(ranges.start)[0, 0, 3], np.asarray(ranges.end)[0, 0, 3]
   assert c == 2 and list(zip(lo, hi)) == [(28, 44), (48, 64)]
-  assert list(np.asarray(cols.index)[0, 0, 3][:int(cols.count[0, 0, 3])]) == [2, 5]  # lowest first
+  assert list(np.asarray(cols.index)[0, 0, 0][:int(cols.count[0, 0, 3])]) == [2, 5]  # lowest first
 
 
 def _random_ranges(rng, b, h, t, bq, bk, m):
@@ -112,6 +115,22 @@ def test_kernel_on_vertical_slash_ranges_matches_oracle():
                                     interpret=True, _poison=NAN)
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=0.125, columns=cols)
   assert_matches_oracle("vs ranges", out, lse, ref, ref_lse, "float32")
+
+
+def test_shared_column_list_with_garbage_matches_oracle():
+  """A shared per-head list, unsorted, with repeats and out-of-range entries, and per-block prefix
+  counts: block qb attends entries j < count[qb]; repeats count once; columns inside a range once."""
+  rng = np.random.default_rng(11)
+  b, t, h, kh, d, bq, bk = 1, 96, 2, 1, 64, 32, 16
+  q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
+  ranges = _random_ranges(rng, b, h, t, bq, bk, 4)
+  idx = rng.integers(-5, t + 5, (b, h, 1, 12)).astype(np.int32)
+  idx[0, 0, 0, 3] = idx[0, 0, 0, 1]
+  cols = Columns(jnp.asarray([[[2, 7, 12]] * h], jnp.int32), jnp.asarray(idx))
+  out, lse = block_sparse_attention(q, k, v, ranges, scale=0.125, columns=cols, column_chunk=16,
+                                    interpret=True, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=0.125, columns=cols)
+  assert_matches_oracle("shared cols", out, lse, ref, ref_lse, "float32")
 
 
 def test_bad_ranges_raise():

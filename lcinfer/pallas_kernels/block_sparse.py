@@ -21,7 +21,10 @@ out-of-range entries ignored). Design:
     (block_k keys left of the diagonal, not the padded tail; listed first) run without masks; the
     rest get the range, causal and tail masks by index (lengths padded in the wrapper).
   * Then the columns, `column_chunk` at a time: K/V rows gathered by index (`k_ref[cols, :]`),
-    entries beyond the column count masked, merged into the same online softmax.
+    entries beyond the column count and columns inside a listed range masked (the check runs in
+    the kernel against the query block's range list), merged into the same online softmax. A
+    column list may be per query block or one sorted list per head (index [B, H, 1, n]) of which
+    each query block takes the prefix up to its last row.
   * A query that sees nothing: out = 0, lse = -inf.
 Blocks must be powers of two >= 16 (Triton tiles); head_dim 64 or 128.
 """
@@ -87,13 +90,17 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, s_padded, has_cols,
 
   if has_cols:
     ccount = meta_ref[1]
+    lo_all, hi_all = lo_ref[...], hi_ref[...]  # [mb]; slots past the count are empty [0, 0)
 
     def col_body(c, carry):
       off = c * col_chunk
       slot = off + jnp.arange(col_chunk, dtype=jnp.int32)
       cols = col_ref[pl.ds(pl.multiple_of(off, col_chunk), col_chunk)]
-      ok = slot < ccount
-      cols = jnp.where(ok, cols, 0)  # canonicalized: in range; beyond the count: row 0, masked
+      ok = (slot < ccount) & (cols >= 0)  # -1: a dropped entry of a shared list
+      cols = jnp.where(ok, cols, 0)       # canonicalized: in range; masked entries read row 0
+      # a column inside a listed range is already counted there
+      inside = (cols[:, None] >= lo_all[None, :]) & (cols[:, None] < hi_all[None, :])
+      ok = ok & (jnp.max(inside.astype(jnp.int32), axis=1) == 0)
       k = k_ref[cols, :]
       v = v_ref[cols, :]
       mask = jnp.broadcast_to(ok[None, :], (block_q, col_chunk))
@@ -140,6 +147,8 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   def pad_last(x, n):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
 
+  listed = jnp.arange(lo.shape[-1]) < count[..., None]
+  lo, hi = jnp.where(listed, lo, 0), jnp.where(listed, hi, 0)  # slots past the count: empty
   mb = _next_pow2(max(1, lo.shape[-1]))
   ccount = columns.count if has_cols else jnp.zeros_like(count)
   meta = jnp.stack([count, ccount, n_whole], axis=-1).astype(jnp.int32)   # [B, H, nq, 3]
@@ -155,7 +164,9 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   if has_cols:
     mc = pl.cdiv(max(1, columns.max_cols), col_chunk) * col_chunk
     args.append(pad_last(columns.index, mc))
-    in_specs.append(pl.BlockSpec((None, None, None, mc), lambda i, bi, hi: (bi, hi, i, 0)))
+    shared = columns.index.shape[2] == 1  # one list per head, a prefix of it per query block
+    in_specs.append(pl.BlockSpec((None, None, None, mc),
+                                 lambda i, bi, hi: (bi, hi, 0 if shared else i, 0)))
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   kernel = functools.partial(

@@ -67,7 +67,7 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
   def codes_of(c_ref, layout, piece, start):
-    bits, (c0, w, r0, shift) = layout[0], piece
+    bits, (_, w, r0, shift) = layout[0], piece
     codes = c_ref[pl.ds(start, block_k), pl.ds(r0, w)]
     if shift:
       codes = codes >> shift

@@ -47,9 +47,11 @@ class BlockSparse:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Columns:
-  """Per (batch, head, query block): gathered key columns (the vertical part of vertical-slash)."""
+  """Per (batch, head, query block): gathered key columns (the vertical part of vertical-slash).
+  index [B, H, 1, n] is one list per head shared by the query blocks: block qb takes its first
+  count[b, h, qb] entries."""
   count: jax.Array  # [B, H, nq] int32
-  index: jax.Array  # [B, H, nq, max_cols] int32
+  index: jax.Array  # [B, H, nq, max_cols] (or [B, H, 1, max_cols]) int32
 
   @property
   def max_cols(self) -> int:
@@ -82,8 +84,9 @@ def check_layout(layout: BlockSparse, columns: Columns | None, b: int, h: int, t
       raise ValueError(f"columns must be a Columns(count, index) or None, got {type(columns).__name__}")
     _check_int("columns.count", columns.count, (b, h, nq))
     if columns.index.ndim != 4:
-      raise ValueError(f"columns.index must be [B, H, nq, max_cols], got shape {tuple(columns.index.shape)}")
-    _check_int("columns.index", columns.index, (b, h, nq, columns.index.shape[-1]))
+      raise ValueError(f"columns.index must be [B, H, nq or 1, max_cols], got shape {tuple(columns.index.shape)}")
+    rows = columns.index.shape[2] if columns.index.shape[2] == 1 else nq
+    _check_int("columns.index", columns.index, (b, h, rows, columns.index.shape[-1]))
 
 
 def _last_q_row(nq, block_q, t):
@@ -98,15 +101,6 @@ def _sort_dedupe(x, valid, sentinel):
   dup = jnp.concatenate([jnp.zeros_like(x[..., :1], bool), x[..., 1:] == x[..., :-1]], axis=-1)
   x = jnp.sort(jnp.where(dup, sentinel, x), axis=-1)
   return x, jnp.sum(x != sentinel, axis=-1).astype(jnp.int32)
-
-
-def _member_sorted(sorted_rows, queries):
-  """queries[..., i] in sorted_rows[...] (both [..., n] / [..., m]; rows sorted ascending)."""
-  lead = sorted_rows.shape[:-1]
-  f = lambda a, v: a[jnp.clip(jnp.searchsorted(a, v), 0, a.shape[0] - 1)] == v
-  out = jax.vmap(f)(sorted_rows.reshape(-1, sorted_rows.shape[-1]),
-                    queries.reshape(-1, queries.shape[-1]))
-  return out.reshape(*lead, queries.shape[-1])
 
 
 def canonicalize(layout: BlockSparse, columns: Columns | None, t: int, s: int, causal: bool):
@@ -132,10 +126,30 @@ def canonicalize(layout: BlockSparse, columns: Columns | None, t: int, s: int, c
   okc = (jc < columns.count[..., None]) & (cols >= 0) & (cols < s)
   if causal:
     okc = okc & (cols <= last)
-  if blocks.shape[-1]:
-    okc = okc & ~_member_sorted(blocks, jnp.where(okc, cols, 0) // bk)
-  cols, ccount = _sort_dedupe(cols, okc, s)
-  return new_layout, Columns(ccount, jnp.where(cols == s, 0, cols))
+  return new_layout, canonical_columns(columns, last, s, causal)
+
+
+def canonical_columns(columns: Columns, last, s: int, causal: bool) -> Columns:
+  """The kernel's column form, same key sets. A per-query-block list ([B, H, nq, n]) is sorted,
+  duplicate-free and in [0, s), its count causally clipped at the block's last row `last` [nq, 1].
+  A shared list ([B, H, 1, n]) keeps its order (block qb takes the first count[qb] entries), with
+  out-of-range entries and repeats of an earlier entry replaced by -1 (masked in the kernel).
+  Columns inside listed blocks or ranges are left to the kernel, which masks them."""
+  cols = columns.index.astype(jnp.int32)
+  slots = jnp.arange(cols.shape[-1], dtype=jnp.int32)
+  if cols.shape[2] == 1:
+    ok = (cols >= 0) & (cols < s)
+    order = jnp.argsort(jnp.where(ok, cols, s), axis=-1, stable=True)
+    srt = jnp.take_along_axis(jnp.where(ok, cols, s), order, axis=-1)
+    rep = jnp.concatenate([jnp.zeros_like(srt[..., :1], bool), srt[..., 1:] == srt[..., :-1]], axis=-1)
+    rep = jnp.take_along_axis(rep, jnp.argsort(order, axis=-1), axis=-1)  # back to list order
+    cols = jnp.where(ok & ~rep, cols, -1)
+    return Columns(jnp.clip(columns.count, 0, cols.shape[-1]).astype(jnp.int32), cols)
+  okc = (slots < columns.count[..., None]) & (cols >= 0) & (cols < s)
+  if causal:
+    okc = okc & (cols <= last)
+  cols, n = _sort_dedupe(cols, okc, s)
+  return Columns(n, jnp.where(cols == s, 0, cols))
 
 
 def blocks_from_mask(block_mask, max_blocks: int, *, block_q: int, block_k: int) -> BlockSparse:
@@ -173,9 +187,9 @@ def vertical_slash_to_layout(vertical_idx, slash_idx, seq_len: int, block_q: int
   KV blocks [max(q0 - o, 0) // block_k, (q1 - o) // block_k]. These ranges are merged (sorted by
   start; each range minus everything already covered) into a disjoint ascending block list. If it
   is longer than `max_blocks`, the highest blocks (nearest the diagonal) are kept and the lowest
-  dropped. Vertical columns c <= q1 that do not fall in a kept block become gathered columns,
-  duplicate-free, in the order given by vertical_idx (pass them by importance, e.g. top-k order);
-  beyond `max_cols` the later ones are dropped. Block granularity over-covers: every required key
+  dropped. The verticals become gathered columns as in `shared_vertical_columns` (one ascending
+  list per head, the lowest `max_cols` kept; each query block takes those <= q1, and the kernel
+  skips those inside a kept block). Block granularity over-covers: every required key
   {k <= q : k in verticals or q - k in slashes} is attended (unless truncated), plus the other
   keys of the selected blocks (causal). Returns (BlockSparse, Columns). Jittable, no [T, T] array.
   """
@@ -217,28 +231,19 @@ def vertical_slash_to_layout(vertical_idx, slash_idx, seq_len: int, block_q: int
   slot_ok = jnp.arange(max_blocks) < count[..., None]
   blocks = jnp.where(slot_ok, blocks, 0).astype(jnp.int32)
   layout = BlockSparse(count, blocks, block_q, block_k)
-  # -- verticals -> columns not inside a kept block ------------------------------------------------
+  return layout, shared_vertical_columns(vertical_idx, t, q1, max_cols)
+
+
+def shared_vertical_columns(vertical_idx, t: int, q1, max_cols: int) -> Columns:
+  """Vertical lines as one ascending, duplicate-free column list per head (index [B, H, 1, n],
+  n <= max_cols: the lowest kept), of which query block qb takes the prefix of columns <= its last
+  row q1[qb] (q1: [nq, 1]). The kernel skips columns inside the block's listed keys, so nothing
+  per query block is built here beyond the counts."""
   c = vertical_idx.astype(jnp.int32)
-  okv = (c >= 0) & (c < t)
-  # first occurrence of each value (stable sort by value; a duplicate follows its first copy)
-  order = jnp.argsort(jnp.where(okv, c, t), axis=-1, stable=True)
-  sc = jnp.take_along_axis(jnp.where(okv, c, t), order, axis=-1)
-  dup_sorted = jnp.concatenate([jnp.zeros_like(sc[..., :1], bool), sc[..., 1:] == sc[..., :-1]], -1)
-  dup = jnp.zeros_like(dup_sorted).at[
-      jnp.arange(c.shape[0])[:, None, None], jnp.arange(c.shape[1])[None, :, None], order].set(dup_sorted)
-  okv = okv & ~dup
-  cq = jnp.broadcast_to(c[:, :, None, :], c.shape[:2] + (nq, c.shape[-1]))
-  ok = okv[:, :, None, :] & (cq <= q1)
-  sorted_blocks = jnp.where(slot_ok, blocks, jnp.iinfo(jnp.int32).max)
-  sorted_blocks = jnp.sort(sorted_blocks, axis=-1)  # already ascending; sort for safety
-  ok = ok & ~_member_sorted(sorted_blocks, jnp.where(ok, cq, 0) // bk)
-  # order-preserving compaction: valid entries first, in vertical_idx order
-  perm = jnp.argsort(~ok, axis=-1, stable=True)
-  m = min(max_cols, c.shape[-1])
-  perm = perm[..., :m]
-  cols = jnp.take_along_axis(cq, perm, axis=-1)
-  ccount = jnp.minimum(jnp.sum(ok, axis=-1), max_cols).astype(jnp.int32)
-  cols = jnp.where(jnp.arange(m) < ccount[..., None], cols, 0)
-  if m < max_cols:
-    cols = jnp.pad(cols, [(0, 0)] * 3 + [(0, max_cols - m)])
-  return layout, Columns(ccount, cols.astype(jnp.int32))
+  c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
+  rep = jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], axis=-1)
+  c = jnp.sort(jnp.where(rep, t, c), axis=-1)[..., :max_cols]         # ascending; t = no entry
+  count = jax.vmap(lambda row: jnp.searchsorted(row, q1[:, 0], side="right"))(
+      c.reshape(-1, c.shape[-1])).reshape(c.shape[:2] + (q1.shape[0],))
+  return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :])
+

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcinfer.pallas_kernels.sparse_index import Columns, _check_int, _last_q_row
+from lcinfer.pallas_kernels.sparse_index import (Columns, _check_int, _last_q_row, canonical_columns,
+                                                 shared_vertical_columns)
 
 
 @jax.tree_util.register_dataclass
@@ -83,38 +84,12 @@ def ranges_key_mask(ranges: KeyRanges, columns: Columns | None, t: int, s: int, 
   return mask
 
 
-def _inside(lo, hi, count, queries):
-  """queries[..., i] inside one of the disjoint ranges [lo, hi) (the first `count`; lo ascending
-  over the whole row, padding included)."""
-  lead = lo.shape[:-1]
-
-  def one(lo_r, hi_r, n, q_r):
-    p = jnp.searchsorted(lo_r, q_r, side="right") - 1
-    pc = jnp.clip(p, 0, lo_r.shape[0] - 1)
-    return (p >= 0) & (p < n) & (lo_r[pc] <= q_r) & (q_r < hi_r[pc])
-  out = jax.vmap(one)(lo.reshape(-1, lo.shape[-1]), hi.reshape(-1, hi.shape[-1]), count.reshape(-1),
-                      queries.reshape(-1, queries.shape[-1]))
-  return out.reshape(*lead, queries.shape[-1])
-
-
-def _compact(values, ok, width: int):
-  """Order-preserving compaction of each row: the ok entries first (cumsum + scatter, no sort),
-  then zeros; at most `width` kept. Returns ([..., width], count)."""
-  lead, n = values.shape[:-1], values.shape[-1]
-  pos = jnp.cumsum(ok, axis=-1) - 1
-  tgt = jnp.where(ok & (pos < width), pos, width)
-
-  def one(v, t_):
-    return jnp.zeros((width,), values.dtype).at[t_].set(v, mode="drop")
-  out = jax.vmap(one)(values.reshape(-1, n), tgt.reshape(-1, n)).reshape(*lead, width)
-  return out, jnp.minimum(jnp.sum(ok, axis=-1), width).astype(jnp.int32)
-
-
 def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool):
   """The kernel's form, same key set: (lo, hi, count, n_whole, columns) with ranges clipped, sorted,
   disjoint (each minus what earlier ones cover), empty ones dropped, and ordered so that the n_whole
   ranges every row of the query block sees whole (block_k keys at or before its first row) come
-  first; columns duplicate-free, inside no range, causal. Cost: sorts of each list."""
+  first; columns as `sparse_index.canonical_columns` (the kernel masks those inside a range).
+  Cost: sorts of each list."""
   bq, bk = ranges.block_q, ranges.block_k
   nq = ranges.count.shape[-1]
   last = _last_q_row(nq, bq, t)[:, None]
@@ -130,18 +105,7 @@ def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: i
   ok = lo < hi
   count = jnp.sum(ok, axis=-1).astype(jnp.int32)
   lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
-  new_cols = None
-  if columns is not None:
-    cols = columns.index.astype(jnp.int32)
-    okc = (jnp.arange(cols.shape[-1]) < columns.count[..., None]) & (cols >= 0) & (cols < s)
-    if causal:
-      okc = okc & (cols <= last)
-    okc = okc & ~_inside(lo, hi, count, jnp.where(okc, cols, 0))
-    cols = jnp.sort(jnp.where(okc, cols, s), axis=-1)
-    dup = jnp.concatenate([jnp.zeros_like(cols[..., :1], bool), cols[..., 1:] == cols[..., :-1]], -1)
-    cols = jnp.sort(jnp.where(dup, s, cols), axis=-1)
-    ccount = jnp.sum(cols < s, axis=-1).astype(jnp.int32)
-    new_cols = Columns(ccount, jnp.where(cols < s, cols, 0))
+  new_cols = None if columns is None else canonical_columns(columns, last, s, causal)
   valid = jnp.arange(lo.shape[-1]) < count[..., None]
   whole = valid & (hi - lo == bk)
   if causal:
@@ -164,10 +128,12 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   For query block [q0, q1] a slash o covers keys [max(q0 - o, 0), q1 - o] (nothing if q1 < o).
   Sorted by start, these ranges merge into disjoint runs (overlapping or adjacent ones join), and
   each run is cut into block_k-long ranges. If there are more than `max_ranges`, the ones nearest
-  the diagonal are kept. Vertical columns at or before q1 outside every kept range become the
-  gathered columns, in ascending order; beyond `max_cols` the highest are dropped. Every required
-  key {k <= q : k a vertical or q - k a slash} is attended (unless truncated), plus the other keys
-  of the runs (a slash run spans the query block's height). Returns (KeyRanges, Columns).
+  the diagonal are kept. The verticals become the gathered columns: one ascending, duplicate-free
+  list per head (Columns.index [B, H, 1, n], n <= max_cols, the highest dropped beyond it), of
+  which each query block takes the prefix up to its last row (the kernel skips the ones inside the
+  block's ranges; no per-block column arrays are built). Every required key {k <= q : k a
+  vertical or q - k a slash} is attended (unless truncated), plus the other keys of the runs (a
+  slash run spans the query block's height). Returns (KeyRanges, Columns).
   """
   for name, x in (("vertical_idx", vertical_idx), ("slash_idx", slash_idx)):
     if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.integer):
@@ -213,12 +179,5 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   start = jnp.where(slot_ok, start, 0).astype(jnp.int32)
   stop = jnp.where(slot_ok, stop, 0).astype(jnp.int32)
   ranges = KeyRanges(count, start, stop, block_q, block_k)
-  # -- verticals -> columns outside every kept range (sorted and deduplicated once per head) ------
-  c = vertical_idx.astype(jnp.int32)
-  c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
-  c = jnp.where(jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], -1), t, c)
-  cq = jnp.broadcast_to(c[:, :, None, :], c.shape[:2] + (nq, c.shape[-1]))
-  sorted_lo = jnp.where(slot_ok, start, t)                  # ascending, padding past the end
-  ok = (cq <= q1) & ~_inside(sorted_lo, stop, count, jnp.minimum(cq, t - 1))  # ranges: sorted, disjoint
-  cols, ccount = _compact(cq, ok, max_cols)
-  return ranges, Columns(ccount, cols)
+  return ranges, shared_vertical_columns(vertical_idx, t, q1, max_cols)
+
