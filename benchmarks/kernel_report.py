@@ -1,0 +1,144 @@
+"""Timing, result rows and the markdown report of benchmarks/kernels.py (kept apart so that the
+benchmark file holds only what is measured)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+import traceback
+
+import jax
+
+def bench(fn, *args, reps: int = 7) -> dict:
+  """{'ms': steady-state ms per call, 'compile_s': lower + compile seconds, 'runs': reps}.
+
+  Each of `reps` samples times a burst of back-to-back calls with one sync at the end (enough
+  calls for ~20 ms), so that short kernels are not measured through Python dispatch and sync
+  latency; the median sample is reported."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  t = time.perf_counter()
+  jax.block_until_ready(compiled(*args))  # warm-up, and a first estimate of the call time
+  first = time.perf_counter() - t
+  burst = max(1, min(200, int(0.02 / max(first, 1e-6))))
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    out = None
+    for _ in range(burst):
+      out = compiled(*args)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t) / burst)
+  return {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps, "burst": burst}
+
+
+def attempt(rows: list, name: str, fn):
+  """Run fn() -> dict; a failure becomes a row with the error (the benchmark goes on)."""
+  try:
+    r = fn()
+  except Exception as e:  # noqa: BLE001 - recorded, not hidden
+    traceback.print_exc()
+    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+  r = {"name": name, **r}
+  rows.append(r)
+  print(json.dumps(r), flush=True)
+  if SAVE is not None:  # results so far stay on disk if a later section dies or runs out of time
+    SAVE(rows)
+  return r
+
+
+SAVE = None  # set by the benchmark: rows -> files, after every row
+
+
+def device_info() -> dict:
+  dev = jax.devices()[0]
+  info = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+          "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+          "python": platform.python_version(),
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+  try:
+    import importlib.metadata as md
+    info["jaxlib"] = md.version("jaxlib")
+    plug = [p for p in ("jax-cuda13-plugin", "jax-cuda12-plugin") if _has_dist(md, p)]
+    info["cuda_plugin"] = f"{plug[0]} {md.version(plug[0])}" if plug else None
+  except Exception:  # noqa: BLE001
+    pass
+  try:
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=20).stdout.strip()
+  except Exception:  # noqa: BLE001
+    info["nvidia_smi"] = None
+  return info
+
+
+def _has_dist(md, name):
+  try:
+    md.version(name)
+    return True
+  except md.PackageNotFoundError:
+    return False
+
+
+def fmt(x, spec=".1f"):
+  return "-" if x is None else format(x, spec)
+
+
+def markdown(info, rows, command) -> str:
+  out = [f"# Kernel benchmarks: {info['device']}", "",
+         f"- device: {info.get('nvidia_smi') or info['device']}; {info['date']}",
+         f"- jax {info['jax']}, jaxlib {info.get('jaxlib')}, {info.get('cuda_plugin')}, Python {info['python']}",
+         f"- command: `{command}`",
+         "- timing: compiled once (compile time apart), warm-up, then the median of 7 samples (20 for decode),",
+         "  each a burst of back-to-back calls (~20 ms) ended by one sync; fresh random bf16 inputs", ""]
+  by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
+  copy = [r for r in rows if r["name"] == "copy"]
+  if copy and "GB/s" in copy[0]:
+    out += [f"Copy bandwidth (2 GiB, read + write): {copy[0]['GB/s']:.0f} GB/s", ""]
+  if by("dense"):
+    out += ["## Dense causal attention forward (B=1, H=32, D=128, bf16)", "",
+            "| implementation | S | ms | TFLOP/s | x cuDNN | compile s |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['impl']} | {r['S']} | {fmt(r.get('ms'), '.2f')} | {fmt(r.get('TFLOP/s'))} | "
+            f"{fmt(r.get('x_cudnn'), '.3f')} | {fmt(r.get('compile_s'))} |" if 'ms' in r else
+            f"| {r['name']} | {r['S']} | error: {r['error']} | | | |" for r in by("dense")]
+    out.append("")
+  if by("block_sparse"):
+    out += ["## Block-sparse (random blocks kept among the causal ones, the diagonal always)", "",
+            "| blocks | S | density | ms | speedup vs cuDNN dense | efficiency |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | {fmt(r.get('ms'), '.2f')} | "
+            f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} |" if 'ms' in r else
+            f"| {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | error: {r['error']} | | |"
+            for r in by("block_sparse")]
+    out.append("")
+  if by("vertical_slash"):
+    out += ["## Vertical-slash (index construction included)", "",
+            "| (v, s) | layout | KV heads | density | ms | of which index ms | speedup vs cuDNN dense | efficiency | "
+            "MInference ms (BENCHMARKS.md) |", "|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| ({r['v']}, {r['s']}) | {r['layout']} {r['block']} | {r['kv_heads']} | {r['density']:.3f} | "
+            f"{fmt(r.get('ms'), '.2f')} | "
+            f"{fmt(r.get('index_ms'), '.2f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} | "
+            f"{fmt(r.get('minference_ms'))} |" if 'ms' in r else
+            f"| ({r['v']}, {r['s']}) | {r['layout']} {r['block']} | {r['kv_heads']} | {r['density']:.3f} | "
+            f"error: {r['error']} | | | | |"
+            for r in by("vertical_slash")]
+    out.append("")
+  if by("decode"):
+    out += ["## Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)", "",
+            "| implementation | cache | C | ms | GB/s (K+V bytes read) | of copy bandwidth | time / bf16 |",
+            "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['impl']} | {r['cache']} | {r['C']} | {fmt(r.get('ms'), '.4f')} | "
+            f"{fmt(r.get('GB/s'), '.0f')} | {fmt(r.get('x_copy_bw'), '.2f')} | {fmt(r.get('x_bf16_time'), '.3f')} |"
+            if 'ms' in r else f"| {r['impl']} | {r['cache']} | {r['C']} | error: {r['error']} | | | |"
+            for r in by("decode")]
+    out.append("")
+  tune = by("tune_flash") + by("tune_decode")
+  if tune:
+    out += ["## Tuning sweeps", "", "| config | ms | TFLOP/s or GB/s |", "|---|---|---|"]
+    out += [f"| {r['name']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('TFLOP/s', r.get('GB/s')))} |" if 'ms' in r
+            else f"| {r['name']} | error: {r['error']} | |" for r in tune]
+    out.append("")
+  return "\n".join(out)
