@@ -66,6 +66,45 @@ def test_index_is_exactly_the_union_of_slash_ranges_plus_columns(t, bq, bk):
     assert cs == sorted({c for c in vert[i[:2]] if 0 <= c <= q1})
 
 
+def _brute_force_pieces(slash, t, bq, bk, max_ranges):
+  """Per block: the keys some slash reaches, split into maximal contiguous runs, each cut into
+  bk-long pieces from its start; the max_ranges highest pieces kept. [(start, stop), ...]."""
+  out = []
+  for qb in range(-(-t // bq)):
+    q0, q1 = qb * bq, min((qb + 1) * bq, t) - 1
+    keys = sorted({kk for o in slash if 0 <= o <= q1 for kk in range(max(q0 - o, 0), q1 - o + 1)})
+    pieces, i = [], 0
+    while i < len(keys):
+      j = i
+      while j + 1 < len(keys) and keys[j + 1] == keys[j] + 1:
+        j += 1
+      pieces += [(a, min(a + bk, keys[j] + 1)) for a in range(keys[i], keys[j] + 1, bk)]
+      i = j + 1
+    out.append(pieces[-max_ranges:])
+  return out
+
+
+@pytest.mark.parametrize("t,bq,bk,max_ranges", [(200, 16, 16, 3), (150, 32, 16, 5), (97, 16, 32, 2),
+                                                (128, 64, 64, 4)])
+def test_index_equals_brute_force_with_truncation(t, bq, bk, max_ranges):
+  """The offset-space run merge (full blocks) and the direct merge (a short last block) against a
+  brute force, with near runs, far slashes, clipping at key 0 and truncation all in play."""
+  rng = np.random.default_rng(t + max_ranges)
+  h = 4
+  slash = np.concatenate([np.tile(np.arange(6), (1, h, 1)),                 # a near run
+                          rng.integers(0, t, (1, h, 7)),                      # far, random
+                          np.full((1, h, 2), -1)], -1).astype(np.int32)       # padding
+  slash[0, 1, 6:9] = [40, 40 + bq, 40 + 2 * bq + 1]                         # gaps bq (joins) / bq + 1
+  ranges, _ = vertical_slash_to_ranges(jnp.zeros((1, h, 1), jnp.int32), jnp.asarray(slash), t, bq, bk,
+                                       max_ranges, 1)
+  cnt, lo, hi = (np.asarray(x) for x in (ranges.count, ranges.start, ranges.end))
+  for hh in range(h):
+    want = _brute_force_pieces(slash[0, hh], t, bq, bk, max_ranges)
+    for qb, pieces in enumerate(want):
+      got = list(zip(lo[0, hh, qb][:cnt[0, hh, qb]], hi[0, hh, qb][:cnt[0, hh, qb]]))
+      assert got == pieces, (hh, qb, got, pieces)
+
+
 def test_truncation_keeps_the_ranges_nearest_the_diagonal():
   t, bq, bk = 64, 16, 16
   slash = jnp.asarray([[[0, 20, 45]]], jnp.int32)   # last block [48, 63]: keys 48-63, 28-43, 3-18

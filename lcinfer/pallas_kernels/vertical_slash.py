@@ -117,6 +117,55 @@ def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: i
           jnp.sum(whole, axis=-1).astype(jnp.int32), new_cols)
 
 
+def _offset_runs(o_desc, gap: int, n_runs: int, invalid: int):
+  """Slash offsets (descending per row, `invalid` entries first) grouped into runs of consecutive
+  offsets at most `gap` apart: for a full query block of height `gap` their key ranges overlap or
+  touch, whatever the block. Returns the `n_runs` runs nearest the diagonal (smallest offsets), in
+  descending order, as (o_hi, o_lo, has) [B, H, n_runs]; `has` is False for unused slots."""
+  b, h, n = o_desc.shape
+  ok = o_desc < invalid
+  prev = jnp.concatenate([jnp.full_like(o_desc[..., :1], invalid), o_desc[..., :-1]], axis=-1)
+  prev_ok = jnp.concatenate([jnp.zeros_like(ok[..., :1]), ok[..., :-1]], axis=-1)
+  new = ok & (~prev_ok | (prev - o_desc > gap))
+  total = jnp.sum(new, axis=-1, keepdims=True)
+  slot = jnp.cumsum(new, axis=-1) - 1 - (total - n_runs)             # the last n_runs runs: 0..n_runs-1
+  slot = jnp.where(ok & (slot >= 0), slot, n_runs)                   # others: dropped
+
+  def one(sl, od):
+    hi = jnp.full((n_runs,), -1, jnp.int32).at[sl].max(od, mode="drop")
+    lo = jnp.full((n_runs,), invalid, jnp.int32).at[sl].min(od, mode="drop")
+    return hi, lo
+  o_hi, o_lo = jax.vmap(one)(slot.reshape(-1, n), o_desc.reshape(-1, n))
+  o_hi, o_lo = o_hi.reshape(b, h, n_runs), o_lo.reshape(b, h, n_runs)
+  return o_hi, o_lo, o_hi >= 0
+
+
+def _pieces(lo, hi, valid, bk: int, max_ranges: int):
+  """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones) merged into
+  disjoint runs, cut into bk-long pieces; the max_ranges pieces with the highest keys are kept.
+  Returns (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
+  hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
+  covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
+  before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
+  new_run = valid & (lo > before + 1)                         # a gap: a new run starts
+  run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
+  after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
+  last_of_run = valid & after & (covered >= run_lo)
+  pieces = jnp.where(last_of_run, (covered - run_lo + bk) // bk, 0)   # ceil(len / bk)
+  end = jnp.cumsum(pieces, axis=-1)
+  total = end[..., -1:]
+  count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
+  rank = jnp.maximum(total - max_ranges, 0) + jnp.arange(max_ranges, dtype=jnp.int32)
+  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
+      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
+  seg = jnp.minimum(seg, lo.shape[-1] - 1)
+  first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
+  start = jnp.take_along_axis(run_lo, seg, axis=-1) + (rank - first_piece) * bk
+  stop = jnp.minimum(start + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
+  slot_ok = jnp.arange(max_ranges) < count[..., None]
+  return count, jnp.where(slot_ok, start, 0).astype(jnp.int32), jnp.where(slot_ok, stop, 0).astype(jnp.int32)
+
+
 def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int, block_k: int,
                              max_ranges: int, max_cols: int):
   """MInference's vertical-slash index as KeyRanges + Columns, built on device (jittable).
@@ -127,7 +176,10 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
 
   For query block [q0, q1] a slash o covers keys [max(q0 - o, 0), q1 - o] (nothing if q1 < o).
   Sorted by start, these ranges merge into disjoint runs (overlapping or adjacent ones join), and
-  each run is cut into block_k-long ranges. If there are more than `max_ranges`, the ones nearest
+  each run is cut into block_k-long ranges. For full blocks two slashes' ranges join exactly when
+  their offsets differ by at most block_q, whatever the block, so the runs are found once per head
+  in offset space and each block only shifts and clips them: per-block work is O(max_ranges), not
+  O(number of slashes). The last block, if shorter, gets its own merge. If there are more than `max_ranges`, the ones nearest
   the diagonal are kept. The verticals become the gathered columns: one ascending, duplicate-free
   list per head (Columns.index [B, H, 1, n], n <= max_cols, the highest dropped beyond it), of
   which each query block takes the prefix up to its last row (the kernel skips the ones inside the
@@ -153,31 +205,24 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   q1 = _last_q_row(nq, block_q, t)[:, None]
   # -- slashes -> runs -> block_k pieces ----------------------------------------------------------
   o = slash_idx.astype(jnp.int32)
-  o = jnp.where((o >= 0) & (o < t), o, 2 * t)                 # invalid: empty for every block
-  o = -jnp.sort(-o, axis=-1)[:, :, None, :]                   # descending offset = ascending start
-  valid = q1 - o >= 0                                         # [B, H, nq, S]
-  lo = jnp.maximum(q0 - o, 0)
-  hi = jnp.where(valid, q1 - o, -2)                           # inclusive end (-2: none, below any run)
-  covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
-  before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
-  new_run = valid & (lo > before + 1)                         # a gap: a new run starts
-  run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
-  after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
-  last_of_run = valid & after
-  pieces = jnp.where(last_of_run, (covered - run_lo + bk) // bk, 0)   # ceil(len / bk)
-  end = jnp.cumsum(pieces, axis=-1)
-  total = end[..., -1:]
-  count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
-  rank = jnp.maximum(total - max_ranges, 0) + jnp.arange(max_ranges, dtype=jnp.int32)
-  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
-      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
-  seg = jnp.minimum(seg, o.shape[-1] - 1)
-  first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
-  start = jnp.take_along_axis(run_lo, seg, axis=-1) + (rank - first_piece) * bk
-  stop = jnp.minimum(start + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
-  slot_ok = jnp.arange(max_ranges) < count[..., None]
-  start = jnp.where(slot_ok, start, 0).astype(jnp.int32)
-  stop = jnp.where(slot_ok, stop, 0).astype(jnp.int32)
+  o = -jnp.sort(-jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)    # descending; invalid (2t) first
+  nfull = t // block_q
+  parts = []
+  if nfull:  # full blocks: runs found once per head, shifted per block
+    o_hi, o_lo, has = _offset_runs(o, block_q, min(max_ranges, o.shape[-1]), invalid=2 * t)
+    asc = jnp.flip(o, axis=-1)                                           # ascending, invalid last
+    last = q1[:nfull, 0]
+    m = jax.vmap(lambda row: row[jnp.maximum(jnp.searchsorted(row, last, side="right") - 1, 0)])(
+        asc.reshape(-1, asc.shape[-1])).reshape(o.shape[:2] + (nfull,))  # largest offset <= q1 (or more)
+    hi_off = jnp.clip(m[..., None], o_lo[:, :, None, :], o_hi[:, :, None, :])
+    valid = has[:, :, None, :] & (o_lo[:, :, None, :] <= last[:, None])
+    lo = jnp.maximum(q0[:nfull] - hi_off, 0)
+    hi = q1[:nfull] - o_lo[:, :, None, :]
+    parts.append(_pieces(lo, hi, valid, bk, max_ranges))
+  if nfull < nq:  # the last, shorter block: its own merge over the raw slashes
+    oq = o[:, :, None, :]
+    parts.append(_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk, max_ranges))
+  count, start, stop = (jnp.concatenate(x, axis=2) for x in zip(*parts))
   ranges = KeyRanges(count, start, stop, block_q, block_k)
   return ranges, shared_vertical_columns(vertical_idx, t, q1, max_cols)
 
