@@ -13,28 +13,55 @@ import traceback
 
 import jax
 
-def bench(fn, *args, reps: int = 7) -> dict:
-  """{'ms': steady-state ms per call, 'compile_s': lower + compile seconds, 'runs': reps}.
-
-  Each of `reps` samples times a burst of back-to-back calls with one sync at the end (enough
-  calls for ~20 ms), so that short kernels are not measured through Python dispatch and sync
-  latency; the median sample is reported."""
+def prepare(fn, *args):
+  """(compiled, compile seconds, burst): compiled once, warmed up, and a burst length of
+  back-to-back calls that lasts ~20 ms (so that short kernels are not timed through Python
+  dispatch and sync latency)."""
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
   t = time.perf_counter()
   jax.block_until_ready(compiled(*args))  # warm-up, and a first estimate of the call time
   first = time.perf_counter() - t
-  burst = max(1, min(200, int(0.02 / max(first, 1e-6))))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    out = None
-    for _ in range(burst):
-      out = compiled(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / burst)
+  return compiled, compile_s, max(1, min(200, int(0.02 / max(first, 1e-6))))
+
+
+def sample(compiled, args, burst: int) -> float:
+  """Seconds per call over one burst ended by one sync."""
+  t = time.perf_counter()
+  out = None
+  for _ in range(burst):
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / burst
+
+
+def bench(fn, *args, reps: int = 7) -> dict:
+  """{'ms': median over `reps` bursts of the steady-state ms per call, 'compile_s', 'runs', 'burst'}."""
+  compiled, compile_s, burst = prepare(fn, *args)
+  ts = [sample(compiled, args, burst) for _ in range(reps)]
   return {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps, "burst": burst}
+
+
+def bench_interleaved(fns: dict, *args, reps: int = 7) -> dict:
+  """Like `bench` for several implementations of one call, their samples taken in turn (a, b, c,
+  a, b, c, ...), so that drift of a shared, noisy machine hits all of them alike. Returns
+  {name: result dict or {'error': ...}}."""
+  ready, out = {}, {}
+  for name, fn in fns.items():
+    try:
+      ready[name] = prepare(fn, *args)
+    except Exception as e:  # noqa: BLE001 - recorded, not hidden
+      traceback.print_exc()
+      out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+  ts = {name: [] for name in ready}
+  for _ in range(reps):
+    for name, (compiled, _, burst) in ready.items():
+      ts[name].append(sample(compiled, args, burst))
+  for name, (_, compile_s, burst) in ready.items():
+    out[name] = {"ms": statistics.median(ts[name]) * 1e3, "compile_s": compile_s, "runs": reps,
+                 "burst": burst, "interleaved": True}
+  return out
 
 
 def attempt(rows: list, name: str, fn):
@@ -94,7 +121,8 @@ def markdown(info, rows, command) -> str:
          f"- jax {info['jax']}, jaxlib {info.get('jaxlib')}, {info.get('cuda_plugin')}, Python {info['python']}",
          f"- command: `{command}`",
          "- timing: compiled once (compile time apart), warm-up, then the median of 7 samples (20 for decode),",
-         "  each a burst of back-to-back calls (~20 ms) ended by one sync; fresh random bf16 inputs", ""]
+         "  each a burst of back-to-back calls (~20 ms) ended by one sync (dense implementations: their",
+         "  samples taken in turn); fresh random bf16 inputs", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:

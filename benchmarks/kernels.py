@@ -41,7 +41,7 @@ from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_report  # noqa: E402
-from kernel_report import attempt, bench, device_info, markdown  # noqa: E402
+from kernel_report import attempt, bench, bench_interleaved, device_info, markdown  # noqa: E402
 
 VS_SETS = ((1000, 6096), (30, 800), (3500, 100), (100, 800))
 MINFERENCE_MS = {(1000, 6096): 38.6, (30, 800): 15.6, (3500, 100): 34.5, (100, 800): 15.3}
@@ -119,9 +119,11 @@ def run_dense(args, rows):
     q, k, v = (rand(kk, (b, s, h, d)) for kk in ks)
     flops = 2 * b * h * s * s * d
     res = {}
-    for name, f in dense_impls(args, h, d).items():
+    impls = dense_impls(args, h, d)
+    timed = bench_interleaved(impls, q, k, v, reps=args.reps)  # same-run ratios: samples in turn
+    for name, f in impls.items():
       label = f"{name} ({f.method})" if hasattr(f, "method") else name
-      r = attempt(rows, f"dense {label} S={s}", lambda: bench(f, q, k, v, reps=args.reps))
+      r = attempt(rows, f"dense {label} S={s}", lambda: timed[name])
       r.update(section="dense", impl=name, S=s)
       if "ms" in r:
         r["TFLOP/s"] = flops / (r["ms"] * 1e-3) / 1e12
