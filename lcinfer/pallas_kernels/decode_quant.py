@@ -174,14 +174,6 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
   return out.astype(q_BTHD.dtype), lse
 
 
-def merge_two(a, b):
-  """Exact merge of two attentions over disjoint key sets: (out, lse) pairs [B, T, H, D] / [B, T, H]."""
-  (oa, la), (ob, lb) = a, b
-  o, lse = combine_splits(jnp.stack([oa.astype(jnp.float32), ob.astype(jnp.float32)], 2),
-                          jnp.stack([la, lb], 2))
-  return o.astype(oa.dtype), lse
-
-
 def _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual):
   if not isinstance(k_q, QuantizedTensor) or not isinstance(v_q, QuantizedTensor):
     raise ValueError("k_q and v_q must be lcinfer.pallas_kernels.quant.QuantizedTensor "
@@ -254,7 +246,8 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
   rk, rv, rp = residual
   res = decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window, interpret=interpret,
                          _poison=_poison)
-  return merge_two(out, res)
+  from lcinfer.attention.base import merge_attention  # the one merge (ARCHITECTURE.md principle 3)
+  return merge_attention([out, res])
 
 
 dispatch.register("quantized_decode_attention", "triton", quantized_decode_attention)
