@@ -141,8 +141,10 @@ def _offset_runs(o_desc, gap: int, n_runs: int, invalid: int):
 
 
 def _pieces(lo, hi, valid, bk: int, max_ranges: int):
-  """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones) merged into
-  disjoint runs, cut into bk-long pieces; the max_ranges pieces with the highest keys are kept.
+  """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones, and every
+  invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
+  cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
+  max_ranges pieces with the highest keys are kept.
   Returns (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
   hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
   covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
