@@ -43,6 +43,24 @@ def test_block_sparse_matches_oracle(case):
     assert empty.any() and (~empty).any()
 
 
+@pytest.mark.parametrize("bq,bk,dtype", [(16, 16, "float32"), (32, 16, "bfloat16")])
+def test_unaligned_key_ranges_match_oracle(bq, bk, dtype):
+  """KeyRanges at any offset (overlapping, too long, out of range, past the count) go through
+  element-offset K/V block specs; and MInference-style ranges from vertical_slash_to_ranges."""
+  from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges
+  q, k, v, rng = _qkv(bq + bk, 1, 90, 4, 2, 64, dtype)
+  nq = -(-90 // bq)
+  start = rng.integers(-bk, 90 + bk, (1, 4, nq, 5)).astype(np.int32)
+  ranges = KeyRanges(jnp.asarray(rng.integers(0, 6, (1, 4, nq)), jnp.int32), jnp.asarray(start),
+                     jnp.asarray(start + rng.integers(-2, 2 * bk, start.shape).astype(np.int32)), bq, bk)
+  slash = jnp.asarray(np.concatenate([np.zeros((1, 4, 1)), rng.integers(0, 90, (1, 4, 5))], -1), jnp.int32)
+  vs_ranges, _ = vertical_slash_to_ranges(jnp.zeros((1, 4, 1), jnp.int32), slash, 90, bq, bk, 8, 1)
+  for name, r in (("random ranges", ranges), ("vertical-slash ranges", vs_ranges)):
+    out, lse = tpu_block_sparse_attention(q, k, v, r, scale=0.125, interpret=True, _poison=NAN)
+    ref, ref_lse = block_sparse_reference(q, k, v, r, scale=0.125, out_dtype=jnp.float32)
+    assert_matches_oracle(name, out, lse, ref, ref_lse, dtype)
+
+
 def test_garbage_entries_follow_union_semantics():
   """Duplicates, out-of-range and beyond-count entries: the canonicalized lists the kernel reads."""
   q, k, v, _ = _qkv(3, 1, 48, 2, 1, 64, "float32")

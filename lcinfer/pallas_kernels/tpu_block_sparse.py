@@ -6,14 +6,16 @@ prefetch"), plus a dense causal flash forward built on it.
                                                    causal=True, interpret=False)
     out_BTHD, lse_BTH = tpu_flash_attention(q_BTHD, k_BSKD, v_BSKD, scale=..., causal=True)
 
-Same semantics as the GPU kernel (`sparse_index.py`: union of listed blocks, causal inside the
-blocks, out-of-range and repeated entries ignored after `canonicalize`); no gathered columns here
-(a layout with columns falls through to another implementation). Design:
+Same semantics as the GPU kernel (`sparse_index.py` / `vertical_slash.py`: union of listed blocks
+or key ranges, causal, out-of-range and repeated entries ignored after canonicalization); no
+gathered columns here (a call with columns falls through to another implementation). Design:
   * grid (B, H, nq, max_blocks); the last axis walks the query block's list ("arbitrary": a
     reduction with VMEM scratch m, l, acc carried across it), the others are "parallel".
   * The K/V index_map reads the prefetched list: step j loads KV block list[j] of kv head h // G
     (GQA without repeats). Steps j >= count reuse the last listed block index, so no new DMA is
-    issued, and their compute is skipped with pl.when.
+    issued, and their compute is skipped with pl.when. `KeyRanges` (unaligned, MInference-style)
+    load block_k keys from an element offset (`pl.Element`) and mask keys outside [lo, hi);
+    unaligned DMAs are untested on TPU hardware.
   * Online softmax in float32 (FlashAttention-2, Algorithm 1); lse in natural log, -inf and out 0
     for a row that sees nothing.
   * TPU tiles: arrays are moved to [B, H, T, D] so that a block's last two dims are (rows, D);
@@ -35,11 +37,12 @@ from jax.experimental.pallas import tpu as pltpu
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 from lcinfer.pallas_kernels.sparse_index import BlockSparse, canonicalize
+from lcinfer.pallas_kernels.vertical_slash import canonicalize_ranges
 
 NEG_INF = float("-inf")
 
 
-def _kernel(count_ref, idx_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q, block_k, s_valid,
+def _kernel(count_ref, ld_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q,
             max_blocks, aliased):
   if aliased:
     refs = refs[2:]  # the poisoned buffers aliased to the outputs; never read
@@ -55,13 +58,13 @@ def _kernel(count_ref, idx_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block
 
   @pl.when(j < n)
   def _step():
-    kb = idx_ref[b, h, qi, j]
+    ld, lo, hi = ld_ref[b, h, qi, j], lo_ref[b, h, qi, j], hi_ref[b, h, qi, j]
     q = q_ref[...]
     k = k_ref[...]
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None) * scale
-    k_pos = kb * block_k + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    mask = k_pos < s_valid
+    k_pos = ld + lax.broadcasted_iota(jnp.int32, s.shape, 1)   # the loaded keys; [lo, hi) are listed
+    mask = (k_pos >= lo) & (k_pos < hi)
     if causal:
       q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
       mask = mask & (k_pos <= q_pos)
@@ -93,42 +96,56 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, *, scale, causal, interpre
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
   bq, bk = layout.block_q, layout.block_k
-  layout, _ = canonicalize(layout, None, t, s, causal)
   nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
-  mb = max(1, layout.max_blocks)
+  aligned = isinstance(layout, BlockSparse)
+  if aligned:
+    layout, _ = canonicalize(layout, None, t, s, causal)
+    count, lo = layout.count, layout.kv_block_idx * bk
+    hi = jnp.minimum(lo + bk, s)
+  else:  # key ranges at any offset: loaded through element-offset block specs
+    lo, hi, count, _, _ = canonicalize_ranges(layout, None, t, s, causal)
+  mb = max(1, lo.shape[-1])
   q = jnp.pad(jnp.transpose(q_BTHD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nq * bq - t), (0, 0)))
   k = jnp.pad(jnp.transpose(k_BSKD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nk * bk - s), (0, 0)))
   v = jnp.pad(jnp.transpose(v_BSKD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nk * bk - s), (0, 0)))
-  count = layout.count.astype(jnp.int32)
-  idx = layout.kv_block_idx.astype(jnp.int32)
-  if idx.shape[-1] == 0:
-    idx = jnp.zeros(idx.shape[:-1] + (1,), jnp.int32)
-  # steps past the count repeat the last listed block: same block index, no new DMA
-  last = jnp.take_along_axis(idx, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-  idx = jnp.where(jnp.arange(mb) < count[..., None], idx, last)
+  count = count.astype(jnp.int32)
+  if lo.shape[-1] == 0:
+    lo = hi = jnp.zeros(lo.shape[:-1] + (1,), jnp.int32)
+  ld = jnp.minimum(lo, nk * bk - bk).astype(jnp.int32)  # a load start that stays in bounds
+  # steps past the count repeat the last listed load: same block, no new DMA
+  last = jnp.take_along_axis(ld, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  ld = jnp.where(jnp.arange(mb) < count[..., None], ld, last)
 
-  def kv_map(bi, hi, qi, j, count_ref, idx_ref):
-    return (bi, hi // g, idx_ref[bi, hi, qi, j], 0)
+  if aligned:
+    kv_block = (None, None, bk, d)
+
+    def kv_map(bi, hh, qi, j, count_ref, ld_ref, *_):
+      return (bi, hh // g, ld_ref[bi, hh, qi, j] // bk, 0)
+  else:
+    kv_block = (None, None, pl.Element(bk), d)
+
+    def kv_map(bi, hh, qi, j, count_ref, ld_ref, *_):
+      return (bi, hh // g, ld_ref[bi, hh, qi, j], 0)
 
   out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
                pl.BlockSpec((None, None, bq, 1), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, h, nq * bq, d), q.dtype),
                jax.ShapeDtypeStruct((b, h, nq * bq, 1), jnp.float32)]
   in_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
-              pl.BlockSpec((None, None, bk, d), kv_map),
-              pl.BlockSpec((None, None, bk, d), kv_map)]
-  args = [count, idx, q, k, v]
+              pl.BlockSpec(kv_block, kv_map),
+              pl.BlockSpec(kv_block, kv_map)]
+  args = [count, ld, lo.astype(jnp.int32), hi.astype(jnp.int32), q, k, v]
   aliases = {}
   if poison is not None:  # testing hook: outputs start poisoned; an unwritten element keeps it
     aliases = {len(args): 0, len(args) + 1: 1}
     args += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
     in_specs += out_specs
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, h, nq, mb), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=4, grid=(b, h, nq, mb), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)])
-  kernel = functools.partial(_kernel, scale=scale, causal=causal, block_q=bq, block_k=bk, s_valid=s,
-                             max_blocks=mb, aliased=poison is not None)
+  kernel = functools.partial(_kernel, scale=scale, causal=causal, block_q=bq, max_blocks=mb,
+                             aliased=poison is not None)
   out, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=pltpu.CompilerParams(
@@ -162,8 +179,6 @@ def tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, s
   lse [B,T,H] float32). Gathered columns are not supported here (Unsupported: falls through)."""
   del unused
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
-  if not isinstance(layout, BlockSparse):
-    raise dispatch.Unsupported("the TPU block-sparse kernel takes grid-aligned BlockSparse layouts only")
   if columns is not None:
     raise dispatch.Unsupported("the TPU block-sparse kernel takes no gathered columns yet")
   if not interpret and not _on_tpu():
