@@ -175,6 +175,57 @@ def blocks_from_mask(block_mask, max_blocks: int, *, block_q: int, block_k: int)
   return BlockSparse(count, top.astype(jnp.int32), block_q, block_k)
 
 
+def check_vertical_slash_args(vertical_idx, slash_idx, **statics) -> None:
+  """ValueError for a malformed vertical-slash index: integer [B, H, n] arrays sharing [B, H], at
+  least one slash, and positive static ints (seq_len, block sizes, list lengths)."""
+  for name, x in (("vertical_idx", vertical_idx), ("slash_idx", slash_idx)):
+    if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer [B, H, n] array, got {x.dtype} {tuple(x.shape)}")
+  if vertical_idx.shape[:2] != slash_idx.shape[:2]:
+    raise ValueError(f"vertical_idx and slash_idx must share [B, H], got {tuple(vertical_idx.shape)} "
+                     f"and {tuple(slash_idx.shape)}")
+  if slash_idx.shape[-1] == 0:
+    raise ValueError("slash_idx needs at least one entry (pad with -1; MInference keeps offset 0)")
+  for name, x in statics.items():
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+      raise ValueError(f"{name} must be a static int >= 1, got {x!r}")
+
+
+def sorted_slash_offsets(slash_idx, t: int):
+  """Slash offsets sorted descending per head (ascending key start); entries outside [0, t) become
+  2t, which sorts first and reaches no key of any block."""
+  o = slash_idx.astype(jnp.int32)
+  return -jnp.sort(-jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)
+
+
+def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int):
+  """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones, and every
+  invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
+  cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
+  max_ranges pieces with the highest keys are kept. With bk = 1 and lo / hi in block units it
+  lists blocks (the grid-aligned builder). Returns (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
+  hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
+  covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
+  before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
+  new_run = valid & (lo > before + 1)                         # a gap: a new run starts
+  run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
+  after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
+  last_of_run = valid & after & (covered >= run_lo)
+  pieces = jnp.where(last_of_run, (covered - run_lo + bk) // bk, 0)   # ceil(len / bk)
+  end = jnp.cumsum(pieces, axis=-1)
+  total = end[..., -1:]
+  count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
+  rank = jnp.maximum(total - max_ranges, 0) + jnp.arange(max_ranges, dtype=jnp.int32)
+  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
+      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
+  seg = jnp.minimum(seg, lo.shape[-1] - 1)
+  first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
+  start = jnp.take_along_axis(run_lo, seg, axis=-1) + (rank - first_piece) * bk
+  stop = jnp.minimum(start + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
+  slot_ok = jnp.arange(max_ranges) < count[..., None]
+  return count, jnp.where(slot_ok, start, 0).astype(jnp.int32), jnp.where(slot_ok, stop, 0).astype(jnp.int32)
+
+
 def vertical_slash_to_layout(vertical_idx, slash_idx, seq_len: int, block_q: int, block_k: int,
                              max_blocks: int, max_cols: int):
   """MInference's vertical-slash index (Jiang et al. 2024), as grid-aligned blocks plus columns.
@@ -193,43 +244,16 @@ def vertical_slash_to_layout(vertical_idx, slash_idx, seq_len: int, block_q: int
   {k <= q : k in verticals or q - k in slashes} is attended (unless truncated), plus the other
   keys of the selected blocks (causal). Returns (BlockSparse, Columns). Jittable, no [T, T] array.
   """
-  for name, x in (("vertical_idx", vertical_idx), ("slash_idx", slash_idx)):
-    if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer [B, H, n] array, got {x.dtype} {tuple(x.shape)}")
-  if vertical_idx.shape[:2] != slash_idx.shape[:2]:
-    raise ValueError(f"vertical_idx and slash_idx must share [B, H], got {tuple(vertical_idx.shape)} "
-                     f"and {tuple(slash_idx.shape)}")
-  if slash_idx.shape[-1] == 0:
-    raise ValueError("slash_idx needs at least one entry (pad with -1; MInference keeps offset 0)")
-  for name, x in (("seq_len", seq_len), ("block_q", block_q), ("block_k", block_k),
-                  ("max_blocks", max_blocks), ("max_cols", max_cols)):
-    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
-      raise ValueError(f"{name} must be a static int >= 1, got {x!r}")
+  check_vertical_slash_args(vertical_idx, slash_idx, seq_len=seq_len, block_q=block_q, block_k=block_k,
+                            max_blocks=max_blocks, max_cols=max_cols)
   t, bk = seq_len, block_k
   nq = -(-t // block_q)
   q0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]    # [nq, 1]
   q1 = _last_q_row(nq, block_q, t)[:, None]
-  # -- slashes -> merged block ranges ------------------------------------------------------------
-  o = slash_idx.astype(jnp.int32)
-  o = jnp.where((o >= 0) & (o < t), o, 2 * t)                   # invalid: empty for every block
-  o = -jnp.sort(-o, axis=-1)[:, :, None, :]                     # descending offset = ascending key
-  lo = jnp.maximum(q0 - o, 0) // bk                             # [B, H, nq, S]
-  hi = jnp.where(q1 - o >= 0, (q1 - o) // bk, -1)
-  prev_hi = lax.cummax(hi, axis=hi.ndim - 1)
-  prev_hi = jnp.concatenate([jnp.full_like(prev_hi[..., :1], -1), prev_hi[..., :-1]], axis=-1)
-  lo = jnp.maximum(lo, prev_hi + 1)                             # minus what is already covered
-  length = jnp.maximum(hi - lo + 1, 0)
-  end = jnp.cumsum(length, axis=-1)                             # exclusive ranks end here
-  total = end[..., -1:]
-  count = jnp.minimum(total, max_blocks)[..., 0].astype(jnp.int32)
-  rank = jnp.maximum(total - max_blocks, 0) + jnp.arange(max_blocks, dtype=jnp.int32)
-  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
-      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_blocks)).reshape(rank.shape)
-  seg = jnp.minimum(seg, o.shape[-1] - 1)
-  start = jnp.take_along_axis(end - length, seg, axis=-1)
-  blocks = jnp.take_along_axis(lo, seg, axis=-1) + rank - start
-  slot_ok = jnp.arange(max_blocks) < count[..., None]
-  blocks = jnp.where(slot_ok, blocks, 0).astype(jnp.int32)
+  # slashes -> block ranges [max(q0 - o, 0) // bk, (q1 - o) // bk], merged: pieces of one block
+  o = sorted_slash_offsets(slash_idx, t)[:, :, None, :]
+  count, blocks, _ = merge_into_pieces(jnp.maximum(q0 - o, 0) // bk, (q1 - o) // bk, q1 - o >= 0, 1,
+                                       max_blocks)
   layout = BlockSparse(count, blocks, block_q, block_k)
   return layout, shared_vertical_columns(vertical_idx, t, q1, max_cols)
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcinfer.pallas_kernels.sparse_index import (Columns, _check_int, _last_q_row, canonical_columns,
-                                                 shared_vertical_columns)
+                                                 merge_into_pieces, shared_vertical_columns,
+                                                 sorted_slash_offsets, check_vertical_slash_args)
 
 
 @jax.tree_util.register_dataclass
@@ -140,34 +141,6 @@ def _offset_runs(o_desc, gap: int, n_runs: int, invalid: int):
   return o_hi, o_lo, o_hi >= 0
 
 
-def _pieces(lo, hi, valid, bk: int, max_ranges: int):
-  """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones, and every
-  invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
-  cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
-  max_ranges pieces with the highest keys are kept.
-  Returns (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
-  hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
-  covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
-  before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
-  new_run = valid & (lo > before + 1)                         # a gap: a new run starts
-  run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
-  after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
-  last_of_run = valid & after & (covered >= run_lo)
-  pieces = jnp.where(last_of_run, (covered - run_lo + bk) // bk, 0)   # ceil(len / bk)
-  end = jnp.cumsum(pieces, axis=-1)
-  total = end[..., -1:]
-  count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
-  rank = jnp.maximum(total - max_ranges, 0) + jnp.arange(max_ranges, dtype=jnp.int32)
-  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
-      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
-  seg = jnp.minimum(seg, lo.shape[-1] - 1)
-  first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
-  start = jnp.take_along_axis(run_lo, seg, axis=-1) + (rank - first_piece) * bk
-  stop = jnp.minimum(start + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
-  slot_ok = jnp.arange(max_ranges) < count[..., None]
-  return count, jnp.where(slot_ok, start, 0).astype(jnp.int32), jnp.where(slot_ok, stop, 0).astype(jnp.int32)
-
-
 def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int, block_k: int,
                              max_ranges: int, max_cols: int):
   """MInference's vertical-slash index as KeyRanges + Columns, built on device (jittable).
@@ -181,33 +154,22 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   each run is cut into block_k-long ranges. For full blocks two slashes' ranges join exactly when
   their offsets differ by at most block_q, whatever the block, so the runs are found once per head
   in offset space and each block only shifts and clips them: per-block work is O(max_ranges), not
-  O(number of slashes). The last block, if shorter, gets its own merge. If there are more than `max_ranges`, the ones nearest
-  the diagonal are kept. The verticals become the gathered columns: one ascending, duplicate-free
+  O(number of slashes). The last block, if shorter, gets its own merge. If there are more than
+  `max_ranges`, the ones nearest the diagonal are kept. The verticals become the gathered columns: one ascending, duplicate-free
   list per head (Columns.index [B, H, 1, n], n <= max_cols, the highest dropped beyond it), of
   which each query block takes the prefix up to its last row (the kernel skips the ones inside the
   block's ranges; no per-block column arrays are built). Every required key {k <= q : k a
   vertical or q - k a slash} is attended (unless truncated), plus the other keys of the runs (a
   slash run spans the query block's height). Returns (KeyRanges, Columns).
   """
-  for name, x in (("vertical_idx", vertical_idx), ("slash_idx", slash_idx)):
-    if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer [B, H, n] array, got {x.dtype} {tuple(x.shape)}")
-  if vertical_idx.shape[:2] != slash_idx.shape[:2]:
-    raise ValueError(f"vertical_idx and slash_idx must share [B, H], got {tuple(vertical_idx.shape)} "
-                     f"and {tuple(slash_idx.shape)}")
-  if slash_idx.shape[-1] == 0:
-    raise ValueError("slash_idx needs at least one entry (pad with -1; MInference keeps offset 0)")
-  for name, x in (("seq_len", seq_len), ("block_q", block_q), ("block_k", block_k),
-                  ("max_ranges", max_ranges), ("max_cols", max_cols)):
-    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
-      raise ValueError(f"{name} must be a static int >= 1, got {x!r}")
+  check_vertical_slash_args(vertical_idx, slash_idx, seq_len=seq_len, block_q=block_q, block_k=block_k,
+                            max_ranges=max_ranges, max_cols=max_cols)
   t, bk = seq_len, block_k
   nq = -(-t // block_q)
   q0 = (jnp.arange(nq, dtype=jnp.int32) * block_q)[:, None]
   q1 = _last_q_row(nq, block_q, t)[:, None]
   # -- slashes -> runs -> block_k pieces ----------------------------------------------------------
-  o = slash_idx.astype(jnp.int32)
-  o = -jnp.sort(-jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)    # descending; invalid (2t) first
+  o = sorted_slash_offsets(slash_idx, t)                              # descending; invalid (2t) first
   nfull = t // block_q
   parts = []
   if nfull:  # full blocks: runs found once per head, shifted per block
@@ -220,10 +182,11 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
     valid = has[:, :, None, :] & (o_lo[:, :, None, :] <= last[:, None])
     lo = jnp.maximum(q0[:nfull] - hi_off, 0)
     hi = q1[:nfull] - o_lo[:, :, None, :]
-    parts.append(_pieces(lo, hi, valid, bk, max_ranges))
+    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges))
   if nfull < nq:  # the last, shorter block: its own merge over the raw slashes
     oq = o[:, :, None, :]
-    parts.append(_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk, max_ranges))
+    parts.append(merge_into_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk,
+                                   max_ranges))
   count, start, stop = (jnp.concatenate(x, axis=2) for x in zip(*parts))
   ranges = KeyRanges(count, start, stop, block_q, block_k)
   return ranges, shared_vertical_columns(vertical_idx, t, q1, max_cols)
