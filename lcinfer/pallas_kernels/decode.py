@@ -39,11 +39,11 @@ from jax.experimental import pallas as pl
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.launch import triton_call
+from lcinfer.pallas_kernels.reference import check_qkv
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 MIN_BLOCK = 16   # tl.dot needs M, N, K >= 16
 MAX_ROWS = 128   # G * T rows per program (beyond that: fall back)
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _next_pow2(n: int) -> int:
@@ -52,28 +52,14 @@ def _next_pow2(n: int) -> int:
 
 def _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_splits, block_k):
   """ValueError for malformed calls (wrong for every implementation)."""
-  for name, x, nd in (("q", q_BTHD, 4), ("k", k_BKCD, 4), ("v", v_BKCD, 4), ("pos", pos_BKC, 3),
-                      ("q_pos", q_pos_BT, 2)):
+  for name, x, nd in (("pos", pos_BKC, 3), ("q_pos", q_pos_BT, 2)):
     if getattr(x, "ndim", None) != nd:
       raise ValueError(f"{name} must be a {nd}-d array, got shape {getattr(x, 'shape', None)}")
-  b, t, h, d = q_BTHD.shape
-  if k_BKCD.shape != v_BKCD.shape:
-    raise ValueError(f"k and v must have the same shape, got {k_BKCD.shape} and {v_BKCD.shape}")
-  bk_, kh, c, dk = k_BKCD.shape
-  if bk_ != b:
-    raise ValueError(f"batch mismatch: q has {b}, k has {bk_}")
-  if dk != d:
-    raise ValueError(f"head_dim mismatch: q has {d}, k has {dk}")
-  if kh == 0 or h % kh:
-    raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kh})")
+  b, t, h, d, c, kh = check_qkv(q_BTHD, k_BKCD, v_BKCD, kv_layout="BKCD")
   if pos_BKC.shape != (b, kh, c):
     raise ValueError(f"pos must be [B, K, C] = {(b, kh, c)}, got {pos_BKC.shape}")
   if q_pos_BT.shape != (b, t):
     raise ValueError(f"q_pos must be [B, T] = {(b, t)}, got {q_pos_BT.shape}")
-  if not (q_BTHD.dtype == k_BKCD.dtype == v_BKCD.dtype):
-    raise ValueError(f"q, k and v must share a dtype, got {q_BTHD.dtype}, {k_BKCD.dtype}, {v_BKCD.dtype}")
-  if q_BTHD.dtype not in _DTYPES:
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q_BTHD.dtype}")
   for name, x in (("pos", pos_BKC), ("q_pos", q_pos_BT)):
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} must be an integer array, got {x.dtype}")

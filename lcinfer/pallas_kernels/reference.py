@@ -16,26 +16,34 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def check_attention_args(q_BTHD, k_BSKD, v_BSKD, *, scale, causal, window, q_segment_ids,
-                         kv_segment_ids, kv_offset, q_lengths, kv_lengths):
-  """Trace-time validation shared by the oracle and the kernels. Raises ValueError."""
-  if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.ndim != 4:
-    raise ValueError(f"q must be [B, T, H, D] and k, v [B, S, K, D]; got q {q_BTHD.shape}, "
-                     f"k {k_BSKD.shape}, v {v_BSKD.shape}")
+def check_qkv(q_BTHD, k, v, *, kv_layout: str = "BSKD") -> tuple[int, int, int, int, int, int]:
+  """The checks every attention call shares: q [B, T, H, D], k and v alike in `kv_layout`
+  ("BSKD": [B, S, K, D]; "BKCD": a cache [B, K, C, D]), same batch and head_dim, H a multiple of K
+  (GQA), one float dtype. Returns (B, T, H, D, S or C, K). Raises ValueError."""
+  if q_BTHD.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q must be [B, T, H, D] and k, v [{', '.join(kv_layout)}]; got q {q_BTHD.shape}, "
+                     f"k {k.shape}, v {v.shape}")
   b, t, h, d = q_BTHD.shape
-  if k_BSKD.shape != v_BSKD.shape:
-    raise ValueError(f"k and v must have the same shape, got k {k_BSKD.shape} and v {v_BSKD.shape}")
-  bk, s, kh, dk = k_BSKD.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape, got k {k.shape} and v {v.shape}")
+  bk, s, kh, dk = k.shape if kv_layout == "BSKD" else (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
   if bk != b:
     raise ValueError(f"batch mismatch: q has B={b}, k/v have B={bk}")
   if dk != d:
     raise ValueError(f"head_dim mismatch: q has D={d}, k/v have D={dk}")
   if kh == 0 or h % kh:
     raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kh}) for GQA")
-  if not (q_BTHD.dtype == k_BSKD.dtype == v_BSKD.dtype):
-    raise ValueError(f"q, k, v must share a dtype, got {q_BTHD.dtype}, {k_BSKD.dtype}, {v_BSKD.dtype}")
+  if not (q_BTHD.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k, v must share a dtype, got {q_BTHD.dtype}, {k.dtype}, {v.dtype}")
   if q_BTHD.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q_BTHD.dtype}")
+  return b, t, h, d, s, kh
+
+
+def check_attention_args(q_BTHD, k_BSKD, v_BSKD, *, scale, causal, window, q_segment_ids,
+                         kv_segment_ids, kv_offset, q_lengths, kv_lengths):
+  """Trace-time validation shared by the oracle and the kernels. Raises ValueError."""
+  b, t, h, d, s, kh = check_qkv(q_BTHD, k_BSKD, v_BSKD)
   if window is not None:
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
       raise ValueError(f"window must be a positive int (keys p - window < k <= p) or None, got {window!r}")
