@@ -14,6 +14,7 @@ in memory. Masks come from positions, never from slot order:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Protocol, runtime_checkable
 
 import jax
@@ -86,6 +87,17 @@ def resolve(name: str, config, mesh=None, phase: str = "prefill") -> AttentionMe
       return m
     reasons.append(f"{n}: {reason}")
   raise ConfigError(f"no attention method supports {phase}: " + "; ".join(reasons))
+
+
+# Run the Pallas methods' kernels in interpret mode everywhere (CPU CI): LCINFER_PALLAS_INTERPRET=1.
+# Read when a method with `interpret=None` is called or asked `supports`; set it before the first
+# jit trace, since jitted callers cache on the (unchanged) method instance.
+PALLAS_INTERPRET = os.environ.get("LCINFER_PALLAS_INTERPRET", "") not in ("", "0", "false", "False")
+
+
+def pallas_interpret(override: bool | None) -> bool:
+  """A method's interpret mode: its own setting, else the module-level PALLAS_INTERPRET switch."""
+  return PALLAS_INTERPRET if override is None else override
 
 
 @functools.cache

@@ -15,7 +15,6 @@ Calls with T != S (queries over a longer key set) go to the dense XLA method.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +24,6 @@ from lcinfer.attention.dense import DENSE
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS
 
-# Module-level switch: run the kernel in interpret mode everywhere (CPU CI). Read when a method
-# with `interpret=None` is called or asked `supports`; set it before the first jit trace, since
-# jitted callers cache on the (unchanged) method instance.
-INTERPRET = os.environ.get("LCINFER_PALLAS_INTERPRET", "") not in ("", "0", "false", "False")
 
 _Q_PAD = int(np.iinfo(np.int32).min) + 2   # distinct from the kernel's own tail sentinels
 _KV_PAD = int(np.iinfo(np.int32).min) + 3
@@ -37,7 +32,7 @@ _KV_PAD = int(np.iinfo(np.int32).min) + 3
 @dataclasses.dataclass(frozen=True)
 class FlashAttention:
   """Pallas flash-attention prefill. `implementations` is the dispatcher order (None: kernel, then
-  reference); `interpret` None follows the module-level INTERPRET switch."""
+  reference); `interpret` None follows the `base.PALLAS_INTERPRET` switch."""
 
   name: str = "flash"
   interpret: bool | None = None
@@ -47,7 +42,7 @@ class FlashAttention:
 
   @property
   def _interpret(self) -> bool:
-    return INTERPRET if self.interpret is None else self.interpret
+    return base.pallas_interpret(self.interpret)
 
   def supports(self, config, mesh, phase):
     if phase != "prefill":

@@ -10,22 +10,18 @@ positions (any slot order, -1 = empty), exactly as `base.visible` says.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from lcinfer.attention import base
 from lcinfer.attention.dense import DENSE
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.decode import SUPPORTED_HEAD_DIMS
 
-# Module-level switch (same style as lcinfer.attention.flash): run the kernel in interpret mode
-# everywhere (CPU CI). Read when a method with `interpret=None` is called or asked `supports`.
-INTERPRET = os.environ.get("LCINFER_PALLAS_INTERPRET", "") not in ("", "0", "false", "False")
 
 
 @dataclasses.dataclass(frozen=True)
 class FlashDecode:
   """Pallas flash-decoding. `implementations` is the dispatcher order; `interpret` None follows the
-  module-level INTERPRET switch; `num_splits` / `block_k` None pick from the device."""
+  `base.PALLAS_INTERPRET` switch; `num_splits` / `block_k` None pick from the device."""
 
   name: str = "flash_decode"
   interpret: bool | None = None
@@ -35,7 +31,7 @@ class FlashDecode:
 
   @property
   def _interpret(self) -> bool:
-    return INTERPRET if self.interpret is None else self.interpret
+    return base.pallas_interpret(self.interpret)
 
   def supports(self, config, mesh, phase):
     if phase not in base.PHASES:
