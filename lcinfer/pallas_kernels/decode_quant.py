@@ -62,6 +62,8 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
   base = split * (blocks_per_split * block_k)
   k_pieces, v_pieces = k_layout[3], v_layout[3]
   q_parts = [q_ref[:, pl.ds(c0, w)] for c0, w, _, _ in k_pieces]
+  q_f32 = [qp.astype(jnp.float32) for qp in q_parts]      # loop-invariant: once per program
+  q_sums = [jnp.sum(qf, axis=1) for qf in q_f32]
 
   def dot(a, b, dims):
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
@@ -75,29 +77,32 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
       codes = codes & ((1 << bits) - 1)
     return codes.astype(cdt)  # small integers: exact in bf16
 
-  def scales(s_ref, z_ref, layout, piece, start):
-    """('token', s [bk], z [bk]) | ('row', s [1, w], z [1, w]) | ('each', s [bk, w], z [bk, w])."""
+  def scales(s_ref, z_ref, layout, piece, start, memo):
+    """('token', s [bk], z [bk]) | ('row', s [1, w], z [1, w]) | ('each', s [bk, w], z [bk, w]).
+    Pieces of one channel group share their per-token scales: loaded once per block (`memo`)."""
     _, axis, group, _ = layout
     c0, w = piece[:2]
     if axis == "token":           # one scale per key for this channel group
-      idx, mode = (pl.ds(start, block_k), c0 // group), "token"
+      key, idx, mode = c0 // group, (pl.ds(start, block_k), c0 // group), "token"
     elif group % block_k == 0:    # the block lies in one token group: one row of channel scales
-      idx, mode = (pl.ds(lax.div(start, group), 1), pl.ds(c0, w)), "row"
+      key, idx, mode = c0, (pl.ds(lax.div(start, group), 1), pl.ds(c0, w)), "row"
     else:                         # each key's group row, gathered (cache-resident)
-      idx, mode = (lax.div(start + jnp.arange(block_k, dtype=jnp.int32), group), pl.ds(c0, w)), "each"
-    return mode, s_ref[idx].astype(jnp.float32), z_ref[idx].astype(jnp.float32)
+      key, idx, mode = c0, (lax.div(start + jnp.arange(block_k, dtype=jnp.int32), group), pl.ds(c0, w)), "each"
+    if key not in memo:
+      memo[key] = (mode, s_ref[idx].astype(jnp.float32), z_ref[idx].astype(jnp.float32))
+    return memo[key]
 
   def body(j, carry):
     start = pl.multiple_of(base + j * block_k, block_k)
     s = None
-    for qp, piece in zip(q_parts, k_pieces):
+    k_memo, v_memo = {}, {}
+    for qp, qf, q_sum, piece in zip(q_parts, q_f32, q_sums, k_pieces):
       codes = codes_of(kc_ref, k_layout, piece, start)
-      mode, sc, zr = scales(ks_ref, kz_ref, k_layout, piece, start)
-      qf = qp.astype(jnp.float32)
+      mode, sc, zr = scales(ks_ref, kz_ref, k_layout, piece, start, k_memo)
       if mode == "row":    # q . (c * s + z) = (q * s) . c + q . z
         part = dot((qf * sc).astype(cdt), codes, ((1,), (1,))) + jnp.sum(qf * zr, axis=1)[:, None]
       elif mode == "token":  # per key: s_t (q . c_t) + z_t sum(q)
-        part = dot(qp, codes, ((1,), (1,))) * sc[None, :] + jnp.sum(qf, axis=1)[:, None] * zr[None, :]
+        part = dot(qp, codes, ((1,), (1,))) * sc[None, :] + q_sum[:, None] * zr[None, :]
       else:
         part = dot(qp, (codes.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (1,)))
       s = part if s is None else s + part
@@ -107,7 +112,7 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
       outs = []
       for piece in v_pieces:
         codes = codes_of(vc_ref, v_layout, piece, start)
-        mode, sc, zr = scales(vs_ref, vz_ref, v_layout, piece, start)
+        mode, sc, zr = scales(vs_ref, vz_ref, v_layout, piece, start, v_memo)
         if mode == "token":   # sum_t p_t (s_t c_t + z_t) = (p * s) @ c + p . z
           outs.append(dot((p * sc[None, :]).astype(cdt), codes, ((1,), (0,)))
                       + jnp.sum(p * zr[None, :], axis=1)[:, None])
