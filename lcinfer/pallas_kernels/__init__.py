@@ -25,6 +25,7 @@ from lcinfer.pallas_kernels.decode_quant import (quantized_decode_attention,  # 
                                                  quantized_decode_reference)
 
 __all__ = ["attention_reference", "dispatch", "flash_triton", "block_sparse", "block_sparse_reference",
-           "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode", "decode_attention", "decode_reference",
+           "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode",
+           "decode_attention", "decode_reference",
            "quant", "quantized_decode_attention", "quantized_decode_reference", "tpu_block_sparse",
            "KeyRanges", "vertical_slash_to_ranges"]

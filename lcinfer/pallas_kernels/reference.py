@@ -189,7 +189,8 @@ def block_sparse_reference(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float, caus
                            columns=None, out_dtype=None, interpret: bool = False, num_warps=None,
                            num_stages=None):
   """Block-sparse attention in float32 from the dense key mask of `layout` (a BlockSparse or
-  KeyRanges) (+ `columns`): the union semantics of sparse_index.py / vertical_slash.py, causal. Returns (out [B,T,H,D], lse [B,T,H]).
+  KeyRanges) (+ `columns`): the union semantics of sparse_index.py / vertical_slash.py, causal.
+  Returns (out [B,T,H,D], lse [B,T,H]).
   `interpret` and the kernel's knobs are accepted and ignored (dispatcher)."""
   del interpret, num_warps, num_stages
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)

@@ -203,7 +203,8 @@ def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int):
   invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
   cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
   max_ranges pieces with the highest keys are kept. With bk = 1 and lo / hi in block units it
-  lists blocks (the grid-aligned builder). Returns (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
+  lists blocks (the grid-aligned builder). Returns (count [..], start [.., max_ranges],
+  stop [.., max_ranges]) (stop exclusive)."""
   hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
   covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
   before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)

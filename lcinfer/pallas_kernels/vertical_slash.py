@@ -155,10 +155,11 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   their offsets differ by at most block_q, whatever the block, so the runs are found once per head
   in offset space and each block only shifts and clips them: per-block work is O(max_ranges), not
   O(number of slashes). The last block, if shorter, gets its own merge. If there are more than
-  `max_ranges`, the ones nearest the diagonal are kept. The verticals become the gathered columns: one ascending, duplicate-free
-  list per head (Columns.index [B, H, 1, n], n <= max_cols, the highest dropped beyond it), of
-  which each query block takes the prefix up to its last row (the kernel skips the ones inside the
-  block's ranges; no per-block column arrays are built). Every required key {k <= q : k a
+  `max_ranges`, the ones nearest the diagonal are kept. The verticals become the gathered
+  columns: one ascending, duplicate-free list per head (Columns.index [B, H, 1, n],
+  n <= max_cols, the highest dropped beyond it), of which each query block takes the prefix up to
+  its last row (the kernel skips the ones inside the block's ranges; no per-block column arrays
+  are built). Every required key {k <= q : k a
   vertical or q - k a slash} is attended (unless truncated), plus the other keys of the runs (a
   slash run spans the query block's height). Returns (KeyRanges, Columns).
   """
