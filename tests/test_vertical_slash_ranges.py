@@ -115,6 +115,14 @@ def test_truncation_keeps_the_ranges_nearest_the_diagonal():
   assert list(np.asarray(cols.index)[0, 0, 0][:int(cols.count[0, 0, 3])]) == [2, 5]  # lowest first
 
 
+def _check_kernel(name, q, k, v, layout, cols, dtype, scale, interpret=True, **kernel_kw):
+  """The kernel (outputs NaN-poisoned) against the float32 oracle on the same layout."""
+  out, lse = block_sparse_attention(q, k, v, layout, scale=scale, columns=cols, interpret=interpret,
+                                    _poison=NAN, **kernel_kw)
+  ref, ref_lse = block_sparse_reference(q, k, v, layout, scale=scale, columns=cols, out_dtype=jnp.float32)
+  assert_matches_oracle(name, out, lse, ref, ref_lse, dtype)
+
+
 def _random_ranges(rng, b, h, t, bq, bk, m):
   """Arbitrary user ranges: overlapping, too long (cut to block_k), empty, out of range, garbage past count."""
   nq = -(-t // bq)
@@ -139,9 +147,7 @@ def test_kernel_on_arbitrary_ranges_matches_oracle(t, h, kh, d, bq, bk, dtype, w
     nq = -(-t // bq)
     cols = Columns(jnp.asarray(rng.integers(0, 9, (b, h, nq)), jnp.int32),
                    jnp.asarray(rng.integers(-3, t + 3, (b, h, nq, 8)), jnp.int32))
-  out, lse = block_sparse_attention(q, k, v, ranges, scale=d ** -0.5, columns=cols, interpret=True, _poison=NAN)
-  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
-  assert_matches_oracle("ranges", out, lse, ref, ref_lse, dtype)
+  _check_kernel("ranges", q, k, v, ranges, cols, dtype, d ** -0.5)
 
 
 def test_kernel_on_vertical_slash_ranges_matches_oracle():
@@ -150,10 +156,7 @@ def test_kernel_on_vertical_slash_ranges_matches_oracle():
   vert, slash = _pattern(rng, b, h, t, 9, 6)
   ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, 32, 32, 12, 16)
   q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
-  out, lse = block_sparse_attention(q, k, v, ranges, scale=0.125, columns=cols, column_chunk=16,
-                                    interpret=True, _poison=NAN)
-  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=0.125, columns=cols)
-  assert_matches_oracle("vs ranges", out, lse, ref, ref_lse, "float32")
+  _check_kernel("vs ranges", q, k, v, ranges, cols, "float32", 0.125, column_chunk=16)
 
 
 def test_shared_column_list_with_garbage_matches_oracle():
@@ -166,10 +169,7 @@ def test_shared_column_list_with_garbage_matches_oracle():
   idx = rng.integers(-5, t + 5, (b, h, 1, 12)).astype(np.int32)
   idx[0, 0, 0, 3] = idx[0, 0, 0, 1]
   cols = Columns(jnp.asarray([[[2, 7, 12]] * h], jnp.int32), jnp.asarray(idx))
-  out, lse = block_sparse_attention(q, k, v, ranges, scale=0.125, columns=cols, column_chunk=16,
-                                    interpret=True, _poison=NAN)
-  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=0.125, columns=cols)
-  assert_matches_oracle("shared cols", out, lse, ref, ref_lse, "float32")
+  _check_kernel("shared cols", q, k, v, ranges, cols, "float32", 0.125, column_chunk=16)
 
 
 def test_bad_ranges_raise():
@@ -193,10 +193,6 @@ def test_vertical_slash_ranges_gpu_long():
   vert, slash = _pattern(rng, b, h, t, 64, 32)
   ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, 64, 64, 48, 64)
   q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
-  out, lse = block_sparse_attention(q, k, v, ranges, scale=d ** -0.5, columns=cols, _poison=NAN)
-  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
-  assert_matches_oracle("vs ranges gpu", out, lse, ref, ref_lse, "bfloat16")
+  _check_kernel("vs ranges gpu", q, k, v, ranges, cols, "bfloat16", d ** -0.5, interpret=False)
   r2 = _random_ranges(rng, b, h, t, 64, 64, 10)
-  out, lse = block_sparse_attention(q, k, v, r2, scale=d ** -0.5, _poison=NAN)
-  ref, ref_lse = block_sparse_reference(q, k, v, r2, scale=d ** -0.5, out_dtype=jnp.float32)
-  assert_matches_oracle("random ranges gpu", out, lse, ref, ref_lse, "bfloat16")
+  _check_kernel("random ranges gpu", q, k, v, r2, None, "bfloat16", d ** -0.5, interpret=False)
