@@ -56,9 +56,11 @@ def test_index_is_exactly_the_union_of_slash_ranges_plus_columns(t, bq, bk):
     assert len(got) == len(set(got)), "ranges overlap"
     assert set(got) == want, i
     assert list(lo[i][:cnt[i]]) == sorted(lo[i][:cnt[i]])
-    # merged: a run of adjacent keys is cut into block_k pieces, so the count is minimal
-    runs = sum(1 for kk in want if kk - 1 not in want)
-    assert cnt[i] <= runs + len(want) // bk
+    # merged: a run of adjacent keys is cut into block_k pieces at 8-aligned windows, so the count
+    # is minimal: ceil((len + misalignment of its start) / bk) per run
+    starts = [kk for kk in want if kk - 1 not in want]
+    lens = [next(n for n in range(1, t + 2) if a + n not in want) for a in starts]
+    assert cnt[i] == sum(-(-(n + a % 8) // bk) for a, n in zip(starts, lens))
     # one sorted list per head; the block's prefix is every vertical up to its last row (those
     # inside a range are masked by the kernel, not dropped here)
     assert cidx.shape[2] == 1
@@ -68,7 +70,8 @@ def test_index_is_exactly_the_union_of_slash_ranges_plus_columns(t, bq, bk):
 
 def _brute_force_pieces(slash, t, bq, bk, max_ranges):
   """Per block: the keys some slash reaches, split into maximal contiguous runs, each cut into
-  bk-long pieces from its start; the max_ranges highest pieces kept. [(start, stop), ...]."""
+  pieces at windows [w, w + bk) with w = (its start rounded down to a multiple of 8) + i * bk; the
+  max_ranges highest pieces kept. [(start, stop), ...]."""
   out = []
   for qb in range(-(-t // bq)):
     q0, q1 = qb * bq, min((qb + 1) * bq, t) - 1
@@ -78,7 +81,8 @@ def _brute_force_pieces(slash, t, bq, bk, max_ranges):
       j = i
       while j + 1 < len(keys) and keys[j + 1] == keys[j] + 1:
         j += 1
-      pieces += [(a, min(a + bk, keys[j] + 1)) for a in range(keys[i], keys[j] + 1, bk)]
+      pieces += [(max(w, keys[i]), min(w + bk, keys[j] + 1))
+                 for w in range(keys[i] - keys[i] % 8, keys[j] + 1, bk)]
       i = j + 1
     out.append(pieces[-max_ranges:])
   return out
@@ -111,7 +115,8 @@ def test_truncation_keeps_the_ranges_nearest_the_diagonal():
   vert = jnp.asarray([[[60, 2, 33, 5, 9]]], jnp.int32)
   ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 2, 2)
   c, lo, hi = int(ranges.count[0, 0, 3]), np.asarray(ranges.start)[0, 0, 3], np.asarray(ranges.end)[0, 0, 3]
-  assert c == 2 and list(zip(lo, hi)) == [(28, 44), (48, 64)]
+  # pieces at 8-aligned 16-key windows: 3-18 -> [3, 16) [16, 19); 28-43 -> [28, 40) [40, 44); 48-63
+  assert c == 2 and list(zip(lo, hi)) == [(40, 44), (48, 64)]
   assert list(np.asarray(cols.index)[0, 0, 0][:int(cols.count[0, 0, 3])]) == [2, 5]  # lowest first
 
 

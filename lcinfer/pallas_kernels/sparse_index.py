@@ -49,9 +49,13 @@ class BlockSparse:
 class Columns:
   """Per (batch, head, query block): gathered key columns (the vertical part of vertical-slash).
   index [B, H, 1, n] is one list per head shared by the query blocks: block qb takes its first
-  count[b, h, qb] entries."""
+  count[b, h, qb] entries. ascending=True (static) promises, for a shared list, that the entries
+  every block may take (j < max count) are ascending, distinct and in [0, S): a block's columns
+  are then all of the list up to its last one, which the Hopper kernel relies on (the builders
+  set it; like `indices_are_sorted` in gathers, a false promise gives wrong results)."""
   count: jax.Array  # [B, H, nq] int32
   index: jax.Array  # [B, H, nq, max_cols] (or [B, H, 1, max_cols]) int32
+  ascending: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
   @property
   def max_cols(self) -> int:
@@ -144,7 +148,7 @@ def canonical_columns(columns: Columns, last, s: int, causal: bool) -> Columns:
     rep = jnp.concatenate([jnp.zeros_like(srt[..., :1], bool), srt[..., 1:] == srt[..., :-1]], axis=-1)
     rep = jnp.take_along_axis(rep, jnp.argsort(order, axis=-1), axis=-1)  # back to list order
     cols = jnp.where(ok & ~rep, cols, -1)
-    return Columns(jnp.clip(columns.count, 0, cols.shape[-1]).astype(jnp.int32), cols)
+    return Columns(jnp.clip(columns.count, 0, cols.shape[-1]).astype(jnp.int32), cols, columns.ascending)
   okc = (slots < columns.count[..., None]) & (cols >= 0) & (cols < s)
   if causal:
     okc = okc & (cols <= last)
@@ -198,21 +202,24 @@ def sorted_slash_offsets(slash_idx, t: int):
   return -jnp.sort(-jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)
 
 
-def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int):
+def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1):
   """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones, and every
   invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
   cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
   max_ranges pieces with the highest keys are kept. With bk = 1 and lo / hi in block units it
-  lists blocks (the grid-aligned builder). Returns (count [..], start [.., max_ranges],
-  stop [.., max_ranges]) (stop exclusive)."""
+  lists blocks (the grid-aligned builder). Pieces are cut at multiples of `align` (each lies in
+  a window [a, a + bk) with a % align == 0; the first piece of a run may start later inside its
+  window), so that kernels whose loads must start at aligned rows load each piece once. Returns
+  (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
   hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
   covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
   before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
   new_run = valid & (lo > before + 1)                         # a gap: a new run starts
   run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
+  run_al = run_lo - run_lo % align                            # the run's first aligned window
   after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
   last_of_run = valid & after & (covered >= run_lo)
-  pieces = jnp.where(last_of_run, (covered - run_lo + bk) // bk, 0)   # ceil(len / bk)
+  pieces = jnp.where(last_of_run, (covered - run_al + bk) // bk, 0)   # ceil(len / bk) in windows
   end = jnp.cumsum(pieces, axis=-1)
   total = end[..., -1:]
   count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
@@ -221,8 +228,9 @@ def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int):
       end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
   seg = jnp.minimum(seg, lo.shape[-1] - 1)
   first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
-  start = jnp.take_along_axis(run_lo, seg, axis=-1) + (rank - first_piece) * bk
-  stop = jnp.minimum(start + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
+  window = jnp.take_along_axis(run_al, seg, axis=-1) + (rank - first_piece) * bk
+  start = jnp.maximum(window, jnp.take_along_axis(run_lo, seg, axis=-1))
+  stop = jnp.minimum(window + bk, jnp.take_along_axis(covered, seg, axis=-1) + 1)
   slot_ok = jnp.arange(max_ranges) < count[..., None]
   return count, jnp.where(slot_ok, start, 0).astype(jnp.int32), jnp.where(slot_ok, stop, 0).astype(jnp.int32)
 
@@ -270,5 +278,5 @@ def shared_vertical_columns(vertical_idx, t: int, q1, max_cols: int) -> Columns:
   c = jnp.sort(jnp.where(rep, t, c), axis=-1)[..., :max_cols]         # ascending; t = no entry
   count = jax.vmap(lambda row: jnp.searchsorted(row, q1[:, 0], side="right"))(
       c.reshape(-1, c.shape[-1])).reshape(c.shape[:2] + (q1.shape[0],))
-  return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :])
+  return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :], ascending=True)
 

@@ -33,6 +33,9 @@ from lcinfer.pallas_kernels.sparse_index import (Columns, _check_int, _last_q_ro
                                                  sorted_slash_offsets, check_vertical_slash_args)
 
 
+PIECE_ALIGN = 8  # pieces of a run are cut at multiples of 8 keys: TMA loads of tiled (8-row) tiles
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KeyRanges:
@@ -85,17 +88,24 @@ def ranges_key_mask(ranges: KeyRanges, columns: Columns | None, t: int, s: int, 
   return mask
 
 
-def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool):
+def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool,
+                        align: int = 1):
   """The kernel's form, same key set: (lo, hi, count, n_whole, columns) with ranges clipped, sorted,
   disjoint (each minus what earlier ones cover), empty ones dropped, and ordered so that the n_whole
   ranges every row of the query block sees whole (block_k keys at or before its first row) come
   first; columns as `sparse_index.canonical_columns` (the kernel masks those inside a range).
-  Cost: sorts of each list."""
+  align > 1: each range is first split at the end of its `align`-aligned window of block_k keys
+  [lo - lo % align, + block_k), so that every range lies in one such window (lists twice as long;
+  the builders' pieces already do, so the second halves are empty and dropped). Cost: sorts of each
+  list."""
   bq, bk = ranges.block_q, ranges.block_k
   nq = ranges.count.shape[-1]
   last = _last_q_row(nq, bq, t)[:, None]
   first = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
   lo, hi, ok = _clipped(ranges, s)
+  if align > 1:
+    cut = jnp.minimum(lo - lo % align + bk, hi)
+    lo, hi, ok = (jnp.concatenate(x, axis=-1) for x in ((lo, cut), (cut, hi), (ok, ok)))
   ok = ok & (lo < hi)
   if causal:
     ok = ok & (lo <= last)
@@ -154,7 +164,8 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   each run is cut into block_k-long ranges. For full blocks two slashes' ranges join exactly when
   their offsets differ by at most block_q, whatever the block, so the runs are found once per head
   in offset space and each block only shifts and clips them: per-block work is O(max_ranges), not
-  O(number of slashes). The last block, if shorter, gets its own merge. If there are more than
+  O(number of slashes). Runs are cut at multiples of PIECE_ALIGN (8): every piece lies in one
+  8-aligned window of block_k keys, which the Hopper kernel loads whole. The last block, if shorter, gets its own merge. If there are more than
   `max_ranges`, the ones nearest the diagonal are kept. The verticals become the gathered
   columns: one ascending, duplicate-free list per head (Columns.index [B, H, 1, n],
   n <= max_cols, the highest dropped beyond it), of which each query block takes the prefix up to
@@ -183,11 +194,11 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
     valid = has[:, :, None, :] & (o_lo[:, :, None, :] <= last[:, None])
     lo = jnp.maximum(q0[:nfull] - hi_off, 0)
     hi = q1[:nfull] - o_lo[:, :, None, :]
-    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges))
+    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges, PIECE_ALIGN))
   if nfull < nq:  # the last, shorter block: its own merge over the raw slashes
     oq = o[:, :, None, :]
     parts.append(merge_into_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk,
-                                   max_ranges))
+                                   max_ranges, PIECE_ALIGN))
   count, start, stop = (jnp.concatenate(x, axis=2) for x in zip(*parts))
   ranges = KeyRanges(count, start, stop, block_q, block_k)
   return ranges, shared_vertical_columns(vertical_idx, t, q1, max_cols)
