@@ -83,10 +83,12 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, s_padded, has_cols,
     return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)
 
   # The canonical lists start with the ranges every row of the query block sees whole (meta[2] of
-  # them: block_k keys, left of the diagonal); they skip the mask arithmetic.
+  # them: block_k keys, left of the diagonal); they skip the mask arithmetic. Both parts run
+  # backwards (nearest the diagonal first), so that the programs in flight sweep the keys together
+  # and share them in L2 (see flash_triton).
   carry = osm.init(block_q, q.shape[-1])
-  carry = lax.fori_loop(0, meta_ref[2], functools.partial(block_body, masked=False), carry)
-  carry = lax.fori_loop(meta_ref[2], meta_ref[0], functools.partial(block_body, masked=True), carry)
+  carry = osm.descending(meta_ref[2], meta_ref[0], functools.partial(block_body, masked=True), carry)
+  carry = osm.descending(0, meta_ref[2], functools.partial(block_body, masked=False), carry)
 
   if has_cols:
     ccount = meta_ref[1]
@@ -115,6 +117,30 @@ def _kernel(*refs, scale, causal, block_q, block_k, s_valid, s_padded, has_cols,
   lse_ref[...] = lse
 
 
+def prepare_ranges(layout: BlockSparse | KeyRanges, columns: Columns | None, t: int, s: int,
+                   causal: bool, align: int = 1):
+  """The kernels' form of any layout: (lo, hi [B, H, nq, M] key ranges of at most block_k keys,
+  count, n_whole [B, H, nq], columns) canonical (sorted, disjoint, clipped), the n_whole ranges
+  that every row of the query block sees whole listed first. Grid blocks become aligned ranges;
+  align > 1: every range lies in one `align`-aligned window of block_k keys (see
+  `canonicalize_ranges`)."""
+  bq, bk = layout.block_q, layout.block_k
+  nq = pl.cdiv(t, bq)
+  if isinstance(layout, BlockSparse):
+    layout, columns = canonicalize(layout, columns, t, s, causal)
+    lo = layout.kv_block_idx * bk
+    hi = jnp.minimum(lo + bk, s)
+    count = layout.count
+    # blocks whole for every row of the query block: a prefix of the ascending list
+    q0 = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
+    whole = (jnp.arange(layout.max_blocks) < count[..., None]) & (lo + bk <= s)
+    if causal:
+      whole = whole & (lo + bk - 1 <= q0)
+    n_whole = jnp.sum(whole, axis=-1)
+    return lo, hi, count, n_whole, columns
+  return canonicalize_ranges(layout, columns, t, s, causal, align)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "scale", "causal", "col_chunk", "num_warps", "num_stages", "interpret", "poison"))
 def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col_chunk, num_warps,
@@ -126,19 +152,7 @@ def _block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, col
   nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
   tp, sp = nq * bq, nk * bk
   aligned = isinstance(layout, BlockSparse)
-  if aligned:
-    layout, columns = canonicalize(layout, columns, t, s, causal)
-    lo = layout.kv_block_idx * bk
-    hi = jnp.minimum(lo + bk, s)
-    count = layout.count
-    # blocks whole for every row of the query block: a prefix of the ascending list
-    q0 = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
-    whole = (jnp.arange(layout.max_blocks) < count[..., None]) & (lo + bk <= s)
-    if causal:
-      whole = whole & (lo + bk - 1 <= q0)
-    n_whole = jnp.sum(whole, axis=-1)
-  else:
-    lo, hi, count, n_whole, columns = canonicalize_ranges(layout, columns, t, s, causal)
+  lo, hi, count, n_whole, columns = prepare_ranges(layout, columns, t, s, causal)
   q = jnp.pad(q_BTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   k = jnp.pad(k_BSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
   v = jnp.pad(v_BSKD, ((0, 0), (0, sp - s), (0, 0), (0, 0)))

@@ -142,11 +142,14 @@ def _kernel(*refs, scale, causal, window, kv_offset, block_q, block_k, s_valid, 
       mask = _and(mask, q_seg[:, None] == kv_seg[None, :])
     return osm.update(carry, s, v, mask, precision)
 
+  # KV blocks in descending order (diagonal first): the programs in flight, consecutive query
+  # blocks of one head, then sweep the keys together and share them in L2 (ascending, a newly
+  # started program rereads the head's keys from 0, and at 128K the head's K/V exceeds L2).
   masked = functools.partial(body, masked=True)
   carry = osm.init(block_q, q.shape[-1])
-  carry = lax.fori_loop(lo, lo_full, masked, carry)                                 # window edge
-  carry = lax.fori_loop(lo_full, hi_full, functools.partial(body, masked=False), carry)  # interior
-  carry = lax.fori_loop(hi_full, hi, masked, carry)                                 # diagonal, tail
+  carry = osm.descending(hi_full, hi, masked, carry)                                  # diagonal, tail
+  carry = osm.descending(lo_full, hi_full, functools.partial(body, masked=False), carry)  # interior
+  carry = osm.descending(lo, lo_full, masked, carry)                                  # window edge
   out, lse = osm.finish(carry)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse

@@ -60,3 +60,8 @@ def finish(carry):
   l_safe = jnp.where(seen, l, 1.0)
   out = tuple(a / l_safe[:, None] for a in acc) if isinstance(acc, tuple) else acc / l_safe[:, None]
   return out, jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+
+
+def descending(lo, hi, body, carry):
+  """lax.fori_loop over i = hi - 1, ..., lo (KV blocks nearest the diagonal first)."""
+  return lax.fori_loop(lo, hi, lambda i, c: body(lo + hi - 1 - i, c), carry)
