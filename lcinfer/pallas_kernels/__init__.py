@@ -17,6 +17,7 @@ from lcinfer.pallas_kernels.sparse_index import (BlockSparse, Columns, blocks_fr
                                                  vertical_slash_to_layout)
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges  # noqa: F401
 from lcinfer.pallas_kernels import block_sparse  # noqa: F401  (registers "block_sparse_attention")
+from lcinfer.pallas_kernels import flash_mgpu  # noqa: F401  (registers the "mosaic_gpu" implementations)
 from lcinfer.pallas_kernels import decode  # noqa: F401  (registers "decode_attention")
 from lcinfer.pallas_kernels.decode import decode_attention, decode_reference  # noqa: F401
 from lcinfer.pallas_kernels import quant  # noqa: F401  (quantized cache layouts)
@@ -24,7 +25,7 @@ from lcinfer.pallas_kernels import tpu_block_sparse  # noqa: F401  (registers th
 from lcinfer.pallas_kernels.decode_quant import (quantized_decode_attention,  # noqa: F401
                                                  quantized_decode_reference)
 
-__all__ = ["attention_reference", "dispatch", "flash_triton", "block_sparse", "block_sparse_reference",
+__all__ = ["attention_reference", "dispatch", "flash_triton", "flash_mgpu", "block_sparse", "block_sparse_reference",
            "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode",
            "decode_attention", "decode_reference",
            "quant", "quantized_decode_attention", "quantized_decode_reference", "tpu_block_sparse",

@@ -32,13 +32,16 @@ class DispatchError(NotImplementedError):
     super().__init__(f"no implementation of {op!r} could run this call ({lines})")
 
 
-def register(op: str, name: str, fn: Callable | None = None):
-  """Register `fn` as implementation `name` of `op` (appended to the default order). Decorator-able."""
+def register(op: str, name: str, fn: Callable | None = None, *, first: bool = False):
+  """Register `fn` as implementation `name` of `op`, appended to the default order (first=True: put
+  before the others, for a faster kernel that serves fewer calls). Decorator-able."""
   def deco(f):
     table = _IMPLS.setdefault(op, {})
     if name in table:
       raise ValueError(f"implementation {name!r} of {op!r} is already registered")
     table[name] = f
+    if first:
+      _IMPLS[op] = {name: f, **{k: v for k, v in table.items() if k != name}}
     return f
   return deco if fn is None else deco(fn)
 

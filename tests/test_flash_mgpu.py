@@ -1,0 +1,196 @@
+"""The Hopper (Mosaic GPU, wgmma) attention kernel, pallas_kernels/flash_mgpu.py.
+
+Mosaic GPU has no CPU interpret mode for wgmma, so: on CPU, the kernel is lowered to Mosaic GPU IR
+for a CUDA target (every Pallas-level construct must lower) and the range splitting it relies on
+is checked against the key-set semantics; on an H100 (gpu-marked), outputs against the float32
+oracles on fresh random inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcinfer.pallas_kernels import dispatch, flash_mgpu
+from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
+from lcinfer.pallas_kernels.sparse_index import BlockSparse
+from lcinfer.pallas_kernels.sparse_index import Columns
+from lcinfer.pallas_kernels.vertical_slash import (KeyRanges, canonicalize_ranges, ranges_key_mask,
+                                                   vertical_slash_to_ranges)
+
+
+def _qkv(rng, b, t, s, h, kh, d, dtype):
+  dt = jnp.dtype(dtype)
+  return tuple(jnp.asarray(rng.standard_normal(sh), dt) for sh in ((b, t, h, d), (b, s, kh, d), (b, s, kh, d)))
+
+
+def _random_ranges(rng, b, h, t, bk, m):
+  """User ranges at any offset: overlapping, empty, out of range, garbage past count, empty rows."""
+  nq = -(-t // flash_mgpu.TILE_Q)
+  start = rng.integers(-bk, t + bk, (b, h, nq, m)).astype(np.int32)
+  end = start + rng.integers(-2, 2 * bk, (b, h, nq, m)).astype(np.int32)
+  count = rng.integers(0, m + 1, (b, h, nq)).astype(np.int32)
+  count[0, 0, -1] = 0
+  return KeyRanges(jnp.asarray(count), jnp.asarray(start), jnp.asarray(end), flash_mgpu.TILE_Q, bk)
+
+
+def _lowered(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("mode,t,h,kh,d,bk,dtype", [
+    ("causal", 384, 4, 1, 128, 128, jnp.bfloat16),
+    ("full", 200, 2, 2, 64, 64, jnp.float16),
+    ("ranges", 256, 4, 2, 128, 64, jnp.bfloat16),
+    ("columns", 300, 2, 1, 128, 128, jnp.bfloat16),
+])
+def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bk, dtype):
+  """Every construct of the kernel lowers to Mosaic GPU for a CUDA target (no GPU needed)."""
+  q = jax.ShapeDtypeStruct((1, t, h, d), dtype)
+  kv = jax.ShapeDtypeStruct((1, t, kh, d), dtype)
+  layout = cols = None
+  if mode == "ranges":
+    layout = _random_ranges(np.random.default_rng(0), 1, h, t, bk, 3)
+  if mode == "columns":
+    layout, cols = _vertical_slash(np.random.default_rng(0), h, t, bk)
+  for heads_fastest in (True, False):
+    run = lambda q, k, v, lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=0.1, causal=mode != "full",
+                                                     block_k=bk, stages=2, heads_fastest=heads_fastest)
+    assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
+
+
+def _vertical_slash(rng, h, t, bk, nv=9, ns=6):
+  vert = rng.integers(0, t, (1, h, nv)).astype(np.int32)
+  slash = rng.integers(0, t, (1, h, ns)).astype(np.int32)
+  slash[:, :, :2] = [0, 1]
+  return vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, flash_mgpu.TILE_Q, bk, 24, 16)
+
+
+@pytest.mark.parametrize("t,bk,align", [(300, 64, 8), (256, 128, 8), (130, 32, 16)])
+def test_aligned_split_keeps_the_key_set(t, bk, align):
+  """canonicalize_ranges(align=8): same keys, disjoint, and each range inside one window
+  [a, a + bk) with a % align == 0 (what the kernel loads)."""
+  rng = np.random.default_rng(t + bk)
+  b, h, bq = 2, 3, 128
+  ranges = _random_ranges(rng, b, h, t, bk, 5)
+  lo, hi, count, n_whole, _ = canonicalize_ranges(ranges, None, t, t, True, align)
+  lo, hi, count, n_whole = (np.asarray(x) for x in (lo, hi, count, n_whole))
+  want = np.asarray(ranges_key_mask(ranges, None, t, t, causal=True))
+  keys = np.arange(t)
+  for i in np.ndindex(*count.shape):
+    got = np.zeros(t, bool)
+    for j in range(count[i]):
+      assert lo[i][j] < hi[i][j] and hi[i][j] <= lo[i][j] - lo[i][j] % align + bk, (i, j)
+      assert not got[lo[i][j]:hi[i][j]].any(), "ranges overlap"
+      got[lo[i][j]:hi[i][j]] = True
+      whole = j < n_whole[i]
+      assert whole == (hi[i][j] - lo[i][j] == bk and hi[i][j] - 1 <= i[2] * bq), (i, j)
+    rows = slice(i[2] * bq, min((i[2] + 1) * bq, t))
+    np.testing.assert_array_equal(got[None] & (keys[None] <= np.arange(t)[rows, None]), want[i[:2]][rows])
+
+
+def test_bad_calls_raise_clear_errors():
+  rng = np.random.default_rng(1)
+  q, k, v = _qkv(rng, 1, 128, 128, 2, 1, 64, "bfloat16")
+  with pytest.raises(ValueError, match="block_k must be 64 or 128"):
+    flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1, block_k=96)
+  with pytest.raises(ValueError, match="stages"):
+    flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1, stages=1)
+  with pytest.raises(ValueError):  # mismatched shapes: the shared checks
+    flash_mgpu.flash_attention_mgpu(q, k[:, :, :, :32], v, scale=0.1)
+  with pytest.raises(dispatch.Unsupported, match="interpret"):
+    flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1, interpret=True)
+  if flash_mgpu._hopper() is None:
+    with pytest.raises(dispatch.Unsupported, match="Hopper"):
+      flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1)
+  # the dispatcher falls through to a kernel that serves the call
+  out, _ = dispatch.call("flash_attention", ("mosaic_gpu", "xla"), q, k, v, scale=0.1, interpret=True)
+  ref, _ = attention_reference(q, k, v, scale=0.1)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=1e-2)
+
+
+def _close(name, out, lse, ref, ref_lse):
+  out, lse, ref, ref_lse = (np.asarray(x, np.float32) for x in (out, lse, ref, ref_lse))
+  assert np.isfinite(out).all(), f"{name}: non-finite output"
+  empty = np.isneginf(ref_lse)
+  np.testing.assert_array_equal(np.isneginf(lse), empty, err_msg=f"{name}: -inf rows differ")
+  assert np.all(out[empty] == 0), name
+  rel = np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-6)
+  assert rel < 1e-2, f"{name}: relative error {rel}"
+  np.testing.assert_allclose(lse[~empty], ref_lse[~empty], atol=2e-2, err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,kh,d,causal,bk,dtype", [
+    (1024, 4, 1, 128, True, 128, "bfloat16"),
+    (1000, 8, 2, 128, True, 64, "bfloat16"),    # odd length, GQA 4
+    (333, 8, 1, 64, True, 128, "float16"),      # GQA 8, head_dim 64
+    (640, 2, 2, 128, False, 128, "bfloat16"),
+    (200, 4, 4, 64, False, 64, "bfloat16"),
+])
+def test_dense_matches_oracle_on_gpu(t, h, kh, d, causal, bk, dtype):
+  if flash_mgpu._hopper() is None:
+    pytest.skip("needs a Hopper GPU")
+  rng = np.random.default_rng(t + h + d)
+  for b in (1, 2):
+    q, k, v = _qkv(rng, b, t, t, h, kh, d, dtype)
+    out, lse = flash_mgpu.flash_attention_mgpu(q, k, v, scale=d ** -0.5, causal=causal, block_k=bk)
+    ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, causal=causal, out_dtype=jnp.float32)
+    _close(f"dense b={b}", out, lse, ref, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,kh,d,bk", [(512, 4, 1, 128, 128), (700, 8, 2, 64, 64), (384, 2, 2, 128, 64)])
+def test_ranges_and_blocks_match_oracle_on_gpu(t, h, kh, d, bk):
+  if flash_mgpu._hopper() is None:
+    pytest.skip("needs a Hopper GPU")
+  rng = np.random.default_rng(t * 7 + bk)
+  b = 2
+  q, k, v = _qkv(rng, b, t, t, h, kh, d, "bfloat16")
+  ranges = _random_ranges(rng, b, h, t, bk, 6)
+  out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, out_dtype=jnp.float32)
+  _close("ranges", out, lse, ref, ref_lse)
+  nq, nk = -(-t // 128), -(-t // bk)
+  blocks = BlockSparse(jnp.asarray(rng.integers(0, 5, (b, h, nq)), jnp.int32),
+                       jnp.asarray(rng.integers(-1, nk + 1, (b, h, nq, 4)), jnp.int32), 128, bk)
+  out, lse = dispatch.call("block_sparse_attention", ("mosaic_gpu",), q, k, v, blocks, scale=d ** -0.5)
+  ref, ref_lse = block_sparse_reference(q, k, v, blocks, scale=d ** -0.5, out_dtype=jnp.float32)
+  _close("blocks", out, lse, ref, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,kh,d,bk,nv,ns", [(1024, 4, 1, 128, 128, 40, 30), (700, 8, 2, 64, 64, 25, 12)])
+def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bk, nv, ns):
+  """Ranges + the ascending shared column list (columns inside ranges counted once), and an
+  unsorted list falling through the dispatcher to the Triton kernel."""
+  if flash_mgpu._hopper() is None:
+    pytest.skip("needs a Hopper GPU")
+  rng = np.random.default_rng(t + nv)
+  q, k, v = _qkv(rng, 1, t, t, h, kh, d, "bfloat16")
+  ranges, cols = _vertical_slash(rng, h, t, bk, nv, ns)
+  assert cols.ascending
+  out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols,
+                                        out_dtype=jnp.float32)
+  _close("vertical-slash", out, lse, ref, ref_lse)
+  unsorted = Columns(cols.count, jnp.flip(cols.index, -1))
+  with pytest.raises(dispatch.Unsupported, match="ascending"):
+    flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=unsorted)
+  out, lse = dispatch.call("block_sparse_attention", ("mosaic_gpu", "triton"), q, k, v, ranges,
+                           scale=d ** -0.5, columns=unsorted)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=unsorted,
+                                        out_dtype=jnp.float32)
+  _close("unsorted columns via triton", out, lse, ref, ref_lse)
+
+
+def test_mosaic_gpu_comes_first_and_falls_through():
+  """Default order: mosaic_gpu, triton, ..., xla; a call it cannot serve (here: interpret mode on
+  CPU) runs on the next implementation, the same result as asking for that one."""
+  for op in ("flash_attention", "block_sparse_attention"):
+    order = dispatch.implementations(op)
+    assert order[:2] == ("mosaic_gpu", "triton") and order[-1] == "xla"
+  rng = np.random.default_rng(3)
+  q, k, v = _qkv(rng, 1, 40, 40, 2, 1, 64, "float32")
+  got, _ = dispatch.call("flash_attention", None, q, k, v, scale=0.125, interpret=True)
+  want, _ = dispatch.call("flash_attention", ("triton",), q, k, v, scale=0.125, interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
