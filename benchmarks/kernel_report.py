@@ -136,10 +136,13 @@ def markdown(info, rows, command) -> str:
     out.append("")
   if by("block_sparse"):
     out += ["## Block-sparse (random blocks kept among the causal ones, the diagonal always)", "",
-            "| blocks | S | density | ms | speedup vs cuDNN dense | efficiency |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | {fmt(r.get('ms'), '.2f')} | "
-            f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} |" if 'ms' in r else
-            f"| {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | error: {r['error']} | | |"
+            "| kernel | blocks | S | density | ms | speedup vs cuDNN dense | efficiency |",
+            "|---|---|---|---|---|---|---|"]
+    out += [f"| {r.get('impl', 'triton')} | {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | "
+            f"{fmt(r.get('ms'), '.2f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} |"
+            if 'ms' in r else
+            f"| {r.get('impl', 'triton')} | {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | "
+            f"error: {r['error']} | | |"
             for r in by("block_sparse")]
     out.append("")
   if by("vertical_slash"):

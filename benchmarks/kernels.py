@@ -36,6 +36,7 @@ from lcinfer.pallas_kernels import quant
 from lcinfer.pallas_kernels.decode import decode_attention
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention
 from lcinfer.pallas_kernels.flash_triton import flash_attention
+from lcinfer.pallas_kernels.flash_mgpu import block_sparse_attention_mgpu, flash_attention_mgpu
 from lcinfer.pallas_kernels.sparse_index import blocks_from_mask, vertical_slash_to_layout
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
 
@@ -71,6 +72,9 @@ def dense_impls(args, h, d):
       "jax_mosaic_gpu_attention": lambda q, k, v: _mosaic_attention(q, k, v, scale),
       "lcinfer_flash": lambda q, k, v: flash_attention(q, k, v, scale=scale, causal=True,
                                                        interpret=args.smoke)[0],
+      "lcinfer_flash_mgpu": lambda q, k, v: flash_attention_mgpu(q, k, v, scale=scale, causal=True)[0],
+      "lcinfer_flash_mgpu_tiles_fastest": lambda q, k, v: flash_attention_mgpu(
+          q, k, v, scale=scale, causal=True, heads_fastest=False)[0],
       "lcinfer_default": _default_dense(h, d, scale),
   }
   if args.smoke:
@@ -148,7 +152,9 @@ def run_block_sparse(args, rows, dense_ms):
   s, h, d = args.sparse_len, args.heads, 128
   ks = jax.random.split(jax.random.key(11), 4)
   q, k, v = (rand(kk, (1, s, h, d)) for kk in ks[:3])
-  for bq, bk in ((64, 64),) if args.smoke else ((64, 64), (128, 64), (128, 128)):
+  variants = [("triton", 64, 64), ("triton", 128, 64), ("triton", 128, 128), ("mosaic_gpu", 128, 64),
+              ("mosaic_gpu tiles_fastest", 128, 128), ("mosaic_gpu", 128, 128), ("mosaic_gpu stages=3", 128, 64)]
+  for impl, bq, bk in variants[:1] if args.smoke else variants:
     nq, nk = s // bq, s // bk
     qb = jnp.arange(nq)[:, None]
     kb = jnp.arange(nk)[None, :]
@@ -160,11 +166,15 @@ def run_block_sparse(args, rows, dense_ms):
     layout = jax.jit(blocks_from_mask, static_argnums=(1,), static_argnames=("block_q", "block_k"))(
         keep, max_blocks, block_q=bq, block_k=bk)
 
-    def f(q, k, v, layout):
-      return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, interpret=args.smoke)[0]
-    r = attempt(rows, f"block_sparse keep={args.keep} blocks {bq}x{bk} S={s}",
+    kernel = block_sparse_attention if impl == "triton" else functools.partial(
+        block_sparse_attention_mgpu, heads_fastest="tiles_fastest" not in impl,
+        stages=3 if "stages=3" in impl else 2)
+
+    def f(q, k, v, layout, kernel=kernel):
+      return kernel(q, k, v, layout, scale=d ** -0.5, interpret=args.smoke)[0]
+    r = attempt(rows, f"block_sparse {impl} keep={args.keep} blocks {bq}x{bk} S={s}",
                 lambda: bench(f, q, k, v, layout, reps=args.reps))
-    r.update(section="block_sparse", S=s, block_q=bq, block_k=bk, density=density)
+    r.update(section="block_sparse", impl=impl, S=s, block_q=bq, block_k=bk, density=density)
     if "ms" in r and dense_ms:
       r["speedup"] = dense_ms / r["ms"]
       r["efficiency"] = density * dense_ms / r["ms"]
@@ -207,14 +217,16 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
       vert, sl = vs_pattern(rng, s, h, min(nv, s), min(ns, s))
       density = vs_density(vert, sl, s)
       vj, sj = jnp.asarray(vert), jnp.asarray(sl)
-      variants = [("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("ranges", 128, 128, 64)]
-      if kh == h:
-        variants.append(("aligned blocks", args.vs_block, args.vs_block, 32))
+      variants = [("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
+                  ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None)]
+      if args.vs_all and kh == h:
+        variants += [("ranges", 64, 64, 32), ("ranges", 128, 128, 32),
+                     ("aligned blocks", args.vs_block, args.vs_block, 32)]
       if args.smoke:  # the plumbing of both layouts, once
-        variants = [variants[0], variants[-1]] if kh == h else []
+        variants = [("ranges", 64, 64, 32), ("aligned blocks", args.vs_block, args.vs_block, 32)] if kh == h else []
       for kind, bq, bk, chunk in variants:
         max_cols = max(32, -(-nv // 32) * 32)
-        if kind == "ranges":  # the near run in block_k pieces, one piece per far slash
+        if kind.startswith("ranges"):  # the near run in block_k pieces, one piece per far slash
           build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
                                     max_ranges=-(-(max(ns - 50, 1) + bq) // bk) + min(50, ns) + 2,
                                     max_cols=max_cols)
@@ -223,14 +235,18 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
                                     max_blocks=-(-max(ns - 50, 1) // bk) + 2 * min(50, ns) + 2,
                                     max_cols=max_cols)
 
-        def f(q, k, v, vert, sl, build=build, chunk=chunk):
+        def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
+              stages=3 if "stages=3" in kind else 2):
           layout, cols = build(vert, sl)
+          if mosaic:
+            return block_sparse_attention_mgpu(q, k, v, layout, scale=d ** -0.5, columns=cols,
+                                               stages=stages)[0]
           return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, columns=cols, column_chunk=chunk,
                                         interpret=args.smoke)[0]
-        r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} cols/{chunk} (v={nv}, s={ns}) K={kh} S={s}",
+        r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} {chunk or ''} (v={nv}, s={ns}) K={kh} S={s}",
                     lambda: bench(f, q, k, v, vj, sj, reps=args.reps))
         r.update(section="vertical_slash", S=s, v=nv, s=ns, kv_heads=kh, density=density, layout=kind,
-                 block=f"{bq}x{bk} cols/{chunk}", minference_ms=MINFERENCE_MS.get((nv, ns)))
+                 block=f"{bq}x{bk}" + (f" cols/{chunk}" if chunk else ""), minference_ms=MINFERENCE_MS.get((nv, ns)))
         if "ms" in r:
           try:
             r["index_ms"] = bench(build, vj, sj, reps=args.reps)["ms"]
@@ -356,6 +372,7 @@ def main(argv=None) -> int:
   p.add_argument("--gqa-kv-heads", type=int, default=8)
   p.add_argument("--keep", type=float, default=0.10, help="block-sparse: fraction of causal blocks kept")
   p.add_argument("--vs-block", type=int, default=64)
+  p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants")
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--tune", action="store_true", help="also sweep flash / flash-decoding block sizes")
   p.add_argument("--tune-seqs", default="8k,32k")
