@@ -115,6 +115,18 @@ def fmt(x, spec=".1f"):
   return "-" if x is None else format(x, spec)
 
 
+def table(out, rows, title, key_heads, keys, value_heads, values):
+  """Append a markdown section: one line per row, its key cells, then its values (or the error)."""
+  if not rows:
+    return
+  heads = key_heads + value_heads
+  out += [f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+  for r in rows:
+    vals = values(r) if "ms" in r else [f"error: {r['error']}"] + [""] * (len(value_heads) - 1)
+    out.append("| " + " | ".join(str(c) for c in keys(r) + vals) + " |")
+  out.append("")
+
+
 def markdown(info, rows, command) -> str:
   out = [f"# Kernel benchmarks: {info['device']}", "",
          f"- device: {info.get('nvidia_smi') or info['device']}; {info['date']}",
@@ -127,49 +139,28 @@ def markdown(info, rows, command) -> str:
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:
     out += [f"Copy bandwidth (2 GiB, read + write): {copy[0]['GB/s']:.0f} GB/s", ""]
-  if by("dense"):
-    out += ["## Dense causal attention forward (B=1, H=32, D=128, bf16)", "",
-            "| implementation | S | ms | TFLOP/s | x cuDNN | compile s |", "|---|---|---|---|---|---|"]
-    out += [f"| {r['impl']} | {r['S']} | {fmt(r.get('ms'), '.2f')} | {fmt(r.get('TFLOP/s'))} | "
-            f"{fmt(r.get('x_cudnn'), '.3f')} | {fmt(r.get('compile_s'))} |" if 'ms' in r else
-            f"| {r['name']} | {r['S']} | error: {r['error']} | | | |" for r in by("dense")]
-    out.append("")
-  if by("block_sparse"):
-    out += ["## Block-sparse (random blocks kept among the causal ones, the diagonal always)", "",
-            "| kernel | blocks | S | density | ms | speedup vs cuDNN dense | efficiency |",
-            "|---|---|---|---|---|---|---|"]
-    out += [f"| {r.get('impl', 'triton')} | {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | "
-            f"{fmt(r.get('ms'), '.2f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} |"
-            if 'ms' in r else
-            f"| {r.get('impl', 'triton')} | {r['block_q']}x{r['block_k']} | {r['S']} | {r['density']:.3f} | "
-            f"error: {r['error']} | | |"
-            for r in by("block_sparse")]
-    out.append("")
-  if by("vertical_slash"):
-    out += ["## Vertical-slash (index construction included)", "",
-            "| (v, s) | layout | KV heads | density | ms | of which index ms | speedup vs cuDNN dense | efficiency | "
-            "MInference ms (BENCHMARKS.md) |", "|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| ({r['v']}, {r['s']}) | {r['layout']} {r['block']} | {r['kv_heads']} | {r['density']:.3f} | "
-            f"{fmt(r.get('ms'), '.2f')} | "
-            f"{fmt(r.get('index_ms'), '.2f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('efficiency'), '.2f')} | "
-            f"{fmt(r.get('minference_ms'))} |" if 'ms' in r else
-            f"| ({r['v']}, {r['s']}) | {r['layout']} {r['block']} | {r['kv_heads']} | {r['density']:.3f} | "
-            f"error: {r['error']} | | | | |"
-            for r in by("vertical_slash")]
-    out.append("")
-  if by("decode"):
-    out += ["## Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)", "",
-            "| implementation | cache | C | ms | GB/s (K+V bytes read) | of copy bandwidth | time / bf16 |",
-            "|---|---|---|---|---|---|---|"]
-    out += [f"| {r['impl']} | {r['cache']} | {r['C']} | {fmt(r.get('ms'), '.4f')} | "
-            f"{fmt(r.get('GB/s'), '.0f')} | {fmt(r.get('x_copy_bw'), '.2f')} | {fmt(r.get('x_bf16_time'), '.3f')} |"
-            if 'ms' in r else f"| {r['impl']} | {r['cache']} | {r['C']} | error: {r['error']} | | | |"
-            for r in by("decode")]
-    out.append("")
-  tune = by("tune_flash") + by("tune_decode")
-  if tune:
-    out += ["## Tuning sweeps", "", "| config | ms | TFLOP/s or GB/s |", "|---|---|---|"]
-    out += [f"| {r['name']} | {fmt(r.get('ms'), '.3f')} | {fmt(r.get('TFLOP/s', r.get('GB/s')))} |" if 'ms' in r
-            else f"| {r['name']} | error: {r['error']} | |" for r in tune]
-    out.append("")
+  dense = lambda r: [r["impl"] if "ms" in r else r["name"], r["S"]]  # noqa: E731
+  table(out, by("dense"), "Dense causal attention forward (B=1, H=32, D=128, bf16)",
+        ["implementation", "S"], dense, ["ms", "TFLOP/s", "x cuDNN", "compile s"],
+        lambda r: [fmt(r.get("ms"), ".2f"), fmt(r.get("TFLOP/s")), fmt(r.get("x_cudnn"), ".3f"),
+                   fmt(r.get("compile_s"))])
+  table(out, by("block_sparse"), "Block-sparse (random blocks kept among the causal ones, the diagonal always)",
+        ["kernel", "blocks", "S", "density"],
+        lambda r: [r.get("impl", "triton"), f"{r['block_q']}x{r['block_k']}", r["S"], f"{r['density']:.3f}"],
+        ["ms", "speedup vs cuDNN dense", "efficiency"],
+        lambda r: [fmt(r.get("ms"), ".2f"), fmt(r.get("speedup"), ".2f"), fmt(r.get("efficiency"), ".2f")])
+  table(out, by("vertical_slash"), "Vertical-slash (index construction included)",
+        ["(v, s)", "layout", "KV heads", "density"],
+        lambda r: [f"({r['v']}, {r['s']})", f"{r['layout']} {r['block']}", r["kv_heads"], f"{r['density']:.3f}"],
+        ["ms", "of which index ms", "speedup vs cuDNN dense", "efficiency", "MInference ms (BENCHMARKS.md)"],
+        lambda r: [fmt(r.get("ms"), ".2f"), fmt(r.get("index_ms"), ".2f"), fmt(r.get("speedup"), ".2f"),
+                   fmt(r.get("efficiency"), ".2f"), fmt(r.get("minference_ms"))])
+  table(out, by("decode"), "Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)",
+        ["implementation", "cache", "C"], lambda r: [r["impl"], r["cache"], r["C"]],
+        ["ms", "GB/s (K+V bytes read)", "of copy bandwidth", "time / bf16"],
+        lambda r: [fmt(r.get("ms"), ".4f"), fmt(r.get("GB/s"), ".0f"), fmt(r.get("x_copy_bw"), ".2f"),
+                   fmt(r.get("x_bf16_time"), ".3f")])
+  table(out, by("tune_flash") + by("tune_decode"), "Tuning sweeps", ["config"], lambda r: [r["name"]],
+        ["ms", "TFLOP/s or GB/s"],
+        lambda r: [fmt(r.get("ms"), ".3f"), fmt(r.get("TFLOP/s", r.get("GB/s")))])
   return "\n".join(out)
