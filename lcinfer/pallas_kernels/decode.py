@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
-from lcinfer.pallas_kernels.launch import triton_call
+from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.reference import check_qkv
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -194,14 +194,6 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   return out, lse
 
 
-def _gpu_device():
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return None
-  return dev if dev.platform == "gpu" else None
-
-
 def pick_config(dev, b: int, kh: int, c: int, d: int) -> tuple[int, int, int, int]:
   """(num_splits, block_k, num_warps, num_stages): about two (B, K, split) programs per SM, the
   split count a power of two (even splits of a power-of-two cache), each split at least one block.
@@ -239,7 +231,7 @@ def decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale: float,
   if (h // kh) * t > MAX_ROWS:
     raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}; "
                                "use a prefill kernel for long query chunks")
-  dev = _gpu_device()
+  dev = gpu_device()
   if not interpret and dev is None:
     raise dispatch.Unsupported("the flash-decoding kernel needs a CUDA GPU; pass interpret=True to "
                                "run it on CPU")

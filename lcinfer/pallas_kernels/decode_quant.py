@@ -34,10 +34,10 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
-from lcinfer.pallas_kernels.decode import (MAX_ROWS, MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_args, _gpu_device,
+from lcinfer.pallas_kernels.decode import (MAX_ROWS, MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_args,
                                            _next_pow2, combine_splits, decode_attention, decode_reference,
                                            pick_config)
-from lcinfer.pallas_kernels.launch import triton_call
+from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.quant import QuantizedTensor, check_quantized, dequantize
 
 
@@ -232,7 +232,7 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
     raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
   if (h // kh) * t > MAX_ROWS:
     raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}")
-  dev = _gpu_device()
+  dev = gpu_device()
   if not interpret and dev is None:
     raise dispatch.Unsupported("the quantized flash-decoding kernel needs a CUDA GPU; pass "
                                "interpret=True to run it on CPU")

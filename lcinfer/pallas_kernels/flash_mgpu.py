@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.flash_mgpu_kernel import ALIGN, HEAD_DIMS, TILE_Q, Geometry, call_kernel
+from lcinfer.pallas_kernels.launch import gpu_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 
 __all__ = ["flash_attention_mgpu", "block_sparse_attention_mgpu", "TILE_Q"]
@@ -128,13 +129,8 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
 
 
 def _hopper() -> str | None:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return None
-  if dev.platform != "gpu" or getattr(dev, "compute_capability", "") != "9.0":
-    return None
-  return dev.device_kind
+  dev = gpu_device()
+  return dev.device_kind if dev is not None and getattr(dev, "compute_capability", "") == "9.0" else None
 
 
 def _check_served(q_BTHD, block_k: int, stages: int, interpret: bool) -> None:

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
-from lcinfer.pallas_kernels.launch import triton_call
+from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.reference import attention_reference, check_attention_args
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -202,11 +202,8 @@ def _flash(q_BTHD, k_BSKD, v_BSKD, q_seg, kv_seg, *, scale, causal, window, kv_o
 
 
 def _gpu_backend() -> str | None:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return None
-  return dev.device_kind if dev.platform == "gpu" else None
+  dev = gpu_device()
+  return None if dev is None else dev.device_kind
 
 
 def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = True,

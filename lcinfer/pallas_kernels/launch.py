@@ -1,7 +1,9 @@
-"""One way to launch lcinfer's Triton-lowered Pallas kernels (and their poisoned-output test hook)."""
+"""One way to launch lcinfer's Triton-lowered Pallas kernels (and their poisoned-output test hook),
+and the one lookup of the GPU the kernels would run on."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -25,3 +27,12 @@ def triton_call(kernel, args, *, grid, in_specs, out_specs, out_shape, num_warps
       input_output_aliases=aliases,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name=name)(*args)
+
+
+def gpu_device():
+  """The default device if it is a GPU, else None (no backend, or CPU / TPU)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return dev if dev.platform == "gpu" else None
