@@ -76,6 +76,9 @@ CASES = [
     ("groups_shorter_than_block", 1, 2, 128, 4, 1, 64, "float32", (4, "channel", 16), (4, "channel", 32),
      dict(block_k=64, num_splits=2)),
     ("default_blocks_bf16", 1, 1, 512, 8, 2, 128, "bfloat16", (4, "channel", 32), (2, "token", 128), dict()),
+    # f16: codes biased by 1024 (8-bit fits); bf16 + 8-bit codes: the plain conversion
+    ("f16_int8_int4", 1, 2, 128, 8, 2, 64, "float16", (8, "channel", 32), (4, "token", 64), dict(holes=True)),
+    ("bf16_int8", 1, 1, 128, 4, 1, 128, "bfloat16", (8, "channel", 64), (8, "token", 128), dict()),
 ]
 
 
@@ -135,6 +138,65 @@ def test_cases_cover_empty_rows():
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_oracle_gpu(case):
   _check(case, interpret=False)
+
+
+def _emulate_ptx(asm: str, word: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """A numpy model of the few PTX instructions the unpacking uses (prmt in default mode, shr.b32,
+  lop3.b32, mov.b32, sub.rn.{bf16,f16}x2) run on uint32 inputs $2: returns ($0, $1)."""
+  regs = {"$2": word.astype(np.uint64)}
+  val = lambda a: regs[a] if a in regs else np.uint64(int(a, 0))  # noqa: E731
+  np_dt = np.dtype(jnp.dtype(dtype))
+
+  def lanes(x):  # uint32 -> [n, 2] floats of the two 16-bit lanes
+    return np.stack([x & 0xFFFF, x >> 16], axis=-1).astype(np.uint16).view(np_dt).astype(np.float32)
+
+  for line in asm.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    op, args = line.split(None, 1)
+    a = [x.strip() for x in args.split(",")]
+    x = [val(y) + np.zeros_like(word, np.uint64) for y in a[1:]]
+    if op == "mov.b32":
+      regs[a[0]] = x[0]
+    elif op == "prmt.b32":
+      src = x[0] | (x[1] << np.uint64(32))
+      sel = int(a[3], 0)
+      regs[a[0]] = sum(((src >> np.uint64(8 * ((sel >> (4 * i)) & 7))) & np.uint64(0xFF)) << np.uint64(8 * i)
+                       for i in range(4))
+    elif op == "shr.b32":
+      regs[a[0]] = x[0] >> np.uint64(int(a[2]))
+    elif op == "lop3.b32":
+      assert int(a[4], 0) == 0xEA  # (a & b) | c
+      regs[a[0]] = (x[0] & x[1]) | x[2]
+    elif op == f"sub.rn.{'bf16' if np_dt == np.dtype(jnp.bfloat16) else 'f16'}x2":
+      d = (lanes(x[0]) - lanes(x[1])).astype(np_dt).view(np.uint16).astype(np.uint64)
+      regs[a[0]] = d[..., 0] | (d[..., 1] << np.uint64(16))
+    else:
+      raise AssertionError(f"unmodelled instruction {op}")
+  return regs["$0"].astype(np.uint32), regs["$1"].astype(np.uint32)
+
+
+@pytest.mark.parametrize("bits", [4, 2, 8])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_unpacking_ptx_gives_the_codes(bits, dtype):
+  """The inline PTX (compiled path) against the definition: plane i of byte j is its code
+  (byte >> i*bits) & mask, exactly, in the 16-bit lanes. GPU-only code, so its instructions are
+  modelled here; the gpu tests run it for real."""
+  from lcinfer.pallas_kernels.decode_quant import MAGIC, _plane_asm
+  magic16, _, mant = MAGIC[jnp.dtype(dtype)]
+  if bits > mant:
+    pytest.skip(f"{bits}-bit codes take the plain conversion with {jnp.dtype(dtype).name}")
+  kind = "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "f16"
+  rng = np.random.default_rng(bits)
+  raw = rng.integers(0, 256, (64, 4), dtype=np.uint8)
+  word = raw.view("<u4")[:, 0]
+  for plane in range(8 // bits):
+    lo, hi = _emulate_ptx(_plane_asm(bits, plane, magic16, kind), word, dtype)
+    halves = np.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], axis=1).astype(np.uint16)
+    got = halves.view(np.dtype(jnp.dtype(dtype))).astype(np.float32)
+    want = ((raw >> (plane * bits)) & ((1 << bits) - 1)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_quantization_error_is_what_the_oracle_sees():

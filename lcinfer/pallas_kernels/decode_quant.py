@@ -20,6 +20,19 @@ every block load):
     products where the algebra allows: q . (c s + z) = (q s) . c + q . z for a row of per-channel
     scales, s_t (q . c_t) + z_t sum(q) for per-token scales, and likewise for p @ V. Only a block
     that spans several per-channel token groups dequantizes element-wise (rows gathered).
+  * Code -> bf16/f16 without conversion instructions (the "magic number" of fast int4 GEMMs, e.g.
+    Kim et al. 2022, "Who says elephants can't run", Sec. 4): a code c OR-ed into the mantissa of
+    B = 128 (bf16 0x4300, c < 128) or B = 1024 (f16 0x6400, c < 1024) is exactly the number B + c,
+    and B + c - B = c exactly. Compiled, one inline PTX block per plane turns 4 packed bytes into
+    4 codes (2 prmt spread the bytes into 16-bit lanes, a shift for planes > 0, 2 lop3 for
+    mask | magic, 2 packed subtractions). Interpret mode runs the same arithmetic in jnp. float32
+    queries, and 8-bit codes with bf16 queries (c up to 255 does not fit bf16's mantissa), take
+    the plain conversion. (ncu on the H100, int4, 128K: the uint8 -> float conversions made 8
+    instructions per cached element and the kernel issue-bound at 67.9M instructions.)
+  * Per block the other work is on [rows, block_k] tiles whose rows are padded to 16 (G * T = 4
+    real rows for Llama-3-8B): log2(e) * scale is folded into q and the per-token scales, the
+    scaled P of the pieces of one V channel group is computed once, and the visibility test is one
+    comparison per element (empty slots get position int32 max).
   * The residual window runs through `decode.decode_attention` and merges by lse.
 """
 
@@ -31,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
@@ -49,8 +63,55 @@ def _pieces(qt_bits: int, axis: str, group: int, d: int) -> tuple[tuple[int, int
   return tuple((i * plane + r0, w, r0, i * qt_bits) for i in range(f) for r0 in range(0, plane, w))
 
 
+MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, 7), jnp.dtype(jnp.float16): (0x6400, 1024.0, 10)}
+
+
+def unpack_mode(dtype, bits: int, interpret: bool) -> str:
+  """How codes become MMA operands: "float" (conversion), "magic" (jnp bit ops) or "asm" (PTX)."""
+  magic = MAGIC.get(jnp.dtype(dtype))
+  if magic is None or bits > magic[2]:
+    return "float"
+  return "magic" if interpret else "asm"
+
+
+def _plane_asm(bits: int, plane: int, magic16: int, kind: str) -> str:
+  """PTX for 4 packed uint8 ($2) -> the 4 codes of one bit plane as bf16 / f16 (`kind`), in $0, $1
+  (two x2 registers): B + code by mask | magic, then - B (exact)."""
+  mask = (1 << bits) - 1
+  lines = ["{", ".reg .b32 z, t0, t1;", "mov.b32 z, 0;",
+           "prmt.b32 t0, $2, z, 0x4140;",   # bytes 0, 1 -> the low bytes of two 16-bit lanes
+           "prmt.b32 t1, $2, z, 0x4342;"]   # bytes 2, 3
+  if plane:
+    lines += [f"shr.b32 t0, t0, {plane * bits};", f"shr.b32 t1, t1, {plane * bits};"]
+  lut = 0xEA  # (a & b) | c
+  m32, g32 = mask | (mask << 16), magic16 | (magic16 << 16)
+  lines += [f"lop3.b32 $0, t0, {m32}, {g32}, {lut};", f"lop3.b32 $1, t1, {m32}, {g32}, {lut};",
+            f"mov.b32 t0, {g32};", f"sub.rn.{kind}x2 $0, $0, t0;", f"sub.rn.{kind}x2 $1, $1, t0;", "}"]
+  return "\n".join(lines)
+
+
+def _unpack_planes(raw, bits: int, mode: str, dtype):
+  """uint8 codes [N, w] -> the 8 / bits planes [N, w] of codes, as small integers in `dtype`."""
+  f, mask = 8 // bits, (1 << bits) - 1
+  magic16, bias, _ = MAGIC.get(jnp.dtype(dtype), (0, 0.0, 0))
+  if mode == "asm":
+    kind = "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "f16"
+    return tuple(pltriton.elementwise_inline_asm(
+        _plane_asm(bits, i, magic16, kind), args=[raw], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(raw.shape, dtype)])[0] for i in range(f))
+  planes = []
+  for i in range(f):
+    c = raw >> (i * bits) if i else raw
+    c = c & mask if bits < 8 else c
+    if mode == "magic":
+      planes.append(lax.bitcast_convert_type(c.astype(jnp.uint16) | jnp.uint16(magic16), dtype) - bias)
+    else:
+      planes.append(c.astype(dtype))  # small integers: exact
+  return tuple(planes)
+
+
 def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, *rest, scale, window,
-            block_k, blocks_per_split, num_blocks, k_layout, v_layout, aliased, f32_dots):
+            block_k, blocks_per_split, num_blocks, k_layout, v_layout, aliased, f32_dots, rows):
   if aliased:
     rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
   o_ref, lse_ref = rest
@@ -62,25 +123,26 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
   base = split * (blocks_per_split * block_k)
   k_pieces, v_pieces = k_layout[3], v_layout[3]
   q_parts = [q_ref[:, pl.ds(c0, w)] for c0, w, _, _ in k_pieces]
-  q_f32 = [qp.astype(jnp.float32) for qp in q_parts]      # loop-invariant: once per program
-  q_sums = [jnp.sum(qf, axis=1) for qf in q_f32]
+  # loop-invariant row sums (base-2 logits); the float32 copies of q are made per block (registers)
+  q_sums = [jnp.sum(qp.astype(jnp.float32), axis=1) * qk_scale for qp in q_parts]
 
   def dot(a, b, dims):
     return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=jnp.float32)
 
-  def codes_of(c_ref, layout, piece, start):
+  def codes_of(c_ref, layout, piece, start, memo):
+    """The piece's plane as MMA operand (codes as small integers): the pieces of one byte range share
+    one load and unpacking per block (`memo`)."""
     bits, (_, w, r0, shift) = layout[0], piece
-    codes = c_ref[pl.ds(start, block_k), pl.ds(r0, w)]
-    if shift:
-      codes = codes >> shift
-    if bits < 8:
-      codes = codes & ((1 << bits) - 1)
-    return codes.astype(cdt)  # small integers: exact in bf16
+    if ("codes", r0) not in memo:
+      raw = c_ref[pl.ds(start, block_k), pl.ds(r0, w)]
+      memo[("codes", r0)] = _unpack_planes(raw, bits, layout[4], cdt)
+    return memo[("codes", r0)][shift // bits]
 
   def scales(s_ref, z_ref, layout, piece, start, memo):
-    """('token', s [bk], z [bk]) | ('row', s [1, w], z [1, w]) | ('each', s [bk, w], z [bk, w]).
-    Pieces of one channel group share their per-token scales: loaded once per block (`memo`)."""
-    _, axis, group, _ = layout
+    """('token', s [bk], z [bk]) | ('row', s [1, w], z [1, w]) | ('each', s [bk, w], z [bk, w]),
+    then the memo key. Pieces of one channel group share their per-token scales: loaded once per
+    block (`memo`)."""
+    _, axis, group, _, _ = layout
     c0, w = piece[:2]
     if axis == "token":           # one scale per key for this channel group
       key, idx, mode = c0 // group, (pl.ds(start, block_k), c0 // group), "token"
@@ -89,58 +151,64 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
     else:                         # each key's group row, gathered (cache-resident)
       key, idx, mode = c0, (lax.div(start + jnp.arange(block_k, dtype=jnp.int32), group), pl.ds(c0, w)), "each"
     if key not in memo:
-      memo[key] = (mode, s_ref[idx].astype(jnp.float32), z_ref[idx].astype(jnp.float32))
+      memo[key] = (mode, s_ref[idx].astype(jnp.float32), z_ref[idx].astype(jnp.float32), key)
     return memo[key]
 
   def body(j, carry):
     start = pl.multiple_of(base + j * block_k, block_k)
     s = None
     k_memo, v_memo = {}, {}
-    for qp, qf, q_sum, piece in zip(q_parts, q_f32, q_sums, k_pieces):
-      codes = codes_of(kc_ref, k_layout, piece, start)
-      mode, sc, zr = scales(ks_ref, kz_ref, k_layout, piece, start, k_memo)
+    for qp, q_sum, piece in zip(q_parts, q_sums, k_pieces):  # q_sum: scaled
+      x = codes_of(kc_ref, k_layout, piece, start, k_memo)
+      mode, sc, zr, _ = scales(ks_ref, kz_ref, k_layout, piece, start, k_memo)
       if mode == "row":    # q . (c * s + z) = (q * s) . c + q . z
-        part = dot((qf * sc).astype(cdt), codes, ((1,), (1,))) + jnp.sum(qf * zr, axis=1)[:, None]
+        qf = qp.astype(jnp.float32)
+        part = (dot((qf * (sc * qk_scale)).astype(cdt), x, ((1,), (1,)))
+                + jnp.sum(qf * (zr * qk_scale), axis=1)[:, None])
       elif mode == "token":  # per key: s_t (q . c_t) + z_t sum(q)
-        part = dot(qp, codes, ((1,), (1,))) * sc[None, :] + q_sum[:, None] * zr[None, :]
+        part = dot(qp, x, ((1,), (1,))) * (sc * qk_scale)[None, :] + q_sum[:, None] * zr[None, :]
       else:
-        part = dot(qp, (codes.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (1,)))
+        part = dot(qp, (x.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (1,))) * qk_scale
       s = part if s is None else s + part
-    s = s * qk_scale
 
     def pv(p):  # p [R, bk] float32 -> p @ V per piece, V's scales applied outside the product
       outs = []
       for piece in v_pieces:
-        codes = codes_of(vc_ref, v_layout, piece, start)
-        mode, sc, zr = scales(vs_ref, vz_ref, v_layout, piece, start, v_memo)
-        if mode == "token":   # sum_t p_t (s_t c_t + z_t) = (p * s) @ c + p . z
-          outs.append(dot((p * sc[None, :]).astype(cdt), codes, ((1,), (0,)))
-                      + jnp.sum(p * zr[None, :], axis=1)[:, None])
+        x = codes_of(vc_ref, v_layout, piece, start, v_memo)
+        mode, sc, zr, skey = scales(vs_ref, vz_ref, v_layout, piece, start, v_memo)
+        if mode == "token":   # sum_t p_t (s_t c_t + z_t) = (p * s) @ c + p . z, per channel group
+          key = ("p", skey)
+          if key not in v_memo:
+            v_memo[key] = ((p * sc[None, :]).astype(cdt), jnp.sum(p * zr[None, :], axis=1)[:, None])
+          a, pz = v_memo[key]
+          outs.append(dot(a, x, ((1,), (0,))) + pz)
         elif mode == "row":   # per channel: s_c (p @ c) + z_c sum(p)
-          outs.append(dot(p.astype(cdt), codes, ((1,), (0,))) * sc + jnp.sum(p, axis=1)[:, None] * zr)
+          outs.append(dot(p.astype(cdt), x, ((1,), (0,))) * sc + jnp.sum(p, axis=1)[:, None] * zr)
         else:
-          outs.append(dot(p.astype(cdt), (codes.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (0,))))
+          outs.append(dot(p.astype(cdt), (x.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (0,))))
       return tuple(outs)
 
     k_pos = pos_ref[pl.ds(start, block_k)]
-    mask = (k_pos[None, :] >= 0) & (q_pos[:, None] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+    k_pos = jnp.where(k_pos >= 0, k_pos, jnp.iinfo(jnp.int32).max)  # empty slot: visible to none
+    mask = k_pos[None, :] <= q_pos[:, None]                          # (q_pos -1: a row that sees none)
     if window is not None:
       mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
     return osm.update(carry, s, pv, mask, precision)
 
   n = jnp.minimum(blocks_per_split, num_blocks - split * blocks_per_split)
-  rows = q_ref.shape[0]
-  carry = lax.fori_loop(0, n, body, osm.init(rows, tuple(w for _, w, _, _ in v_pieces)))
+  r = q_ref.shape[0]
+  carry = lax.fori_loop(0, n, body, osm.init(r, tuple(w for _, w, _, _ in v_pieces)))
   outs, lse = osm.finish(carry)
-  for (c0, w, _, _), o in zip(v_pieces, outs):
-    o_ref[:, pl.ds(c0, w)] = o
+  real = lax.broadcasted_iota(jnp.int32, (r, 1), 0) < rows
+  for (c0, w, _, _), o in zip(v_pieces, outs):  # padded rows: never read, so not written
+    pltriton.store(o_ref.at[:, pl.ds(c0, w)], o, mask=jnp.broadcast_to(real, (r, w)))
   lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "window", "num_splits", "block_k", "num_warps",
-                                             "num_stages", "interpret", "poison"))
+                                             "num_stages", "interpret", "poison", "unpack"))
 def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, block_k, num_warps,
-             num_stages, interpret, poison):
+             num_stages, interpret, poison, unpack):
   b, t, h, d = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   g = h // kh
@@ -165,15 +233,17 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
                pl.BlockSpec((None, None, None, r), lambda bi, ki, si: (bi, ki, si, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, r, d), jnp.float32),
                jax.ShapeDtypeStruct((b, kh, num_splits, r), jnp.float32)]
-  lay = lambda qt: (qt.bits, qt.axis, qt.group, _pieces(qt.bits, qt.axis, qt.group, d))  # noqa: E731
+  def lay(qt):
+    mode = unpack or unpack_mode(q.dtype, qt.bits, interpret)
+    return (qt.bits, qt.axis, qt.group, _pieces(qt.bits, qt.axis, qt.group, d), mode)
   kernel = functools.partial(_kernel, scale=scale, window=window, block_k=block_k, blocks_per_split=bps,
-                             num_blocks=nb, k_layout=lay(k_q), v_layout=lay(v_q),
+                             num_blocks=nb, k_layout=lay(k_q), v_layout=lay(v_q), rows=rows,
                              aliased=poison is not None, f32_dots=q.dtype == jnp.float32)
   o_part, lse_part = triton_call(kernel, args, grid=(b, kh, num_splits), in_specs=in_specs,
                                  out_specs=out_specs, out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_quant_decode",
                                  poison=poison)
-  out, lse = combine_splits(o_part, lse_part)
+  out, lse = combine_splits(o_part[:, :, :, :rows], lse_part[:, :, :, :rows])
   out = jnp.transpose(out[:, :, :rows].reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
   lse = jnp.transpose(lse[:, :, :rows].reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
   return out.astype(q_BTHD.dtype), lse
@@ -214,7 +284,8 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
                                scale: float, window: int | None = None, residual=None,
                                num_splits: int | None = None, block_k: int | None = None,
                                num_warps: int | None = None, num_stages: int | None = None,
-                               interpret: bool = False, _poison: float | None = None):
+                               interpret: bool = False, _poison: float | None = None,
+                               _unpack: str | None = None):
   """Flash-decoding over quantized K/V (+ residual window). Returns (out [B, T, H, D] in q's dtype,
   lse [B, T, H] float32). ValueError for malformed calls; `dispatch.Unsupported` for valid calls
   the kernel does not cover (head_dim, token groups < 16 channels, C not a multiple of 16, rows)."""
@@ -237,7 +308,11 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
     raise dispatch.Unsupported("the quantized flash-decoding kernel needs a CUDA GPU; pass "
                                "interpret=True to run it on CPU")
   splits, bk, warps, stages = pick_config(dev, b, kh, c, d)
-  if block_k is None:  # the bf16 kernel's block (H100 sweep: int4 at 64 keys beat 128 and 256)
+  # H100 sweeps, int4 at 128K (K = 8): 64-key blocks beat 32 / 128 / 256; 4x the bf16 kernel's
+  # splits (about 8 programs per SM) and 3 stages: 0.17-0.18 ms against 0.22 with its config
+  # (run-to-run noise ~ 0.02 ms; benchmarks/NOTES.md)
+  splits, stages = splits * 4, 3
+  if block_k is None:
     block_k = bk
   if c % block_k:
     raise dispatch.Unsupported(f"block_k {block_k} does not divide C = {c} (C must be a multiple of 16)")
@@ -245,7 +320,8 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
     num_splits = max(1, min(splits, c // block_k))
   out = _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=float(scale), window=window,
                  num_splits=num_splits, block_k=block_k, num_warps=num_warps or warps,
-                 num_stages=num_stages or stages, interpret=bool(interpret), poison=_poison)
+                 num_stages=num_stages or stages, interpret=bool(interpret), poison=_poison,
+                 unpack=_unpack)
   if residual is None:
     return out
   rk, rv, rp = residual
