@@ -102,6 +102,13 @@ def test_bad_calls_raise_clear_errors():
   if flash_mgpu._hopper() is None:
     with pytest.raises(dispatch.Unsupported, match="Hopper"):
       flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1)
+  # a layout whose block_k the kernel lacks is a call it does not serve (not a bad call)
+  layout = _random_ranges(rng, 1, 2, 128, 32, 3)
+  with pytest.raises(dispatch.Unsupported, match="block_k 64 or 128"):
+    flash_mgpu.block_sparse_attention_mgpu(q, k, v, layout, scale=0.1)
+  out, _ = dispatch.call("block_sparse_attention", ("mosaic_gpu", "xla"), q, k, v, layout, scale=0.1)
+  ref, _ = block_sparse_reference(q, k, v, layout, scale=0.1)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
   # the dispatcher falls through to a kernel that serves the call
   out, _ = dispatch.call("flash_attention", ("mosaic_gpu", "xla"), q, k, v, scale=0.1, interpret=True)
   ref, _ = attention_reference(q, k, v, scale=0.1)

@@ -133,10 +133,8 @@ def _hopper() -> str | None:
   return dev.device_kind if dev is not None and getattr(dev, "compute_capability", "") == "9.0" else None
 
 
-def _check_served(q_BTHD, block_k: int, stages: int, interpret: bool) -> None:
+def _check_served(q_BTHD, stages: int, interpret: bool) -> None:
   """ValueError for bad knobs; `dispatch.Unsupported` for calls this kernel does not serve."""
-  if block_k not in (64, 128):
-    raise ValueError(f"block_k must be 64 or 128 for the Mosaic GPU kernel, got {block_k!r}")
   if not isinstance(stages, int) or isinstance(stages, bool) or stages < 2:
     raise ValueError(f"stages must be an int >= 2, got {stages!r}")
   if interpret:
@@ -160,7 +158,9 @@ def flash_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool =
   check_attention_args(q_BTHD, k_BSKD, v_BSKD, scale=scale, causal=causal, window=window,
                        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                        kv_offset=kv_offset, q_lengths=q_lengths, kv_lengths=kv_lengths)
-  _check_served(q_BTHD, block_k, stages, interpret)
+  if block_k not in (64, 128):
+    raise ValueError(f"block_k must be 64 or 128 for the Mosaic GPU kernel, got {block_k!r}")
+  _check_served(q_BTHD, stages, interpret)
   extras = dict(window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 q_lengths=q_lengths, kv_lengths=kv_lengths)
   used = [name for name, x in extras.items() if x is not None] + (["kv_offset"] if kv_offset else [])
@@ -181,7 +181,10 @@ def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float,
   """Block-sparse / key-range attention forward on Hopper (BlockSparse or KeyRanges layouts with
   block_q 128). Returns (out [B, T, H, D], lse [B, T, H] float32). Columns: `dispatch.Unsupported`."""
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
-  _check_served(q_BTHD, layout.block_k, stages, interpret)
+  # a layout's block_k is the layout's, not a knob: one this kernel lacks falls through (Triton)
+  if layout.block_k not in (64, 128):
+    raise dispatch.Unsupported(f"the Mosaic GPU kernel needs layout.block_k 64 or 128, got {layout.block_k}")
+  _check_served(q_BTHD, stages, interpret)
   if columns is not None and not (columns.ascending and columns.index.shape[2] == 1):
     raise dispatch.Unsupported("the Mosaic GPU kernel takes gathered columns as one ascending list "
                                "per head (Columns.ascending, as the vertical-slash builders make); "
