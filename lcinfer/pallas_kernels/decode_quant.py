@@ -308,9 +308,9 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
     raise dispatch.Unsupported("the quantized flash-decoding kernel needs a CUDA GPU; pass "
                                "interpret=True to run it on CPU")
   splits, bk, warps, stages = pick_config(dev, b, kh, c, d)
-  # H100 sweeps, int4 at 128K (K = 8): 64-key blocks beat 32 / 128 / 256; 4x the bf16 kernel's
-  # splits (about 8 programs per SM) and 3 stages: 0.17-0.18 ms against 0.22 with its config
-  # (run-to-run noise ~ 0.02 ms; benchmarks/NOTES.md)
+  # H100 probes, int4 at 128K (K = 8): 64-key blocks beat 32 / 128 / 256; 4x the bf16 kernel's
+  # splits (about 8 programs per SM) and 3 stages read 0.17-0.18 ms against 0.22 with its config,
+  # but timings of this kernel moved up to 1.5x between runs (benchmarks/NOTES.md)
   splits, stages = splits * 4, 3
   if block_k is None:
     block_k = bk
