@@ -63,6 +63,7 @@ def _pieces(qt_bits: int, axis: str, group: int, d: int) -> tuple[tuple[int, int
   return tuple((i * plane + r0, w, r0, i * qt_bits) for i in range(f) for r0 in range(0, plane, w))
 
 
+# dtype -> (bit pattern of B, B, mantissa bits: codes below 2^bits are exact as B + code)
 MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0, 7), jnp.dtype(jnp.float16): (0x6400, 1024.0, 10)}
 
 
