@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
@@ -105,8 +106,26 @@ def decode_reference(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window
 
 
 # -- kernel ---------------------------------------------------------------------------------------
+def visible_mask(k_pos, q_pos, window):
+  """[R, N] bool: key positions k_pos [N] visible to query rows q_pos [R] (module docstring), one
+  comparison per element: empty slots (-1) get position int32 max, and a row with q_pos -1 sees
+  none."""
+  k_pos = jnp.where(k_pos >= 0, k_pos, jnp.iinfo(jnp.int32).max)
+  mask = k_pos[None, :] <= q_pos[:, None]
+  if window is not None:
+    mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
+  return mask
+
+
+def store_real_rows(o_ref, o, rows: int):
+  """o [R, w] into o_ref, rows >= `rows` (padding up to the dot's 16) not written: the combine
+  reads only the real rows."""
+  real = lax.broadcasted_iota(jnp.int32, (o.shape[0], 1), 0) < rows
+  pltriton.store(o_ref, o, mask=jnp.broadcast_to(real, o.shape))
+
+
 def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_k, blocks_per_split,
-            num_blocks, aliased, f32_dots):
+            num_blocks, aliased, f32_dots, rows):
   if aliased:
     rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
   o_ref, lse_ref = rest
@@ -121,19 +140,19 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_
     start = pl.multiple_of(base + j * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
     v = v_ref[pl.ds(start, block_k), :]
-    k_pos = pos_ref[pl.ds(start, block_k)]
-    mask = (k_pos[None, :] >= 0) & (q_pos[:, None] >= 0) & (k_pos[None, :] <= q_pos[:, None])
-    if window is not None:
-      mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
+    mask = visible_mask(pos_ref[pl.ds(start, block_k)], q_pos, window)
     return osm.update(carry, osm.logits(q, k, qk_scale, precision), v, mask, precision)  # [R, bk]
 
   n = jnp.minimum(blocks_per_split, num_blocks - split * blocks_per_split)  # the last split may be short
   carry = lax.fori_loop(0, n, body, osm.init(*q.shape))
-  o_ref[...], lse_ref[...] = osm.finish(carry)
+  out, lse_ref[...] = osm.finish(carry)
+  store_real_rows(o_ref, out, rows)
 
 
-def combine_splits(o_BKSRD, lse_BKSR):
-  """Exact lse-weighted combination over the split axis (2): -> (out [B, K, R, D] f32, lse [B, K, R])."""
+def combine_splits(o_BKSRD, lse_BKSR, rows: int):
+  """Exact lse-weighted combination over the split axis (2) of the first `rows` rows (the kernels
+  leave padded rows unwritten): -> (out [B, K, rows, D] f32, lse [B, K, rows])."""
+  o_BKSRD, lse_BKSR = o_BKSRD[:, :, :, :rows], lse_BKSR[:, :, :, :rows]
   m = jnp.max(lse_BKSR, axis=2, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   w = jnp.exp(lse_BKSR - m)                  # empty split: exp(-inf) = 0
@@ -181,16 +200,15 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   in_specs = [q_spec, qpos_spec, kv_spec, kv_spec, pos_spec]
   kernel = functools.partial(_kernel, scale=scale, window=window, block_k=block_k,
                              blocks_per_split=bps, num_blocks=nb, aliased=poison is not None,
-                             f32_dots=q.dtype == jnp.float32)
+                             f32_dots=q.dtype == jnp.float32, rows=rows)
   # poison (testing hook): the partial outputs start poisoned, so unwritten elements reach the result
   o_part, lse_part = triton_call(kernel, args, grid=(b, kh, num_splits), in_specs=in_specs,
                                  out_specs=[o_spec, lse_spec], out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_flash_decode",
                                  poison=poison)
-  out, lse = combine_splits(o_part, lse_part)        # [B, K, R, D], [B, K, R]
-  out = out[:, :, :rows].reshape(b, kh, g, t, d)
-  out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BTHD.dtype)
-  lse = jnp.transpose(lse[:, :, :rows].reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
+  out, lse = combine_splits(o_part, lse_part, rows)  # [B, K, rows, D], [B, K, rows]
+  out = jnp.transpose(out.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BTHD.dtype)
+  lse = jnp.transpose(lse.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
   return out, lse
 
 

@@ -32,7 +32,7 @@ every block load):
   * Per block the other work is on [rows, block_k] tiles whose rows are padded to 16 (G * T = 4
     real rows for Llama-3-8B): log2(e) * scale is folded into q and the per-token scales, the
     scaled P of the pieces of one V channel group is computed once, and the visibility test is one
-    comparison per element (empty slots get position int32 max).
+    comparison per element (`decode.visible_mask`).
   * The residual window runs through `decode.decode_attention` and merges by lse.
 """
 
@@ -50,7 +50,7 @@ from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.decode import (MAX_ROWS, MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_args,
                                            _next_pow2, combine_splits, decode_attention, decode_reference,
-                                           pick_config)
+                                           pick_config, store_real_rows, visible_mask)
 from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.quant import QuantizedTensor, check_quantized, dequantize
 
@@ -189,20 +189,14 @@ def _kernel(q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos
           outs.append(dot(p.astype(cdt), (x.astype(jnp.float32) * sc + zr).astype(cdt), ((1,), (0,))))
       return tuple(outs)
 
-    k_pos = pos_ref[pl.ds(start, block_k)]
-    k_pos = jnp.where(k_pos >= 0, k_pos, jnp.iinfo(jnp.int32).max)  # empty slot: visible to none
-    mask = k_pos[None, :] <= q_pos[:, None]                          # (q_pos -1: a row that sees none)
-    if window is not None:
-      mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
-    return osm.update(carry, s, pv, mask, precision)
+    return osm.update(carry, s, pv, visible_mask(pos_ref[pl.ds(start, block_k)], q_pos, window), precision)
 
   n = jnp.minimum(blocks_per_split, num_blocks - split * blocks_per_split)
   r = q_ref.shape[0]
   carry = lax.fori_loop(0, n, body, osm.init(r, tuple(w for _, w, _, _ in v_pieces)))
   outs, lse = osm.finish(carry)
-  real = lax.broadcasted_iota(jnp.int32, (r, 1), 0) < rows
-  for (c0, w, _, _), o in zip(v_pieces, outs):  # padded rows: never read, so not written
-    pltriton.store(o_ref.at[:, pl.ds(c0, w)], o, mask=jnp.broadcast_to(real, (r, w)))
+  for (c0, w, _, _), o in zip(v_pieces, outs):
+    store_real_rows(o_ref.at[:, pl.ds(c0, w)], o, rows)
   lse_ref[...] = lse
 
 
@@ -244,9 +238,9 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
                                  out_specs=out_specs, out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_quant_decode",
                                  poison=poison)
-  out, lse = combine_splits(o_part[:, :, :, :rows], lse_part[:, :, :, :rows])
-  out = jnp.transpose(out[:, :, :rows].reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
-  lse = jnp.transpose(lse[:, :, :rows].reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
+  out, lse = combine_splits(o_part, lse_part, rows)
+  out = jnp.transpose(out.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+  lse = jnp.transpose(lse.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
   return out.astype(q_BTHD.dtype), lse
 
 
