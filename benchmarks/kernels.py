@@ -310,7 +310,8 @@ def run_decode(args, rows, copy_gbs, configs=None):
 
 
 def run_quant_tune(args, rows):
-  """int4 KIVI-style cache: block_k x splits x warps of the quantized flash-decoding kernel."""
+  """int4 KIVI-style cache: block_k x splits x warps x stages of the quantized flash-decoding kernel,
+  and the plain int -> float unpacking for comparison."""
   b, kh, h, c, d = 1, args.gqa_kv_heads, args.heads, args.decode_len, 128
   ks = jax.random.split(jax.random.key(6), 3)
   q = rand(ks[0], (b, 1, h, d))
@@ -320,17 +321,18 @@ def run_quant_tune(args, rows):
   pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, kh, c))
   qp = jnp.full((b, 1), c - 1, jnp.int32)
   nbytes = quant.nbytes(kq) + quant.nbytes(vq)
-  for bk in (64, 128, 256):
-    for n in (32, 64):
-      for w in (4, 8):
-        cfg = dict(block_k=min(bk, c), num_splits=n, num_warps=w)
+  grid = [dict(block_k=min(bk, c), num_splits=n, num_warps=w, num_stages=st)
+          for bk in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+  grid += [dict(block_k=min(bk, c), num_splits=128, num_stages=3) for bk in (32, 256)]
+  grid += [dict(num_splits=128, num_stages=3, _unpack="float")]  # the int -> float conversion, for comparison
+  for cfg in grid:
 
-        def f(q, kq, vq, pos, qp, cfg=cfg):
-          return quantized_decode_attention(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke, **cfg)[0]
-        r = attempt(rows, f"decode int4 {cfg} C={c}", lambda: bench(f, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
-        r.update(section="tune_decode", C=c, cache="int4")
-        if "ms" in r:
-          r["GB/s"] = nbytes / (r["ms"] * 1e-3) / 1e9
+    def f(q, kq, vq, pos, qp, cfg=cfg):
+      return quantized_decode_attention(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke, **cfg)[0]
+    r = attempt(rows, f"decode int4 {cfg} C={c}", lambda: bench(f, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
+    r.update(section="tune_decode", C=c, cache="int4")
+    if "ms" in r:
+      r["GB/s"] = nbytes / (r["ms"] * 1e-3) / 1e9
 
 
 # -- flash tuning ---------------------------------------------------------------------------------
