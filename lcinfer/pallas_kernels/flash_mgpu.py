@@ -179,7 +179,8 @@ def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float,
                                 columns=None, interpret: bool = False, stages: int = 2,
                                 heads_fastest: bool = True, **unused_tuning):
   """Block-sparse / key-range attention forward on Hopper (BlockSparse or KeyRanges layouts with
-  block_q 128). Returns (out [B, T, H, D], lse [B, T, H] float32). Columns: `dispatch.Unsupported`."""
+  block_q 128, block_k 64 or 128; columns as one ascending list per head). Returns (out [B, T, H,
+  D], lse [B, T, H] float32). Other layouts and column lists: `dispatch.Unsupported`."""
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
   # a layout's block_k is the layout's, not a knob: one this kernel lacks falls through (Triton)
   if layout.block_k not in (64, 128):
