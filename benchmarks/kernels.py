@@ -35,6 +35,7 @@ from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
 from lcinfer.pallas_kernels import quant
 from lcinfer.pallas_kernels.decode import decode_attention
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention
+from lcinfer.pallas_kernels.decode_quant_mgpu import quantized_decode_attention_mgpu
 from lcinfer.pallas_kernels.flash_triton import flash_attention
 from lcinfer.pallas_kernels.flash_mgpu import block_sparse_attention_mgpu, flash_attention_mgpu
 from lcinfer.pallas_kernels.sparse_index import blocks_from_mask, vertical_slash_to_layout
@@ -295,18 +296,21 @@ def run_decode(args, rows, copy_gbs, configs=None):
     vq = quant.quantize(v, bits=bits, axis="token", group=d, scale_dtype=jnp.bfloat16)
     qbytes = quant.nbytes(kq) + quant.nbytes(vq)
 
-    def fq(q, kq, vq, pos, qp):
-      return quantized_decode_attention(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke)[0]
-    r = attempt(rows, f"decode lcinfer_quantized_decode int{bits} C={c}",
-                lambda: bench(fq, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
-    r.update(section="decode", impl="lcinfer_quantized_decode", C=c, cache=f"int{bits} (K per-channel g64, "
-             f"V per-token; bf16 scales)", kv_heads=kh, bytes=qbytes)
-    if "ms" in r:
-      r["GB/s"] = qbytes / (r["ms"] * 1e-3) / 1e9
-      if copy_gbs:
-        r["x_copy_bw"] = r["GB/s"] / copy_gbs
-      if bf16_ms:
-        r["x_bf16_time"] = r["ms"] / bf16_ms
+    impls = {"lcinfer_quantized_decode": quantized_decode_attention}
+    if bits == 4 and not args.smoke:  # the Hopper kernel serves the KIVI int4 layout
+      impls["lcinfer_quantized_decode_mgpu"] = quantized_decode_attention_mgpu
+    for name, fn in impls.items():
+      def fq(q, kq, vq, pos, qp, fn=fn):
+        return fn(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke)[0]
+      r = attempt(rows, f"decode {name} int{bits} C={c}", lambda: bench(fq, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
+      r.update(section="decode", impl=name, C=c, cache=f"int{bits} (K per-channel g64, V per-token; bf16 scales)",
+               kv_heads=kh, bytes=qbytes)
+      if "ms" in r:
+        r["GB/s"] = qbytes / (r["ms"] * 1e-3) / 1e9
+        if copy_gbs:
+          r["x_copy_bw"] = r["GB/s"] / copy_gbs
+        if bf16_ms:
+          r["x_bf16_time"] = r["ms"] / bf16_ms
 
 
 def run_quant_tune(args, rows):

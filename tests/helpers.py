@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 import lcinfer
@@ -63,3 +64,48 @@ def assert_matches_oracle(name, out, lse, ref, ref_lse, dtype):
     lrel = np.max(np.abs(lse[~empty] - ref_lse[~empty]) / np.maximum(np.abs(ref_lse[~empty]), 1.0))
     assert lrel < tol, f"{name}: lse rel err {lrel:.2e} >= {tol}"
   return empty
+
+
+def emulate_ptx(asm: str, inputs: dict, dtype) -> dict:
+  """A numpy model of the few PTX instructions lcinfer's unpacking blocks use (mov.b32, prmt.b32 in
+  default mode, shr.b32, lop3.b32 with LUT 0xEA = (a & b) | c, sub.rn / fma.rn on bf16x2 or f16x2),
+  run on uint32 arrays `inputs` ({"$2": words, ...}); returns every register as uint32."""
+  np_dt = np.dtype(jnp.dtype(dtype))
+  kind = "bf16" if np_dt == np.dtype(jnp.bfloat16) else "f16"
+  n = len(next(iter(inputs.values())))
+  regs = {k: np.asarray(v).astype(np.uint64) for k, v in inputs.items()}
+  val = lambda a: regs[a] if a in regs else np.full(n, int(a, 0), np.uint64)  # noqa: E731
+
+  def lanes(x):  # uint32 -> [n, 2] float64 values of the two 16-bit lanes
+    return np.stack([x & 0xFFFF, x >> 16], axis=-1).astype(np.uint16).view(np_dt).astype(np.float64)
+
+  def pack(f):  # [n, 2] float64 -> uint32, one rounding to the 16-bit type
+    d = f.astype(np_dt).view(np.uint16).astype(np.uint64)
+    return d[..., 0] | (d[..., 1] << np.uint64(16))
+
+  for line in asm.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    op, args = line.split(None, 1)
+    a = [x.strip() for x in args.split(",")]
+    x = [val(y) for y in a[1:]]
+    if op == "mov.b32":
+      regs[a[0]] = x[0]
+    elif op == "prmt.b32":
+      src = x[0] | (x[1] << np.uint64(32))
+      sel = int(a[3], 0)
+      regs[a[0]] = sum(((src >> np.uint64(8 * ((sel >> (4 * i)) & 7))) & np.uint64(0xFF)) << np.uint64(8 * i)
+                       for i in range(4))
+    elif op == "shr.b32":
+      regs[a[0]] = x[0] >> np.uint64(int(a[2]))
+    elif op == "lop3.b32":
+      assert int(a[4], 0) == 0xEA, "only (a & b) | c is modelled"
+      regs[a[0]] = (x[0] & x[1]) | x[2]
+    elif op == f"sub.rn.{kind}x2":
+      regs[a[0]] = pack(lanes(x[0]) - lanes(x[1]))
+    elif op == f"fma.rn.{kind}x2":
+      regs[a[0]] = pack(lanes(x[0]) * lanes(x[1]) + lanes(x[2]))
+    else:
+      raise AssertionError(f"unmodelled instruction {op}")
+  return {k: v.astype(np.uint32) for k, v in regs.items()}

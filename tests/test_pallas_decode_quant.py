@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_oracle
+from helpers import assert_matches_oracle, emulate_ptx
 from lcinfer.pallas_kernels import dispatch, quant
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention, quantized_decode_reference
 
@@ -140,43 +140,6 @@ def test_kernel_matches_oracle_gpu(case):
   _check(case, interpret=False)
 
 
-def _emulate_ptx(asm: str, word: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-  """A numpy model of the few PTX instructions the unpacking uses (prmt in default mode, shr.b32,
-  lop3.b32, mov.b32, sub.rn.{bf16,f16}x2) run on uint32 inputs $2: returns ($0, $1)."""
-  regs = {"$2": word.astype(np.uint64)}
-  val = lambda a: regs[a] if a in regs else np.uint64(int(a, 0))  # noqa: E731
-  np_dt = np.dtype(jnp.dtype(dtype))
-
-  def lanes(x):  # uint32 -> [n, 2] floats of the two 16-bit lanes
-    return np.stack([x & 0xFFFF, x >> 16], axis=-1).astype(np.uint16).view(np_dt).astype(np.float32)
-
-  for line in asm.splitlines():
-    line = line.strip().rstrip(";")
-    if not line or line in "{}" or line.startswith(".reg"):
-      continue
-    op, args = line.split(None, 1)
-    a = [x.strip() for x in args.split(",")]
-    x = [val(y) + np.zeros_like(word, np.uint64) for y in a[1:]]
-    if op == "mov.b32":
-      regs[a[0]] = x[0]
-    elif op == "prmt.b32":
-      src = x[0] | (x[1] << np.uint64(32))
-      sel = int(a[3], 0)
-      regs[a[0]] = sum(((src >> np.uint64(8 * ((sel >> (4 * i)) & 7))) & np.uint64(0xFF)) << np.uint64(8 * i)
-                       for i in range(4))
-    elif op == "shr.b32":
-      regs[a[0]] = x[0] >> np.uint64(int(a[2]))
-    elif op == "lop3.b32":
-      assert int(a[4], 0) == 0xEA  # (a & b) | c
-      regs[a[0]] = (x[0] & x[1]) | x[2]
-    elif op == f"sub.rn.{'bf16' if np_dt == np.dtype(jnp.bfloat16) else 'f16'}x2":
-      d = (lanes(x[0]) - lanes(x[1])).astype(np_dt).view(np.uint16).astype(np.uint64)
-      regs[a[0]] = d[..., 0] | (d[..., 1] << np.uint64(16))
-    else:
-      raise AssertionError(f"unmodelled instruction {op}")
-  return regs["$0"].astype(np.uint32), regs["$1"].astype(np.uint32)
-
-
 @pytest.mark.parametrize("bits,dtype", [(4, jnp.bfloat16), (2, jnp.bfloat16), (4, jnp.float16),
                                         (2, jnp.float16), (8, jnp.float16)])  # bf16 + 8-bit: no PTX
 def test_unpacking_ptx_gives_the_codes(bits, dtype):
@@ -193,7 +156,8 @@ def test_unpacking_ptx_gives_the_codes(bits, dtype):
   raw = rng.integers(0, 256, (64, 4), dtype=np.uint8)
   word = raw.view("<u4")[:, 0]
   for plane in range(8 // bits):
-    lo, hi = _emulate_ptx(_plane_asm(bits, plane, magic16, kind), word, dtype)
+    regs = emulate_ptx(_plane_asm(bits, plane, magic16, kind), {"$2": word}, dtype)
+    lo, hi = regs["$0"], regs["$1"]
     halves = np.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], axis=1).astype(np.uint16)
     got = halves.view(np.dtype(jnp.dtype(dtype))).astype(np.float32)
     want = ((raw >> (plane * bits)) & ((1 << bits) - 1)).astype(np.float32)

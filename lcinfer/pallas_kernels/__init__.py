@@ -24,6 +24,7 @@ from lcinfer.pallas_kernels import quant  # noqa: F401  (quantized cache layouts
 from lcinfer.pallas_kernels import tpu_block_sparse  # noqa: F401  (registers the "tpu" implementations)
 from lcinfer.pallas_kernels.decode_quant import (quantized_decode_attention,  # noqa: F401
                                                  quantized_decode_reference)
+from lcinfer.pallas_kernels import decode_quant_mgpu  # noqa: F401  (registers its "mosaic_gpu" implementation)
 
 __all__ = ["attention_reference", "dispatch", "flash_triton", "flash_mgpu", "block_sparse", "block_sparse_reference",
            "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode",

@@ -1,0 +1,392 @@
+"""Hopper flash-decoding over an int4 KIVI cache (Pallas, Mosaic GPU lowering: TMA + wgmma).
+
+    out_BTHD, lse_BTH = quantized_decode_attention_mgpu(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=...)
+
+Same contract as `decode_quant.quantized_decode_attention` (layouts: `quant.py`; visibility by
+position as in `decode.py`; optional bf16 residual window merged by lse), for the layout KIVI
+(Liu et al. 2024) recommends and the benchmarks use: 4-bit keys per channel in token
+groups that are a multiple of block_k (64), 4-bit values per token (group = head_dim), bf16
+queries, head_dim 128 (scales and zeros are read as bf16). Any other call raises `dispatch.Unsupported`, so the
+dispatcher falls through to the Triton kernel.
+
+Why a second kernel: the Triton one is issue-bound (ncu, H100, 128K: ~60M warp instructions, 8
+per cached element before the PTX unpacking, its float work on tiles padded to 16 rows and
+layout conversions through shared memory), and int4 stayed at 0.8-1.2x the bf16 cache's time.
+
+Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
+  * The products are transposed, S^T = K Q^T and O^T = V^T P^T: the block's 64 keys fill the
+    wgmma's 64-row M side and the G*T query rows its N side (padded to 16), so the softmax works
+    on [64, 16] tiles (8 values per thread) instead of the [64 queries, 64 keys] of a prefill tile
+    whose rows would be 4 real out of 64. Max over keys is a cross-warp reduction; the sums are
+    kept per thread and reduced once at the end.
+  * TMA brings block j + stages - 1 (codes, the block's key-scale row, per-token value scales,
+    positions) into a ring slot while block j is computed; one barrier per slot.
+  * Dequantization in registers, from the packed bytes to the bf16 tiles that wgmma reads from
+    shared memory: a thread loads 4 bytes of a row (byte j holds channel j in its low nibble and
+    channel j + D/2 in its high one) and one inline PTX block makes 8 bf16 values: prmt spreads the
+    bytes into 16-bit lanes, lop3 ORs a nibble into the mantissa of 128.0 (the "magic number" of
+    fast int4 GEMMs: Kim et al. 2022, Sec. 4), so x = 128 + c exactly.
+      keys:   sub.bf16x2 and fma.bf16x2 make c * s + z (per-channel scale row; one rounding);
+      values: the tile keeps x = 128 + c. The per-token scale goes into P^T's rows
+              (p' = bf16(p s_t)), and the rest is per query: out = (O^T - 128 sum_t p'_t
+              + sum_t p_t z_t) / l. The bias sum uses the same rounded p' as the MMA, so it
+              cancels up to float32 accumulation error.
+  * The value tile is dequantized while the QK^T wgmma runs.
+  * Splits are combined by lse outside (`decode.combine_splits`).
+Measured (H100, B=1, H=32, K=8, D=128, 128K, benchmarks/NOTES.md): 0.116 ms at 48 splits and 2
+stages (three CTAs per SM), 0.58x the bf16 kernel. The Triton int4 kernel took 0.17 ms in the
+same run. ncu (64 splits, 4 stages: two CTAs per SM): 47.6M warp instructions, issue slots 43%
+busy, 166 registers. Per warp and block, ~250 instructions dequantize and ~190 are the softmax.
+No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.decode import combine_splits, decode_attention
+from lcinfer.pallas_kernels.launch import gpu_device
+from lcinfer.pallas_kernels.quant import QuantizedTensor
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MAX_ROWS = 64      # query rows per kv head (G * T): the wgmma N side, padded to 16 / 32 / 64
+HEAD_DIM = 128
+BLOCK_K = 64
+
+
+def _plgpu():
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # lazily: only Hopper paths need it
+  return plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  b: int
+  kh: int
+  rows: int            # G * T real query rows per kv head
+  c: int
+  block_k: int
+  splits: int
+  blocks_per_split: int
+  stages: int
+  group: int           # the keys' token group
+  scale: float
+  window: int | None
+
+  @property
+  def n_blocks(self) -> int:
+    return self.c // self.block_k
+
+  @property
+  def n_q(self) -> int:  # the wgmma N side: query rows padded to 16, 32 or 64
+    return next(n for n in (16, 32, 64) if n >= self.rows)
+
+  @property
+  def p_swizzle(self) -> int:  # P^T [bk, n_q] rows, and the value tile read beside it (one swizzle)
+    return 2 * self.n_q
+
+
+def _asm(with_scale: bool) -> str:
+  """PTX: $4 = 4 code bytes (channels c..c+3 in the low nibbles, c+D/2.. in the high ones) -> $0, $1:
+  the low channels, $2, $3: the high ones, as bf16x2 pairs of x = 128 + code (lop3 ORs the nibble
+  into the mantissa of 128.0). with_scale: then c * s + z, exactly c = x - 128 (sub) and one
+  rounding (fma), scale pairs in $5..$8, zero pairs in $9..$12 (low 01, 23, high 01, 23)."""
+  lines = ["{", ".reg .b32 z, a, b, t, m;", "mov.b32 z, 0;", "mov.b32 m, 0x43004300;",
+           "prmt.b32 a, $4, z, 0x4140;", "prmt.b32 b, $4, z, 0x4342;"]
+  for out, src in enumerate(("a", "b", "a", "b")):
+    if out == 2:  # a >> 4 lets byte 1's low nibble into bits 12-15 of lane 0: the mask drops it
+      lines += ["shr.b32 a, a, 4;", "shr.b32 b, b, 4;"]
+    if with_scale:
+      lines += [f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA;", "sub.rn.bf16x2 t, t, m;",
+                f"fma.rn.bf16x2 ${out}, t, ${5 + out}, ${9 + out};"]
+    else:
+      lines.append(f"lop3.b32 ${out}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+  return "\n".join(lines + ["}"])
+
+
+def _dequant_fn(with_scale: bool, out_swizzle: int):
+  """inline Mosaic GPU: codes smem [bk, D/2] uint8 -> out smem [bk, D] bf16 (tiled, swizzled):
+  with_scale: x = c * s + z with per-channel (s, z) given as [D/2] halves; else x = 128 + c."""
+  plgpu = _plgpu()
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+
+  layout = fa.WGMMA_LAYOUT_8BIT
+  code_t = plgpu.RefType(_tiled(HEAD_DIM // 2, jnp.uint8))
+  out_t = plgpu.RefType(_tiled(out_swizzle, jnp.bfloat16))
+  scale_types = (plgpu.Layout.WGMMA_8BIT.reduce(0),) * (4 if with_scale else 0)
+  asm = _asm(with_scale)
+
+  @plgpu.inline_mgpu(arg_types=(code_t, scale_types, out_t))
+  def dequant(ctx, codes_ref, scales, out_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=HEAD_DIM // 2, is_signed=False, layout=layout)
+    bk, half = codes.shape
+    scales = [x.broadcast_in_dim((bk, half), (1,), layout) for x in scales]
+
+    def words(v):  # vector<4xbf16> -> two i32 (pairs 01, 23)
+      return [mu.bitcast(mu.vector_slice(v, slice(i, i + 2)), i32) for i in (0, 2)]
+
+    lo = np.empty_like(codes.registers)
+    hi = np.empty_like(codes.registers)
+    out_ty = llvm.StructType.get_literal([i32] * 4)
+    constraints = "=r,=r,=r,=r," + ",".join(["r"] * (9 if with_scale else 1))
+    for idx in np.ndindex(codes.registers.shape):
+      ins = [mu.bitcast(codes.registers[idx], i32)]
+      for x in scales:
+        ins += words(x.registers[idx])
+      res = llvm.inline_asm(out_ty, ins, asm, constraints)
+      outs = [mu.bitcast(llvm.extractvalue(i32, res, [i]), pair) for i in range(4)]
+      lo[idx] = mu.vector_concat(outs[:2])
+      hi[idx] = mu.vector_concat(outs[2:])
+    tiles = ir.MemRefType(out_ref.type).shape[1]   # [bk/8, D/w, 8, w]
+    for part, regs in ((0, lo), (1, hi)):
+      arr = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+      cols = slice(part * tiles // 2, (part + 1) * tiles // 2)
+      arr.store_tiled(mu.memref_slice(out_ref, (slice(None), cols)), swizzle=out_swizzle)
+
+  return dequant
+
+
+def _tiled(swizzle: int, dtype):
+  plgpu = _plgpu()
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
+          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, kd_smem, vd_smem,
+          p_smem, o_smem, lse_smem, full, q_bar):
+  plgpu = _plgpu()
+  split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
+  bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
+  first = split * g.blocks_per_split
+  n = jnp.minimum(g.blocks_per_split, g.n_blocks - first)
+
+  def issue(j):  # block `first + j` into slot j % stages
+    slot = lax.rem(j, jnp.int32(stages))
+    start = pl.multiple_of((first + j) * bk, bk)
+    keys = pl.ds(start, bk)
+    grp = lax.div(start, jnp.int32(g.group))
+    for src, dst in ((kc_ref.at[b, h, keys], kc_smem), (vc_ref.at[b, h, keys], vc_smem),
+                     (ks_ref.at[b, h, pl.ds(grp, 1)], ks_smem), (kz_ref.at[b, h, pl.ds(grp, 1)], kz_smem),
+                     (vs_ref.at[b, h, keys], vs_smem), (vz_ref.at[b, h, keys], vz_smem),
+                     (pos_ref.at[b, h, keys], pos_smem)):
+      plgpu.copy_gmem_to_smem(src, dst.at[slot], full.at[slot])
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar)
+  for j in range(stages - 1):
+    pl.when(j < n)(functools.partial(issue, j))
+
+  wgmma_layout = plgpu.Layout.WGMMA
+  key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
+  scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
+  dequant_k = _dequant_fn(True, 128)
+  dequant_v = _dequant_fn(False, g.p_swizzle)
+  shape = (bk, nq)
+  bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
+  bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
+  qpos_b = bq(plgpu.load(qpos_ref.at[b], layout=query_layout, optimized=False))
+  c = g.scale * LOG2E
+  m = plgpu.layout_cast(jnp.full((nq,), -jnp.inf, jnp.float32), query_layout)
+  zeros = plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
+  acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
+  plgpu.barrier_wait(q_bar)
+
+  def step(j, carry):
+    acc, m, l_part, z_part, b_part = carry
+
+    @pl.when(j + stages - 1 < n)
+    def _():
+      issue(j + stages - 1)
+
+    slot = lax.rem(j, jnp.int32(stages))
+    plgpu.barrier_wait(full.at[slot])
+    kscales = tuple(plgpu.load(r.at[slot, 0, pl.ds(p * half, half)], layout=scol, optimized=False)
+                    for r in (ks_smem, kz_smem) for p in (0, 1))
+    dequant_k(kc_smem.at[slot], kscales, kd_smem)
+    vs = bkey(plgpu.load(vs_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
+    vz = bkey(plgpu.load(vz_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
+    kpos = plgpu.load(pos_smem.at[slot], layout=key_layout, optimized=False)
+    plgpu.commit_smem()
+
+    def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
+      plgpu.wgmma(acc_ref, kd_smem, q_smem.transpose((1, 0)))
+      dequant_v(vc_smem.at[slot], (), vd_smem)  # overlaps the product
+      return acc_ref[...]
+    s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+    kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
+    keep = kp <= qpos_b
+    if g.window is not None:
+      keep = keep & (qpos_b - kp < g.window)
+    s = jnp.where(keep, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=0) * c)
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a query that has seen nothing: finite exponents
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s * c - bq(m_use))
+    p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
+    a2 = bq(alpha)
+    l_part = l_part * a2 + p
+    z_part = z_part * a2 + p * vz
+    b_part = b_part * a2 + p16.astype(jnp.float32)   # the rounded P, for the exact 128 bias
+    p_smem[...] = p16
+    plgpu.commit_smem()
+
+    def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code)
+      plgpu.wgmma(acc_ref, vd_smem.transpose((1, 0)), p_smem)
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc * lax.broadcast_in_dim(alpha, acc.shape, [1])))
+    return acc, m_new, l_part, z_part, b_part
+
+  acc, m, l_part, z_part, b_part = lax.fori_loop(0, n, step, (acc, m, zeros, zeros, zeros))
+  l, zsum, bsum = l_part.sum(axis=0), z_part.sum(axis=0), b_part.sum(axis=0)
+  seen = l > 0.0
+  l_safe = jnp.where(seen, l, 1.0)
+  bc = lambda x: lax.broadcast_in_dim(x, acc.shape, [1])
+  o_smem[...] = (acc + bc(zsum - float(1 << 7) * bsum)) * bc(1.0 / l_safe)
+  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
+  plgpu = _plgpu()
+  bk, d, half, st, nq = g.block_k, HEAD_DIM, HEAD_DIM // 2, g.stages, g.n_q
+  t128, tcode = _tiled(128, jnp.bfloat16), _tiled(half, jnp.uint8)
+  tp = _tiled(g.p_swizzle, jnp.bfloat16)
+  scratch = (
+      plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),            # queries
+      plgpu.SMEM((st, bk, half), jnp.uint8, transforms=tcode),        # key codes
+      plgpu.SMEM((st, bk, half), jnp.uint8, transforms=tcode),        # value codes
+      plgpu.SMEM((st, 1, d), jnp.bfloat16),                           # key scale row
+      plgpu.SMEM((st, 1, d), jnp.bfloat16),                           # key zero row
+      plgpu.SMEM((st, bk), jnp.bfloat16),                             # value scales
+      plgpu.SMEM((st, bk), jnp.bfloat16),                             # value zeros
+      plgpu.SMEM((st, bk), jnp.int32),                                # positions
+      plgpu.SMEM((bk, d), jnp.bfloat16, transforms=t128),             # dequantized keys
+      plgpu.SMEM((bk, d), jnp.bfloat16, transforms=tp),               # value tile, 128 + code
+      plgpu.SMEM((bk, nq), jnp.bfloat16, transforms=tp),              # P^T
+      plgpu.SMEM((d, nq), jnp.float32),                               # O^T
+      plgpu.SMEM((nq,), jnp.float32),                                 # lse
+      plgpu.Barrier(num_arrivals=7, num_barriers=st),
+      plgpu.Barrier(),
+  )
+  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.splits, d, nq), jnp.float32),
+              jax.ShapeDtypeStruct((g.b, g.kh, g.splits, nq), jnp.float32))
+  return plgpu.kernel(
+      functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),
+      grid_names=("split", "head", "batch"), scratch_types=scratch, kernel_name="lcinfer_qdecode_mgpu",
+      compiler_params=plgpu.CompilerParams(approx_math=True))(q, qpos, kc, ks, kz, vc, vs, vz, pos)
+
+
+@functools.partial(jax.jit, static_argnames=("g",))
+def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT):
+  b, t, h, d = q_BTHD.shape
+  kh = g.kh
+  grp = h // kh
+  q = jnp.transpose(q_BTHD.reshape(b, t, kh, grp, d), (0, 2, 3, 1, 4)).reshape(b, kh, g.rows, d)
+  q = jnp.pad(q.astype(jnp.bfloat16), ((0, 0), (0, 0), (0, g.n_q - g.rows), (0, 0)))
+  qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, grp)), ((0, 0), (0, g.n_q - g.rows)),
+                 constant_values=-1)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  o_part, lse_part = _call(g, q, qpos, k_q.codes, bf(k_q.scale), bf(k_q.zero), v_q.codes,
+                           bf(v_q.scale[..., 0]), bf(v_q.zero[..., 0]), pos_BKC.astype(jnp.int32))
+  out, lse = combine_splits(jnp.swapaxes(o_part, -1, -2), lse_part, g.rows)
+  out = jnp.transpose(out.reshape(b, kh, grp, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+  lse = jnp.transpose(lse.reshape(b, kh, grp, t), (0, 3, 1, 2)).reshape(b, t, h)
+  return out.astype(q_BTHD.dtype), lse
+
+
+def served(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, block_k: int) -> str | None:
+  """Why this kernel cannot serve the call (None: it can)."""
+  b, t, h, d = q_BTHD.shape
+  _, kh, c, _ = k_q.shape
+  if q_BTHD.dtype != jnp.bfloat16:
+    return f"queries must be bfloat16, got {q_BTHD.dtype}"
+  if d != HEAD_DIM:
+    return f"head_dim {d} (only {HEAD_DIM})"
+  if (k_q.bits, v_q.bits) != (4, 4):
+    return f"{k_q.bits}/{v_q.bits}-bit keys/values (only 4/4)"
+  if k_q.axis != "channel" or k_q.group % block_k:
+    return (f"keys must be quantized per channel in token groups that are a multiple of {block_k} "
+            f"(got axis={k_q.axis!r}, group={k_q.group})")
+  if v_q.axis != "token" or v_q.group != d:
+    return f"values must be quantized per token over all channels (got axis={v_q.axis!r}, group={v_q.group})"
+  if c == 0 or c % block_k:
+    return f"the cache length {c} must be a positive multiple of {block_k}"
+  if (h // kh) * t > MAX_ROWS:
+    return f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}"
+  return None
+
+
+def pick_splits(dev, b: int, kh: int, n_blocks: int) -> int:
+  """Three CTAs per SM in one wave (2 stages: 64 KB of shared memory and 166 registers each; H100,
+  128K: 48 splits 0.116 ms, 32 or 64 splits 0.13-0.14 ms)."""
+  sms = getattr(dev, "core_count", None) or 132
+  return max(1, min(n_blocks, (3 * sms) // (b * kh)))
+
+
+def quantized_decode_attention_mgpu(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, pos_BKC, q_pos_BT,
+                                    *, scale: float, window: int | None = None, residual=None,
+                                    num_splits: int | None = None, block_k: int | None = None,
+                                    num_stages: int | None = None, interpret: bool = False, **triton_tuning):
+  """Flash-decoding over an int4 KIVI cache on Hopper (module docstring). Returns (out [B, T, H, D]
+  in q's dtype, lse [B, T, H] float32). `dispatch.Unsupported` for calls it does not serve;
+  `triton_tuning` (num_warps, _poison, _unpack: the Triton kernel's knobs) must be left unset."""
+  from lcinfer.pallas_kernels.decode_quant import _check  # the one argument check of both kernels
+  _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual)
+  if any(v is not None for v in triton_tuning.values()):
+    raise dispatch.Unsupported(f"Triton-only options {sorted(triton_tuning)}")
+  if interpret:
+    raise dispatch.Unsupported("Mosaic GPU (wgmma) kernels have no interpret mode")
+  dev = gpu_device()
+  if dev is None or getattr(dev, "compute_capability", "") != "9.0":
+    raise dispatch.Unsupported("the Mosaic GPU quantized decode kernel needs a Hopper GPU (sm_90)")
+  bk = block_k or BLOCK_K
+  if bk != BLOCK_K:
+    raise dispatch.Unsupported(f"block_k {bk} (only {BLOCK_K})")
+  why = served(q_BTHD, k_q, v_q, bk)
+  if why:
+    raise dispatch.Unsupported(why)
+  return _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=scale, window=window, residual=residual,
+                       num_splits=num_splits or pick_splits(dev, q_BTHD.shape[0], k_q.shape[1], k_q.shape[2] // bk),
+                       block_k=bk, num_stages=num_stages or 2)
+
+
+def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, num_splits, block_k,
+                  num_stages):
+  """Builds the geometry and runs (no device checks: the CPU lowering test calls this)."""
+  b, t, h, _ = q_BTHD.shape
+  _, kh, c, _ = k_q.shape
+  nb = c // block_k
+  bps = -(-nb // max(1, min(num_splits, nb)))
+  g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
+               stages=num_stages, group=k_q.group, scale=float(scale), window=window)
+  out = _run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT)
+  if residual is None:
+    return out
+  rk, rv, rp = residual
+  res = decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window)
+  from lcinfer.attention.base import merge_attention
+  return merge_attention([out, res])
+
+
+# First in the default order: on a Hopper GPU it serves the KIVI int4 layout; every other call
+# (no Hopper, interpret mode, other bits or groupings) falls through to "triton".
+dispatch.register("quantized_decode_attention", "mosaic_gpu", quantized_decode_attention_mgpu, first=True)

@@ -1,0 +1,139 @@
+"""The Hopper (Mosaic GPU) int4 flash-decoding kernel (pallas_kernels/decode_quant_mgpu.py).
+
+wgmma has no interpret mode, so on CPU: its unpacking PTX against a numpy model of the
+instructions, its lowering to Mosaic GPU for a CUDA target, and the dispatcher falling through to
+the Triton kernel for calls it does not serve. The gpu-marked tests run it against the oracle."""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import assert_matches_oracle, emulate_ptx
+from lcinfer.pallas_kernels import decode_quant_mgpu as mq
+from lcinfer.pallas_kernels import dispatch, quant
+from lcinfer.pallas_kernels.decode_quant import quantized_decode_reference
+
+
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_unpacking_ptx_makes_the_dequantized_values(with_scale):
+  """8 nibbles of a 32-bit word -> bf16 pairs: low nibbles of bytes 0..3 are channels c..c+3, the
+  high ones channels c+D/2..; with_scale: c * s + z rounded once, else 128 + c exactly."""
+  rng = np.random.default_rng(1)
+  n = 256
+  raw = rng.integers(0, 256, (n, 4), dtype=np.uint8)
+  inputs = {"$4": raw.view("<u4")[:, 0]}
+  s = rng.uniform(0.01, 2.0, (n, 8)).astype(jnp.bfloat16)   # per output element (lo 0..3, hi 0..3)
+  z = rng.uniform(-4.0, 4.0, (n, 8)).astype(jnp.bfloat16)
+  if with_scale:
+    for i in range(4):
+      for arr, base in ((s, 5), (z, 9)):
+        pair = arr[:, 2 * i: 2 * i + 2].view(np.uint16).astype(np.uint32)
+        inputs[f"${base + i}"] = pair[:, 0] | (pair[:, 1] << 16)
+  regs = emulate_ptx(mq._asm(with_scale), inputs, jnp.bfloat16)
+  got = np.stack([regs[f"${i}"] for i in range(4)], axis=1)                     # [n, 4] words
+  got = np.stack([got & 0xFFFF, got >> 16], axis=-1).reshape(n, 8).astype(np.uint16)
+  got = got.view(jnp.bfloat16).astype(np.float64)
+  codes = np.concatenate([raw & 0xF, raw >> 4], axis=1).astype(np.float64)      # lo 0..3, hi 0..3
+  if with_scale:
+    want = (codes * s.astype(np.float64) + z.astype(np.float64)).astype(jnp.bfloat16).astype(np.float64)
+  else:
+    want = 128.0 + codes
+  np.testing.assert_array_equal(got, want)
+
+
+def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False):
+  rng = np.random.default_rng(seed)
+  d = 128
+  q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
+  k = rng.standard_normal((b, kh, c, d)).astype(np.float32)
+  k[..., 5] *= 8.0  # an outlier channel, as in real keys
+  v = rng.standard_normal((b, kh, c, d)).astype(np.float32)
+  k_q = quant.quantize(jnp.asarray(k), bits=4, axis="channel", group=kgroup, scale_dtype=jnp.bfloat16)
+  v_q = quant.quantize(jnp.asarray(v), bits=4, axis="token", group=d, scale_dtype=jnp.bfloat16)
+  pos = np.tile(np.arange(c, dtype=np.int32), (b, kh, 1))
+  if holes:
+    pos = np.where(rng.random(pos.shape) < 0.2, -1, pos)
+  if shuffled:
+    pos = np.stack([np.stack([rng.permutation(pos[i, j]) for j in range(kh)]) for i in range(b)])
+  q_pos = np.tile(np.arange(c - t, c, dtype=np.int32), (b, 1))
+  if bad_row:
+    q_pos[-1, 0] = -1  # a padded query: sees nothing
+  return q, k_q, v_q, jnp.asarray(pos), jnp.asarray(q_pos)
+
+
+@pytest.mark.parametrize("t,h,kh,window,stages", [(1, 32, 8, None, 2), (2, 32, 2, 100, 3), (1, 64, 1, None, 2)])
+def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages):
+  """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 16, 32 and 64."""
+  q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
+
+  def run(q, k_q, v_q, pos, q_pos):
+    return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
+                            block_k=64, num_stages=stages)
+  text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(kbits=8), "4/4"), (dict(kaxis="token"), "per channel"), (dict(kgroup=32), "multiple of 64"),
+    (dict(vaxis="channel"), "per token"), (dict(h=128), "exceeds 64"),
+    (dict(dtype=jnp.float16), "bfloat16")])
+def test_calls_it_does_not_serve_say_why(change, why):
+  c, h = change.get("c", 128), change.get("h", 8)
+  d = 128
+  x = jnp.ones((1, 1, c, d), jnp.float32)
+  k_q = quant.quantize(x, bits=change.get("kbits", 4), axis=change.get("kaxis", "channel"),
+                       group=change.get("kgroup", 64 if change.get("kaxis", "channel") == "channel" else d))
+  v_q = quant.quantize(x, bits=4, axis=change.get("vaxis", "token"), group=d if change.get("vaxis") is None else 32)
+  q = jnp.ones((1, 1, h, d), change.get("dtype", jnp.bfloat16))
+  assert why in mq.served(q, k_q, v_q, 64)
+
+
+def test_dispatcher_falls_through_to_triton_off_hopper():
+  """Interpret mode (or no Hopper GPU): "mosaic_gpu" says why and "triton" serves the call."""
+  q, k_q, v_q, pos, q_pos = _inputs(1, 1, 8, 2, 128, seed=3, holes=True)
+  with pytest.raises(dispatch.Unsupported, match="interpret"):
+    mq.quantized_decode_attention_mgpu(q, k_q, v_q, pos, q_pos, scale=0.1, interpret=True)
+  assert dispatch.implementations("quantized_decode_attention")[0] == "mosaic_gpu"
+  out, lse = dispatch.call("quantized_decode_attention", None, q, k_q, v_q, pos, q_pos, scale=0.1, interpret=True)
+  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=0.1)
+  assert_matches_oracle("fallthrough", out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
+
+
+# (name, b, t, h, kh, c, input options, kernel options)
+CASES = [
+    ("llama8b_like", 1, 1, 32, 8, 1024, {}, {}),
+    ("window_two_queries", 2, 2, 16, 2, 640, dict(bad_row=True), dict(window=300)),
+    ("holes_shuffled", 1, 1, 8, 4, 512, dict(holes=True, shuffled=True), dict(num_splits=3)),
+    ("rows_32", 1, 2, 32, 2, 1024, dict(holes=True), {}),
+    ("rows_64_one_split", 1, 1, 64, 1, 256, {}, dict(num_splits=1, num_stages=3)),
+    ("group_128", 2, 1, 8, 2, 384, dict(kgroup=128), dict(num_splits=2)),
+    ("residual", 1, 3, 16, 4, 512, dict(holes=True), dict(residual=40)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_oracle_gpu(case):
+  name, b, t, h, kh, c, opts, kw = case
+  from lcinfer.pallas_kernels.flash_mgpu import _hopper
+  if _hopper() is None:
+    pytest.skip("needs a Hopper GPU")
+  q, k_q, v_q, pos, q_pos = _inputs(b, t, h, kh, c, seed=zlib.crc32(name.encode()), **opts)
+  kw = dict(kw)
+  if kw.get("residual"):
+    n, rng = kw["residual"], np.random.default_rng(7)
+    rk, rv = (jnp.asarray(rng.standard_normal((b, kh, n, 128)), jnp.bfloat16) for _ in range(2))
+    rp = jnp.asarray(np.tile(np.arange(c, c + n, dtype=np.int32), (b, kh, 1)))
+    q_pos = q_pos + n
+    kw["residual"] = (rk, rv, rp)
+  out, lse = mq.quantized_decode_attention_mgpu(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, **kw)
+  ref_kw = {key: val for key, val in kw.items() if key in ("window", "residual")}
+  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, **ref_kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_matches_oracle(name, out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
+  via_dispatch, _ = dispatch.call("quantized_decode_attention", None, q, k_q, v_q, pos, q_pos,
+                                  scale=128 ** -0.5, **kw)
+  np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(out, np.float32))
