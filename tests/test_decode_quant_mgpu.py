@@ -137,3 +137,19 @@ def test_kernel_matches_oracle_gpu(case):
   via_dispatch, _ = dispatch.call("quantized_decode_attention", None, q, k_q, v_q, pos, q_pos,
                                   scale=128 ** -0.5, **kw)
   np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(out, np.float32))
+
+
+def test_triton_knobs_fall_through_and_misspelt_ones_fail():
+  """A Triton knob that is set is not ignored by the Hopper kernels (Unsupported: the dispatcher
+  moves on to Triton); a misspelt keyword is a TypeError, not silently dropped."""
+  from lcinfer.pallas_kernels.flash_mgpu import flash_attention_mgpu
+  q, k_q, v_q, pos, q_pos = _inputs(1, 1, 8, 2, 128, seed=4)
+  with pytest.raises(dispatch.Unsupported, match="_poison"):
+    mq.quantized_decode_attention_mgpu(q, k_q, v_q, pos, q_pos, scale=0.1, _poison=float("nan"))
+  with pytest.raises(TypeError):
+    mq.quantized_decode_attention_mgpu(q, k_q, v_q, pos, q_pos, scale=0.1, num_split=4)
+  x = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+  with pytest.raises(dispatch.Unsupported, match="num_warps"):
+    flash_attention_mgpu(x, x, x, scale=0.1, num_warps=4)
+  with pytest.raises(TypeError):
+    flash_attention_mgpu(x, x, x, scale=0.1, blockq=64)

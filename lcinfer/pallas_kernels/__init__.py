@@ -29,5 +29,5 @@ from lcinfer.pallas_kernels import decode_quant_mgpu  # noqa: F401  (registers i
 __all__ = ["attention_reference", "dispatch", "flash_triton", "flash_mgpu", "block_sparse", "block_sparse_reference",
            "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode",
            "decode_attention", "decode_reference",
-           "quant", "quantized_decode_attention", "quantized_decode_reference", "tpu_block_sparse",
+           "quant", "quantized_decode_attention", "quantized_decode_reference", "decode_quant_mgpu", "tpu_block_sparse",
            "KeyRanges", "vertical_slash_to_ranges"]

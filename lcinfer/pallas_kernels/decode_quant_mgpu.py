@@ -33,9 +33,9 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
               cancels up to float32 accumulation error.
   * The value tile is dequantized while the QK^T wgmma runs.
   * Splits are combined by lse outside (`decode.combine_splits`).
-Measured (H100, B=1, H=32, K=8, D=128, 128K, benchmarks/NOTES.md): 0.116 ms at 48 splits and 2
-stages (three CTAs per SM), 0.58x the bf16 kernel. The Triton int4 kernel took 0.17 ms in the
-same run. ncu (64 splits, 4 stages: two CTAs per SM): 47.6M warp instructions, issue slots 43%
+Measured (H100, B=1, H=32, K=8, D=128, 128K, benchmarks/NOTES.md): 0.116-0.155 ms over the
+runs at 48-49 splits and 2 stages (three CTAs per SM), 0.57-0.76x the bf16 kernel. The Triton
+int4 kernel took 0.17 ms in the same runs. ncu (64 splits, 4 stages: two CTAs per SM): 47.6M warp instructions, issue slots 43%
 busy, 166 registers. Per warp and block, ~250 instructions dequantize and ~190 are the softmax.
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 """
@@ -336,8 +336,9 @@ def served(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, block_k: int) -> 
 
 
 def pick_splits(dev, b: int, kh: int, n_blocks: int) -> int:
-  """Three CTAs per SM in one wave (2 stages: 64 KB of shared memory and 166 registers each; H100,
-  128K: 48 splits 0.116 ms, 32 or 64 splits 0.13-0.14 ms)."""
+  """Three CTAs per SM, in one wave (2 stages: 64 KB of shared memory and 166 registers each).
+  H100, 128K, K = 8: 48 or 49 splits read 0.116-0.155 ms; 32 or 64 splits 0.13-0.14 ms; 50
+  splits (400 CTAs, 4 past one wave) 0.16-0.19 ms in four of five runs."""
   sms = getattr(dev, "core_count", None) or 132
   return max(1, min(n_blocks, (3 * sms) // (b * kh)))
 
@@ -345,14 +346,14 @@ def pick_splits(dev, b: int, kh: int, n_blocks: int) -> int:
 def quantized_decode_attention_mgpu(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, pos_BKC, q_pos_BT,
                                     *, scale: float, window: int | None = None, residual=None,
                                     num_splits: int | None = None, block_k: int | None = None,
-                                    num_stages: int | None = None, interpret: bool = False, **triton_tuning):
+                                    num_stages: int | None = None, interpret: bool = False, num_warps=None,
+                                    _poison=None, _unpack=None):
   """Flash-decoding over an int4 KIVI cache on Hopper (module docstring). Returns (out [B, T, H, D]
   in q's dtype, lse [B, T, H] float32). `dispatch.Unsupported` for calls it does not serve;
-  `triton_tuning` (num_warps, _poison, _unpack: the Triton kernel's knobs) must be left unset."""
+  The Triton kernel's knobs (num_warps, _poison, _unpack), when set, are `Unsupported` too."""
   from lcinfer.pallas_kernels.decode_quant import _check  # the one argument check of both kernels
   _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual)
-  if any(v is not None for v in triton_tuning.values()):
-    raise dispatch.Unsupported(f"Triton-only options {sorted(triton_tuning)}")
+  dispatch.triton_only(num_warps=num_warps, _poison=_poison, _unpack=_unpack)
   if interpret:
     raise dispatch.Unsupported("Mosaic GPU (wgmma) kernels have no interpret mode")
   dev = gpu_device()

@@ -46,6 +46,16 @@ def register(op: str, name: str, fn: Callable | None = None, *, first: bool = Fa
   return deco if fn is None else deco(fn)
 
 
+def triton_only(**knobs) -> None:
+  """For a non-Triton implementation: `call` passes one set of keywords to every implementation, so
+  a Triton knob that is set (not None) means the call is meant for the Triton kernel: Unsupported,
+  and the next implementation is tried. Knobs are named parameters, so a misspelt one is a
+  TypeError instead of being ignored."""
+  given = sorted(k for k, v in knobs.items() if v is not None)
+  if given:
+    raise Unsupported(f"Triton-only options {given}")
+
+
 FALLBACK = "xla"  # the pure-jnp reference: always able to run, so always tried last by default
 
 

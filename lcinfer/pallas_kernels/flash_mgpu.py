@@ -151,10 +151,13 @@ def _check_served(q_BTHD, stages: int, interpret: bool) -> None:
 def flash_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = True,
                          window=None, q_segment_ids=None, kv_segment_ids=None, kv_offset: int = 0,
                          q_lengths=None, kv_lengths=None, block_k: int = 128, stages: int = 2,
-                         heads_fastest: bool = True, interpret: bool = False, **unused_tuning):
+                         heads_fastest: bool = True, interpret: bool = False, block_q=None, num_warps=None,
+                         num_stages=None, _poison=None):
   """Dense attention forward on Hopper. Returns (out [B, T, H, D], lse [B, T, H] float32).
   Serves causal self-attention (S == T) and full attention; the other mask features raise
-  `dispatch.Unsupported` (the Triton kernel serves them)."""
+  `dispatch.Unsupported` (the Triton kernel serves them), as do the Triton kernel's knobs
+  (block_q, num_warps, num_stages, _poison) when set."""
+  dispatch.triton_only(block_q=block_q, num_warps=num_warps, num_stages=num_stages, _poison=_poison)
   check_attention_args(q_BTHD, k_BSKD, v_BSKD, scale=scale, causal=causal, window=window,
                        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                        kv_offset=kv_offset, q_lengths=q_lengths, kv_lengths=kv_lengths)
@@ -177,10 +180,13 @@ def flash_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool =
 
 def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float, causal: bool = True,
                                 columns=None, interpret: bool = False, stages: int = 2,
-                                heads_fastest: bool = True, **unused_tuning):
+                                heads_fastest: bool = True, column_chunk=None, num_warps=None,
+                                num_stages=None, _poison=None):
   """Block-sparse / key-range attention forward on Hopper (BlockSparse or KeyRanges layouts with
   block_q 128, block_k 64 or 128; columns as one ascending list per head). Returns (out [B, T, H,
-  D], lse [B, T, H] float32). Other layouts and column lists: `dispatch.Unsupported`."""
+  D], lse [B, T, H] float32). Other layouts and column lists, and the Triton kernel's knobs when
+  set: `dispatch.Unsupported`."""
+  dispatch.triton_only(column_chunk=column_chunk, num_warps=num_warps, num_stages=num_stages, _poison=_poison)
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
   # a layout's block_k is the layout's, not a knob: one this kernel lacks falls through (Triton)
   if layout.block_k not in (64, 128):
