@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -197,6 +198,18 @@ def vs_pattern(rng, s, h, v, n_slash):
   return vert[None].astype(np.int32), sl[None].astype(np.int32)
 
 
+def vs_list_sizes(n_slash: int, bq: int, bk: int) -> tuple[int, int]:
+  """(max_ranges, max_blocks) that no query block of a BENCHMARKS.md pattern can exceed, so the
+  builders never drop slashes: the near band of (n_slash - 50) diagonals is one run of at most
+  n_near + bq - 1 keys, cut at 8-aligned windows of bk keys; each far slash spans bq keys at an
+  unaligned offset, which is up to ceil((bq + 7) / bk) ranges or ceil((bq - 1) / bk) + 1 aligned blocks.
+  (Before session 5 the far slashes got one entry each, and blocks with many far slashes lost
+  some: the vertical-slash figures of sessions 2-4 were measured on truncated lists.)"""
+  near, far = max(n_slash - 50, 0), min(50, n_slash)
+  band = -(-(near + bq + 6) // bk) + 1
+  return band + far * -(-(bq + 7) // bk), band + far * (-(-(bq - 1) // bk) + 1)
+
+
 def vs_density(vert, sl, s) -> float:
   """Exact fraction of causal (q, k) pairs with k a vertical or q - k a slash, averaged over heads."""
   total = 0.0
@@ -225,16 +238,18 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
                      ("aligned blocks", args.vs_block, args.vs_block, 32)]
       if args.smoke:  # the plumbing of both layouts, once
         variants = [("ranges", 64, 64, 32), ("aligned blocks", args.vs_block, args.vs_block, 32)] if kh == h else []
+      if args.vs_variants:
+        variants = [x for x in variants if f"{x[0]} {x[1]}x{x[2]}" in args.vs_variants.split(",")]
       for kind, bq, bk, chunk in variants:
         max_cols = max(32, -(-nv // 32) * 32)
-        if kind.startswith("ranges"):  # the near run in block_k pieces, one piece per far slash
+        max_ranges, max_blocks = vs_list_sizes(ns, bq, bk)
+        if kind.startswith("ranges"):
           build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
-                                    max_ranges=-(-(max(ns - 50, 1) + bq) // bk) + min(50, ns) + 2,
-                                    max_cols=max_cols)
+                                    max_ranges=max_ranges, max_cols=max_cols)
         else:
           build = functools.partial(vertical_slash_to_layout, seq_len=s, block_q=bq, block_k=bk,
-                                    max_blocks=-(-max(ns - 50, 1) // bk) + 2 * min(50, ns) + 2,
-                                    max_cols=max_cols)
+                                    max_blocks=max_blocks, max_cols=max_cols)
+        full_at = max_ranges if kind.startswith("ranges") else max_blocks
 
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
               stages=3 if "stages=3" in kind else 2):
@@ -244,8 +259,14 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
                                                stages=stages)[0]
           return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, columns=cols, column_chunk=chunk,
                                         interpret=args.smoke)[0]
-        r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} {chunk or ''} (v={nv}, s={ns}) K={kh} S={s}",
-                    lambda: bench(f, q, k, v, vj, sj, reps=args.reps))
+
+        def timed(f=f, build=build, full_at=full_at):
+          n_max = int(jnp.max(build(vj, sj)[0].count))  # a full list may have dropped entries
+          if n_max >= full_at:
+            raise RuntimeError(f"vertical-slash list full ({n_max} of {full_at}): entries may have been "
+                               "dropped; raise vs_list_sizes")
+          return bench(f, q, k, v, vj, sj, reps=args.reps)
+        r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} {chunk or ''} (v={nv}, s={ns}) K={kh} S={s}", timed)
         r.update(section="vertical_slash", S=s, v=nv, s=ns, kv_heads=kh, density=density, layout=kind,
                  block=f"{bq}x{bk}" + (f" cols/{chunk}" if chunk else ""), minference_ms=MINFERENCE_MS.get((nv, ns)))
         if "ms" in r:
@@ -379,6 +400,7 @@ def main(argv=None) -> int:
   p.add_argument("--keep", type=float, default=0.10, help="block-sparse: fraction of causal blocks kept")
   p.add_argument("--vs-block", type=int, default=64)
   p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants")
+  p.add_argument("--vs-variants", default="", help='vertical-slash: only these, e.g. "ranges mosaic_gpu 128x64"')
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--tune", action="store_true", help="also sweep flash / flash-decoding block sizes")
   p.add_argument("--tune-seqs", default="8k,32k")
@@ -396,7 +418,7 @@ def main(argv=None) -> int:
     raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (or --smoke for a CPU plumbing check)")
   info = device_info()
   print(json.dumps(info), flush=True)
-  command = "PYTHONPATH=. python3 benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  command = "PYTHONPATH=. python3 benchmarks/kernels.py " + shlex.join(argv if argv is not None else sys.argv[1:])
   slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
