@@ -40,3 +40,23 @@ def test_vertical_slash_density_is_exact():
     sel = (k <= q) & (np.isin(k, c) | np.isin(q - k, o))
     want.append(sel.sum() / (s * (s + 1) / 2))
   assert abs(kernels.vs_density(vert, sl, s) - np.mean(want)) < 1e-12
+
+
+def test_vertical_slash_list_sizes_never_truncate():
+  """The benchmark's list sizes hold every piece of BENCHMARKS.md's patterns: building with twice
+  the room gives the same lists, and no list is full (a full one may have dropped far slashes)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from lcinfer.pallas_kernels.sparse_index import vertical_slash_to_layout
+  from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
+  s, h = 8192, 2
+  rng = np.random.default_rng(0)
+  for nv, ns in ((30, 800), (1000, 6096), (100, 800)):
+    vert, sl = (jnp.asarray(x) for x in kernels.vs_pattern(rng, s, h, nv, ns))
+    for bq, bk in ((128, 64), (64, 64)):
+      max_ranges, max_blocks = kernels.vs_list_sizes(ns, bq, bk)
+      for build, size in ((vertical_slash_to_ranges, max_ranges), (vertical_slash_to_layout, max_blocks)):
+        lay = build(vert, sl, s, bq, bk, size, 1024)[0]
+        roomy = build(vert, sl, s, bq, bk, 2 * size, 1024)[0]
+        assert int(lay.count.max()) < size, (nv, ns, bq, bk, build.__name__)
+        np.testing.assert_array_equal(lay.count, roomy.count)
