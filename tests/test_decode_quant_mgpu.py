@@ -44,11 +44,13 @@ def test_unpacking_ptx_makes_the_dequantized_values(with_scale):
   np.testing.assert_array_equal(got, want)
 
 
-def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False):
+def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False, trend=None):
   rng = np.random.default_rng(seed)
   d = 128
   q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.bfloat16)
   k = rng.standard_normal((b, kh, c, d)).astype(np.float32)
+  if trend is not None:  # logits that grow or shrink along the cache: the running max moves often
+    k *= np.linspace(*trend, c, dtype=np.float32)[:, None]
   k[..., 5] *= 8.0  # an outlier channel, as in real keys
   v = rng.standard_normal((b, kh, c, d)).astype(np.float32)
   k_q = quant.quantize(jnp.asarray(k), bits=4, axis="channel", group=kgroup, scale_dtype=jnp.bfloat16)
@@ -64,14 +66,16 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
   return q, k_q, v_q, jnp.asarray(pos), jnp.asarray(q_pos)
 
 
-@pytest.mark.parametrize("t,h,kh,window,stages", [(1, 32, 8, None, 2), (2, 32, 2, 100, 3), (1, 64, 1, None, 2)])
-def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages):
-  """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 16, 32 and 64."""
+@pytest.mark.parametrize("t,h,kh,window,stages,lazy", [(1, 32, 8, None, 2, True), (2, 32, 2, 100, 3, True),
+                                                        (1, 64, 1, None, 2, False)])
+def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy):
+  """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 16, 32 and 64,
+  the lazy and the every-block maximum."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=stages)
+                            block_k=64, num_stages=stages, lazy_max=lazy)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -111,6 +115,9 @@ CASES = [
     ("rows_64_one_split", 1, 1, 64, 1, 256, {}, dict(num_splits=1, num_stages=3)),
     ("group_128", 2, 1, 8, 2, 384, dict(kgroup=128), dict(num_splits=2)),
     ("residual", 1, 3, 16, 4, 512, dict(holes=True), dict(residual=40)),
+    # the lazy maximum: logits that rise along the cache (many rescales) or fall (few)
+    ("rising_logits", 1, 1, 32, 8, 4096, dict(trend=(0.1, 6.0)), dict(num_splits=4)),
+    ("falling_logits", 1, 2, 16, 4, 4096, dict(trend=(6.0, 0.1), holes=True), dict(num_splits=4)),
 ]
 
 

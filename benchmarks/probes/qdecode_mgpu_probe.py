@@ -13,13 +13,15 @@ from kernel_report import bench  # noqa: E402
 from lcinfer.pallas_kernels import quant  # noqa: E402
 from lcinfer.pallas_kernels.decode import decode_attention  # noqa: E402
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention, quantized_decode_reference  # noqa: E402
-from lcinfer.pallas_kernels.decode_quant_mgpu import _dispatch_run, quantized_decode_attention_mgpu  # noqa: E402
+from lcinfer.pallas_kernels.decode_quant_mgpu import _dispatch_run  # noqa: E402
 
 
-def inputs(b, t, h, kh, c, d=128, seed=0):
+def inputs(b, t, h, kh, c, d=128, seed=0, trend=None):
   ks = jax.random.split(jax.random.key(seed), 3)
   q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(ks[1], (b, kh, c, d), jnp.float32)
+  if trend is not None:  # logits that grow (or shrink) along the cache: the running max moves often
+    k = k * jnp.linspace(*trend, c)[:, None]
   v = jax.random.normal(ks[2], (b, kh, c, d), jnp.float32)
   kq = quant.quantize(k, bits=4, axis="channel", group=min(64, c), scale_dtype=jnp.bfloat16)
   vq = quant.quantize(v, bits=4, axis="token", group=d, scale_dtype=jnp.bfloat16)
@@ -31,21 +33,25 @@ def inputs(b, t, h, kh, c, d=128, seed=0):
 def check():
   for (b, t, h, kh, c, kw) in [(1, 1, 32, 8, 1024, {}), (2, 2, 16, 2, 640, dict(window=300)),
                                (1, 1, 8, 8, 192, dict(num_splits=2)), (1, 4, 64, 4, 4096, dict(num_stages=3)),
-                               (1, 2, 32, 2, 1024, dict(holes=True)), (1, 1, 64, 1, 512, {})]:
-    q, k, v, kq, vq, pos, qp = inputs(b, t, h, kh, c)
+                               (1, 2, 32, 2, 1024, dict(holes=True)), (1, 1, 64, 1, 512, {}),
+                               (1, 1, 32, 8, 8192, dict(trend=(0.1, 6.0))), (1, 1, 32, 8, 8192, dict(trend=(6.0, 0.1)))]:
+    q, k, v, kq, vq, pos, qp = inputs(b, t, h, kh, c, trend=kw.pop("trend", None))
     if kw.pop("holes", False):
       pos = jnp.where(jax.random.uniform(jax.random.key(9), pos.shape) < 0.2, -1, pos)
     ref, rl = quantized_decode_reference(q, kq, vq, pos, qp, scale=128 ** -0.5, window=kw.get("window"))
-    try:
-      out, lse = quantized_decode_attention_mgpu(q, kq, vq, pos, qp, scale=128 ** -0.5, **kw)
-      err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-      scale_ = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
-      lerr = float(jnp.max(jnp.abs(lse - rl)))
-      print(f"check b={b} t={t} h={h} kh={kh} c={c} {kw}: max|err| {err:.4g} (max|ref| {scale_:.3g}) lse err {lerr:.3g}",
-            flush=True)
-    except Exception:
-      traceback.print_exc()
-      print(f"check b={b} t={t} h={h} kh={kh} c={c} {kw}: FAILED", flush=True)
+    for lazy in (False, True):
+      try:
+        out, lse = _dispatch_run(q, kq, vq, pos, qp, scale=128 ** -0.5, window=kw.get("window"), residual=None,
+                                 num_splits=kw.get("num_splits", 8), block_k=64,
+                                 num_stages=kw.get("num_stages", 2), lazy_max=lazy)
+        err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        scale_ = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+        lerr = float(jnp.max(jnp.abs(lse - rl)))
+        print(f"check lazy={lazy} b={b} t={t} h={h} kh={kh} c={c} {kw}: max|err| {err:.4g} "
+              f"(max|ref| {scale_:.3g}) lse err {lerr:.3g}", flush=True)
+      except Exception:
+        traceback.print_exc()
+        print(f"check lazy={lazy} b={b} t={t} h={h} kh={kh} c={c} {kw}: FAILED", flush=True)
 
 
 def timing(quick):
@@ -61,7 +67,7 @@ def timing(quick):
   rows.append(("int4 triton", r["ms"]))
   cfgs = [dict(num_splits=48, num_stages=2)]
   if not quick:
-    cfgs = [dict(num_splits=n, num_stages=st) for n, st in ((32, 3), (48, 2), (49, 2), (50, 2), (64, 2), (96, 2))]
+    cfgs = [dict(num_splits=n, num_stages=2, lazy_max=lazy) for _ in range(2) for n in (48, 49) for lazy in (False, True)]
   for cfg in cfgs:
     try:
       r = bench(lambda *a, cfg=cfg: _dispatch_run(*a, scale=s, window=None, residual=None, block_k=64, **cfg)[0],

@@ -17,8 +17,12 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
   * The products are transposed, S^T = K Q^T and O^T = V^T P^T: the block's 64 keys fill the
     wgmma's 64-row M side and the G*T query rows its N side (padded to 16), so the softmax works
     on [64, 16] tiles (8 values per thread) instead of the [64 queries, 64 keys] of a prefill tile
-    whose rows would be 4 real out of 64. Max over keys is a cross-warp reduction; the sums are
-    kept per thread and reduced once at the end.
+    whose rows would be 4 real out of 64. The sums are kept per thread and reduced once at the end.
+  * Lazy maximum (the conditional rescaling of FlashAttention-4's kernels): a block recomputes
+    the running max (a cross-warp reduction) and rescales O^T and the sums only if some logit
+    exceeds the max by more than LAZY_TAU = 8 (base 2: P <= 256, exact in bf16 and float32).
+    Testing that takes one warp vote and a 4-flag exchange. H100, 128K: 0.107-0.114 ms against
+    0.122-0.129 with the max recomputed every block, in the same runs.
   * TMA brings block j + stages - 1 (codes, the block's key-scale row, per-token value scales,
     positions) into a ring slot while block j is computed; one barrier per slot.
   * Dequantization in registers, from the packed bytes to the bf16 tiles that wgmma reads from
@@ -33,10 +37,11 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
               cancels up to float32 accumulation error.
   * The value tile is dequantized while the QK^T wgmma runs.
   * Splits are combined by lse outside (`decode.combine_splits`).
-Measured (H100, B=1, H=32, K=8, D=128, 128K, benchmarks/NOTES.md): 0.116-0.155 ms over the
-runs at 48-49 splits and 2 stages (three CTAs per SM), 0.57-0.76x the bf16 kernel. The Triton
-int4 kernel took 0.17 ms in the same runs. ncu (64 splits, 4 stages: two CTAs per SM): 47.6M warp instructions, issue slots 43%
-busy, 166 registers. Per warp and block, ~250 instructions dequantize and ~190 are the softmax.
+Measured (H100, B=1, H=32, K=8, D=128, 128K, benchmarks/NOTES.md): 0.107-0.120 ms with the
+lazy maximum at 48-49 splits and 2 stages (three CTAs per SM), 0.53-0.61x the bf16 kernel; the
+Triton int4 kernel took 0.17-0.175 ms in the same runs. ncu (before the lazy maximum; 64 splits,
+4 stages: two CTAs per SM): 47.6M warp instructions, issue slots 43% busy, 166 registers. Per
+warp and block, ~250 instructions dequantize and ~190 are the softmax.
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 """
 
@@ -59,6 +64,7 @@ from lcinfer.pallas_kernels.quant import QuantizedTensor
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the max is recomputed (bf16 and f32 hold it)
 MAX_ROWS = 64      # query rows per kv head (G * T): the wgmma N side, padded to 16 / 32 / 64
 HEAD_DIM = 128
 BLOCK_K = 64
@@ -82,6 +88,7 @@ class Geometry:
   group: int           # the keys' token group
   scale: float
   window: int | None
+  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (see _any_above_fn)
 
   @property
   def n_blocks(self) -> int:
@@ -163,6 +170,36 @@ def _dequant_fn(with_scale: bool, out_swizzle: int):
   return dequant
 
 
+def _any_above_fn():
+  """inline Mosaic GPU: does any element of s [bk, N] exceed bound [bk, N] (both WGMMA layout)?
+  Each thread ORs its registers, a warp vote ORs the warp, lane stores put one flag per warp in
+  flags smem [4] int32, then a warpgroup barrier: the caller reads the four flags as scalars."""
+  plgpu = _plgpu()
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()))
+  def any_above(ctx, s, bound, flags_ref):
+    del ctx
+    i1 = ir.IntegerType.get_signless(1)
+    i32 = ir.IntegerType.get_signless(32)
+    pred = arith.constant(i1, 0)
+    for a, b in zip(s.registers.flat, bound.registers.flat):
+      gt = arith.cmpf(arith.CmpFPredicate.OGT, a, b)
+      if isinstance(gt.type, ir.VectorType):
+        gt = vector.reduction(i1, vector.CombiningKind.OR, gt)
+      pred = arith.ori(pred, gt)
+    vote = llvm.inline_asm(i32, [arith.extui(i32, pred)],
+                           "{ .reg .pred p, q; setp.ne.u32 p, $1, 0; vote.sync.any.pred q, p, 0xffffffff; "
+                           "selp.u32 $0, 1, 0, q; }", "=r,r")
+    warp = arith.remui(mu.warp_idx(sync=False), arith.constant(i32, 4))
+    memref.store(vote, flags_ref, [arith.index_cast(ir.IndexType.get(), warp)])
+    mu.warpgroup_barrier()
+
+  return any_above
+
+
 def _tiled(swizzle: int, dtype):
   plgpu = _plgpu()
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
@@ -170,7 +207,7 @@ def _tiled(swizzle: int, dtype):
 
 def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
           lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, kd_smem, vd_smem,
-          p_smem, o_smem, lse_smem, full, q_bar):
+          p_smem, o_smem, lse_smem, flags, full, q_bar):
   plgpu = _plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
@@ -197,11 +234,13 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
   dequant_k = _dequant_fn(True, 128)
   dequant_v = _dequant_fn(False, g.p_swizzle)
+  any_above = _any_above_fn() if g.lazy_max else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
   bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
   qpos_b = bq(plgpu.load(qpos_ref.at[b], layout=query_layout, optimized=False))
   c = g.scale * LOG2E
+  finite = lambda m: jnp.where(m == -jnp.inf, 0.0, m)  # a query that has seen nothing: finite exponents
   m = plgpu.layout_cast(jnp.full((nq,), -jnp.inf, jnp.float32), query_layout)
   zeros = plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
   acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
@@ -234,23 +273,34 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     keep = kp <= qpos_b
     if g.window is not None:
       keep = keep & (qpos_b - kp < g.window)
-    s = jnp.where(keep, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=0) * c)
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a query that has seen nothing: finite exponents
-    alpha = jnp.exp2(m - m_use)
-    p = jnp.exp2(s * c - bq(m_use))
+    s = jnp.where(keep, s * c, -jnp.inf)
+
+    def rescale(args):  # the running max moves: P, the sums and O^T in its new units
+      s, m, acc, l_part, z_part, b_part = args
+      m_new = jnp.maximum(m, s.max(axis=0))
+      alpha = jnp.exp2(m - finite(m_new))
+      a2 = bq(alpha)
+      return (m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, z_part * a2, b_part * a2)
+
+    carry = (s, m, acc, l_part, z_part, b_part)
+    if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
+      any_above(s, bq(m + LAZY_TAU), flags)
+      n_above = flags[0] + flags[1] + flags[2] + flags[3]
+      m, acc, l_part, z_part, b_part = lax.cond(n_above > 0, rescale, lambda a: a[1:], carry)
+    else:
+      m, acc, l_part, z_part, b_part = rescale(carry)
+    p = jnp.exp2(s - bq(finite(m)))
     p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
-    a2 = bq(alpha)
-    l_part = l_part * a2 + p
-    z_part = z_part * a2 + p * vz
-    b_part = b_part * a2 + p16.astype(jnp.float32)   # the rounded P, for the exact 128 bias
+    l_part = l_part + p
+    z_part = z_part + p * vz
+    b_part = b_part + p16.astype(jnp.float32)   # the rounded P, for the exact 128 bias
     p_smem[...] = p16
     plgpu.commit_smem()
 
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code)
       plgpu.wgmma(acc_ref, vd_smem.transpose((1, 0)), p_smem)
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc * lax.broadcast_in_dim(alpha, acc.shape, [1])))
-    return acc, m_new, l_part, z_part, b_part
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    return acc, m, l_part, z_part, b_part
 
   acc, m, l_part, z_part, b_part = lax.fori_loop(0, n, step, (acc, m, zeros, zeros, zeros))
   l, zsum, bsum = l_part.sum(axis=0), z_part.sum(axis=0), b_part.sum(axis=0)
@@ -284,6 +334,7 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((bk, nq), jnp.bfloat16, transforms=tp),              # P^T
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
+      plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
       plgpu.Barrier(num_arrivals=7, num_barriers=st),
       plgpu.Barrier(),
   )
@@ -337,8 +388,8 @@ def served(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, block_k: int) -> 
 
 def pick_splits(dev, b: int, kh: int, n_blocks: int) -> int:
   """Three CTAs per SM, in one wave (2 stages: 64 KB of shared memory and 166 registers each).
-  H100, 128K, K = 8: 48 or 49 splits read 0.116-0.155 ms; 32 or 64 splits 0.13-0.14 ms; 50
-  splits (400 CTAs, 4 past one wave) 0.16-0.19 ms in four of five runs."""
+  H100, 128K, K = 8, before the lazy maximum: 48 or 49 splits read 0.116-0.155 ms; 32 or 64
+  splits 0.13-0.14 ms; 50 splits (400 CTAs, 4 past one wave) 0.16-0.19 ms in four of five runs."""
   sms = getattr(dev, "core_count", None) or 132
   return max(1, min(n_blocks, (3 * sms) // (b * kh)))
 
@@ -371,14 +422,14 @@ def quantized_decode_attention_mgpu(q_BTHD, k_q: QuantizedTensor, v_q: Quantized
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, num_splits, block_k,
-                  num_stages):
+                  num_stages, lazy_max=True):
   """Builds the geometry and runs (no device checks: the CPU lowering test calls this)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
   bps = -(-nb // max(1, min(num_splits, nb)))
   g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
-               stages=num_stages, group=k_q.group, scale=float(scale), window=window)
+               stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max)
   out = _run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT)
   if residual is None:
     return out
