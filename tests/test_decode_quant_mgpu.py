@@ -15,6 +15,7 @@ from helpers import assert_matches_oracle, emulate_ptx
 from lcinfer.pallas_kernels import decode_quant_mgpu as mq
 from lcinfer.pallas_kernels import dispatch, quant
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_reference
+from lcinfer.pallas_kernels.mgpu_inline import int4_unpack_asm
 
 
 @pytest.mark.parametrize("with_scale", [True, False])
@@ -32,7 +33,7 @@ def test_unpacking_ptx_makes_the_dequantized_values(with_scale):
       for arr, base in ((s, 5), (z, 9)):
         pair = arr[:, 2 * i: 2 * i + 2].view(np.uint16).astype(np.uint32)
         inputs[f"${base + i}"] = pair[:, 0] | (pair[:, 1] << 16)
-  regs = emulate_ptx(mq._asm(with_scale), inputs, jnp.bfloat16)
+  regs = emulate_ptx(int4_unpack_asm(with_scale), inputs, jnp.bfloat16)
   got = np.stack([regs[f"${i}"] for i in range(4)], axis=1)                     # [n, 4] words
   got = np.stack([got & 0xFFFF, got >> 16], axis=-1).reshape(n, 8).astype(np.uint16)
   got = got.view(jnp.bfloat16).astype(np.float64)

@@ -53,11 +53,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.decode import combine_splits, decode_attention
 from lcinfer.pallas_kernels.launch import gpu_device
 from lcinfer.pallas_kernels.quant import QuantizedTensor
@@ -68,11 +68,6 @@ LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the max is recomputed (b
 MAX_ROWS = 64      # query rows per kv head (G * T): the wgmma N side, padded to 16 / 32 / 64
 HEAD_DIM = 128
 BLOCK_K = 64
-
-
-def _plgpu():
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # lazily: only Hopper paths need it
-  return plgpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +83,7 @@ class Geometry:
   group: int           # the keys' token group
   scale: float
   window: int | None
-  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (see _any_above_fn)
+  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
 
   @property
   def n_blocks(self) -> int:
@@ -103,112 +98,10 @@ class Geometry:
     return 2 * self.n_q
 
 
-def _asm(with_scale: bool) -> str:
-  """PTX: $4 = 4 code bytes (channels c..c+3 in the low nibbles, c+D/2.. in the high ones) -> $0, $1:
-  the low channels, $2, $3: the high ones, as bf16x2 pairs of x = 128 + code (lop3 ORs the nibble
-  into the mantissa of 128.0). with_scale: then c * s + z, exactly c = x - 128 (sub) and one
-  rounding (fma), scale pairs in $5..$8, zero pairs in $9..$12 (low 01, 23, high 01, 23)."""
-  lines = ["{", ".reg .b32 z, a, b, t, m;", "mov.b32 z, 0;", "mov.b32 m, 0x43004300;",
-           "prmt.b32 a, $4, z, 0x4140;", "prmt.b32 b, $4, z, 0x4342;"]
-  for out, src in enumerate(("a", "b", "a", "b")):
-    if out == 2:  # a >> 4 lets byte 1's low nibble into bits 12-15 of lane 0: the mask drops it
-      lines += ["shr.b32 a, a, 4;", "shr.b32 b, b, 4;"]
-    if with_scale:
-      lines += [f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA;", "sub.rn.bf16x2 t, t, m;",
-                f"fma.rn.bf16x2 ${out}, t, ${5 + out}, ${9 + out};"]
-    else:
-      lines.append(f"lop3.b32 ${out}, {src}, 0x000F000F, 0x43004300, 0xEA;")
-  return "\n".join(lines + ["}"])
-
-
-def _dequant_fn(with_scale: bool, out_swizzle: int):
-  """inline Mosaic GPU: codes smem [bk, D/2] uint8 -> out smem [bk, D] bf16 (tiled, swizzled):
-  with_scale: x = c * s + z with per-channel (s, z) given as [D/2] halves; else x = 128 + c."""
-  plgpu = _plgpu()
-  import jax.experimental.mosaic.gpu as mgpu
-  from jax.experimental.mosaic.gpu import fragmented_array as fa
-  from jax.experimental.mosaic.gpu import utils as mu
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm
-
-  layout = fa.WGMMA_LAYOUT_8BIT
-  code_t = plgpu.RefType(_tiled(HEAD_DIM // 2, jnp.uint8))
-  out_t = plgpu.RefType(_tiled(out_swizzle, jnp.bfloat16))
-  scale_types = (plgpu.Layout.WGMMA_8BIT.reduce(0),) * (4 if with_scale else 0)
-  asm = _asm(with_scale)
-
-  @plgpu.inline_mgpu(arg_types=(code_t, scale_types, out_t))
-  def dequant(ctx, codes_ref, scales, out_ref):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    pair = ir.VectorType.get((2,), ir.BF16Type.get())
-    codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=HEAD_DIM // 2, is_signed=False, layout=layout)
-    bk, half = codes.shape
-    scales = [x.broadcast_in_dim((bk, half), (1,), layout) for x in scales]
-
-    def words(v):  # vector<4xbf16> -> two i32 (pairs 01, 23)
-      return [mu.bitcast(mu.vector_slice(v, slice(i, i + 2)), i32) for i in (0, 2)]
-
-    lo = np.empty_like(codes.registers)
-    hi = np.empty_like(codes.registers)
-    out_ty = llvm.StructType.get_literal([i32] * 4)
-    constraints = "=r,=r,=r,=r," + ",".join(["r"] * (9 if with_scale else 1))
-    for idx in np.ndindex(codes.registers.shape):
-      ins = [mu.bitcast(codes.registers[idx], i32)]
-      for x in scales:
-        ins += words(x.registers[idx])
-      res = llvm.inline_asm(out_ty, ins, asm, constraints)
-      outs = [mu.bitcast(llvm.extractvalue(i32, res, [i]), pair) for i in range(4)]
-      lo[idx] = mu.vector_concat(outs[:2])
-      hi[idx] = mu.vector_concat(outs[2:])
-    tiles = ir.MemRefType(out_ref.type).shape[1]   # [bk/8, D/w, 8, w]
-    for part, regs in ((0, lo), (1, hi)):
-      arr = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
-      cols = slice(part * tiles // 2, (part + 1) * tiles // 2)
-      arr.store_tiled(mu.memref_slice(out_ref, (slice(None), cols)), swizzle=out_swizzle)
-
-  return dequant
-
-
-def _any_above_fn():
-  """inline Mosaic GPU: does any element of s [bk, N] exceed bound [bk, N] (both WGMMA layout)?
-  Each thread ORs its registers, a warp vote ORs the warp, lane stores put one flag per warp in
-  flags smem [4] int32, then a warpgroup barrier: the caller reads the four flags as scalars."""
-  plgpu = _plgpu()
-  from jax.experimental.mosaic.gpu import utils as mu
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()))
-  def any_above(ctx, s, bound, flags_ref):
-    del ctx
-    i1 = ir.IntegerType.get_signless(1)
-    i32 = ir.IntegerType.get_signless(32)
-    pred = arith.constant(i1, 0)
-    for a, b in zip(s.registers.flat, bound.registers.flat):
-      gt = arith.cmpf(arith.CmpFPredicate.OGT, a, b)
-      if isinstance(gt.type, ir.VectorType):
-        gt = vector.reduction(i1, vector.CombiningKind.OR, gt)
-      pred = arith.ori(pred, gt)
-    vote = llvm.inline_asm(i32, [arith.extui(i32, pred)],
-                           "{ .reg .pred p, q; setp.ne.u32 p, $1, 0; vote.sync.any.pred q, p, 0xffffffff; "
-                           "selp.u32 $0, 1, 0, q; }", "=r,r")
-    warp = arith.remui(mu.warp_idx(sync=False), arith.constant(i32, 4))
-    memref.store(vote, flags_ref, [arith.index_cast(ir.IndexType.get(), warp)])
-    mu.warpgroup_barrier()
-
-  return any_above
-
-
-def _tiled(swizzle: int, dtype):
-  plgpu = _plgpu()
-  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
           lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, kd_smem, vd_smem,
           p_smem, o_smem, lse_smem, flags, full, q_bar):
-  plgpu = _plgpu()
+  plgpu = mi.plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
   first = split * g.blocks_per_split
@@ -232,9 +125,9 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   wgmma_layout = plgpu.Layout.WGMMA
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
-  dequant_k = _dequant_fn(True, 128)
-  dequant_v = _dequant_fn(False, g.p_swizzle)
-  any_above = _any_above_fn() if g.lazy_max else None
+  dequant_k = mi.int4_dequant_fn(True, 128, half)
+  dequant_v = mi.int4_dequant_fn(False, g.p_swizzle, half)
+  any_above = mi.any_above_fn() if g.lazy_max else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
   bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
@@ -316,10 +209,10 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
 
 
 def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
-  plgpu = _plgpu()
+  plgpu = mi.plgpu()
   bk, d, half, st, nq = g.block_k, HEAD_DIM, HEAD_DIM // 2, g.stages, g.n_q
-  t128, tcode = _tiled(128, jnp.bfloat16), _tiled(half, jnp.uint8)
-  tp = _tiled(g.p_swizzle, jnp.bfloat16)
+  t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(half, jnp.uint8)
+  tp = mi.tiled(g.p_swizzle, jnp.bfloat16)
   scratch = (
       plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),            # queries
       plgpu.SMEM((st, bk, half), jnp.uint8, transforms=tcode),        # key codes

@@ -1,0 +1,124 @@
+"""Inline Mosaic GPU building blocks (`plgpu.inline_mgpu`) for lcinfer's Hopper kernels: register-level
+work that Pallas does not express. Used by `decode_quant_mgpu.py`.
+
+  * int4 unpacking: one PTX block turns 4 packed code bytes (bit planes over channel halves, as
+    `quant.py` packs them) into 8 bf16 values, by the "magic number" of fast int4 GEMMs (Kim et
+    al. 2022, Sec. 4). lop3 ORs a nibble into the mantissa of 128.0 (x = 128 + c exactly), then
+    optionally sub + fma make c * s + z with one rounding.
+  * a warpgroup-wide "any element above its bound": a warp vote plus one flag per warp in shared
+    memory, which the caller reads back as scalars.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def plgpu():
+  """jax.experimental.pallas.mosaic_gpu, imported lazily: only Hopper paths need it."""
+  import jax.experimental.pallas.mosaic_gpu as module
+  return module
+
+
+def int4_unpack_asm(with_scale: bool) -> str:
+  """PTX: $4 = 4 code bytes (channels c..c+3 in the low nibbles, c+D/2.. in the high ones) -> $0, $1:
+  the low channels, $2, $3: the high ones, as bf16x2 pairs of x = 128 + code (lop3 ORs the nibble
+  into the mantissa of 128.0). with_scale: then c * s + z, exactly c = x - 128 (sub) and one
+  rounding (fma), scale pairs in $5..$8, zero pairs in $9..$12 (low 01, 23, high 01, 23)."""
+  lines = ["{", ".reg .b32 z, a, b, t, m;", "mov.b32 z, 0;", "mov.b32 m, 0x43004300;",
+           "prmt.b32 a, $4, z, 0x4140;", "prmt.b32 b, $4, z, 0x4342;"]
+  for out, src in enumerate(("a", "b", "a", "b")):
+    if out == 2:  # a >> 4 lets byte 1's low nibble into bits 12-15 of lane 0: the mask drops it
+      lines += ["shr.b32 a, a, 4;", "shr.b32 b, b, 4;"]
+    if with_scale:
+      lines += [f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA;", "sub.rn.bf16x2 t, t, m;",
+                f"fma.rn.bf16x2 ${out}, t, ${5 + out}, ${9 + out};"]
+    else:
+      lines.append(f"lop3.b32 ${out}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+  return "\n".join(lines + ["}"])
+
+
+def int4_dequant_fn(with_scale: bool, out_swizzle: int, code_bytes: int):
+  """inline Mosaic GPU: codes smem [bk, code_bytes] uint8 (D = 2 code_bytes) -> out smem [bk, D] bf16
+  (tiled, swizzled);
+  with_scale: x = c * s + z with per-channel (s, z) given as [D/2] halves; else x = 128 + c."""
+  pg = plgpu()
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+
+  layout = fa.WGMMA_LAYOUT_8BIT
+  code_t = pg.RefType(tiled(code_bytes, jnp.uint8))
+  out_t = pg.RefType(tiled(out_swizzle, jnp.bfloat16))
+  scale_types = (pg.Layout.WGMMA_8BIT.reduce(0),) * (4 if with_scale else 0)
+  asm = int4_unpack_asm(with_scale)
+
+  @pg.inline_mgpu(arg_types=(code_t, scale_types, out_t))
+  def dequant(ctx, codes_ref, scales, out_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=code_bytes, is_signed=False, layout=layout)
+    bk, half = codes.shape
+    scales = [x.broadcast_in_dim((bk, half), (1,), layout) for x in scales]
+
+    def words(v):  # vector<4xbf16> -> two i32 (pairs 01, 23)
+      return [mu.bitcast(mu.vector_slice(v, slice(i, i + 2)), i32) for i in (0, 2)]
+
+    lo = np.empty_like(codes.registers)
+    hi = np.empty_like(codes.registers)
+    out_ty = llvm.StructType.get_literal([i32] * 4)
+    constraints = "=r,=r,=r,=r," + ",".join(["r"] * (9 if with_scale else 1))
+    for idx in np.ndindex(codes.registers.shape):
+      ins = [mu.bitcast(codes.registers[idx], i32)]
+      for x in scales:
+        ins += words(x.registers[idx])
+      res = llvm.inline_asm(out_ty, ins, asm, constraints)
+      outs = [mu.bitcast(llvm.extractvalue(i32, res, [i]), pair) for i in range(4)]
+      lo[idx] = mu.vector_concat(outs[:2])
+      hi[idx] = mu.vector_concat(outs[2:])
+    tiles = ir.MemRefType(out_ref.type).shape[1]   # [bk/8, D/w, 8, w]
+    for part, regs in ((0, lo), (1, hi)):
+      arr = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
+      cols = slice(part * tiles // 2, (part + 1) * tiles // 2)
+      arr.store_tiled(mu.memref_slice(out_ref, (slice(None), cols)), swizzle=out_swizzle)
+
+  return dequant
+
+
+def any_above_fn():
+  """inline Mosaic GPU: does any element of s [bk, N] exceed bound [bk, N] (both WGMMA layout)?
+  Each thread ORs its registers, a warp vote ORs the warp, lane stores put one flag per warp in
+  flags smem [4] int32, then a warpgroup barrier: the caller reads the four flags as scalars."""
+  pg = plgpu()
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+
+  @pg.inline_mgpu(arg_types=(pg.Layout.WGMMA, pg.Layout.WGMMA, pg.RefType()))
+  def any_above(ctx, s, bound, flags_ref):
+    del ctx
+    i1 = ir.IntegerType.get_signless(1)
+    i32 = ir.IntegerType.get_signless(32)
+    pred = arith.constant(i1, 0)
+    for a, b in zip(s.registers.flat, bound.registers.flat):
+      gt = arith.cmpf(arith.CmpFPredicate.OGT, a, b)
+      if isinstance(gt.type, ir.VectorType):
+        gt = vector.reduction(i1, vector.CombiningKind.OR, gt)
+      pred = arith.ori(pred, gt)
+    vote = llvm.inline_asm(i32, [arith.extui(i32, pred)],
+                           "{ .reg .pred p, q; setp.ne.u32 p, $1, 0; vote.sync.any.pred q, p, 0xffffffff; "
+                           "selp.u32 $0, 1, 0, q; }", "=r,r")
+    warp = arith.remui(mu.warp_idx(sync=False), arith.constant(i32, 4))
+    memref.store(vote, flags_ref, [arith.index_cast(ir.IndexType.get(), warp)])
+    mu.warpgroup_barrier()
+
+  return any_above
+
+
+def tiled(swizzle: int, dtype):
+  pg = plgpu()
+  return (pg.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), pg.SwizzleTransform(swizzle))
