@@ -67,7 +67,7 @@ def timing(quick):
   rows.append(("int4 triton", r["ms"]))
   cfgs = [dict(num_splits=48, num_stages=2)]
   if not quick:
-    cfgs = [dict(num_splits=n, num_stages=2, lazy_max=lazy) for _ in range(2) for n in (48, 49) for lazy in (False, True)]
+    cfgs = [dict(num_splits=n, num_stages=st) for _ in range(2) for n, st in ((48, 2), (48, 3), (49, 3), (44, 3), (98, 2))]
   for cfg in cfgs:
     try:
       r = bench(lambda *a, cfg=cfg: _dispatch_run(*a, scale=s, window=None, residual=None, block_k=64, **cfg)[0],
