@@ -172,6 +172,9 @@ def test_blocks_from_mask_key_set_and_truncation():
     n = min(2, bm[i].sum())
     assert small.count[i] == n
     assert list(np.asarray(small.kv_block_idx)[i][:n]) == list(np.flatnonzero(bm[i])[::-1][:n][::-1])
+  # saturated = the list is full: every block that lost entries, and those with exactly 2
+  np.testing.assert_array_equal(np.asarray(small.saturated()), bm.sum(-1) >= 2)
+  np.testing.assert_array_equal(np.asarray(layout.saturated()), bm.sum(-1) >= 7)
 
 
 def _vs_required_mask(vert, slash, t):

@@ -102,11 +102,16 @@ def test_index_equals_brute_force_with_truncation(t, bq, bk, max_ranges):
   ranges, _ = vertical_slash_to_ranges(jnp.zeros((1, h, 1), jnp.int32), jnp.asarray(slash), t, bq, bk,
                                        max_ranges, 1)
   cnt, lo, hi = (np.asarray(x) for x in (ranges.count, ranges.start, ranges.end))
+  saturated = np.asarray(ranges.saturated())
   for hh in range(h):
     want = _brute_force_pieces(slash[0, hh], t, bq, bk, max_ranges)
+    whole = _brute_force_pieces(slash[0, hh], t, bq, bk, 10 ** 6)
     for qb, pieces in enumerate(want):
       got = list(zip(lo[0, hh, qb][:cnt[0, hh, qb]], hi[0, hh, qb][:cnt[0, hh, qb]]))
       assert got == pieces, (hh, qb, got, pieces)
+      # saturated: the list is full, which every block that lost pieces is (and no other block is
+      # unless it holds exactly max_ranges)
+      assert saturated[0, hh, qb] == (len(whole[qb]) >= max_ranges), (hh, qb)
 
 
 def test_truncation_keeps_the_ranges_nearest_the_diagonal():

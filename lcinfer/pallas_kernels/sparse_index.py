@@ -43,6 +43,12 @@ class BlockSparse:
   def max_blocks(self) -> int:
     return self.kv_block_idx.shape[-1]
 
+  def saturated(self) -> jax.Array:
+    """[B, H, nq] bool: query blocks whose list is full. A builder that finds more blocks than fit
+    keeps those nearest the diagonal and drops the rest, so a saturated block may miss keys:
+    check `jnp.any(layout.saturated())` and rebuild with a larger max_blocks."""
+    return self.count >= self.max_blocks
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

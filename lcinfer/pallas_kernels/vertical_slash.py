@@ -50,6 +50,12 @@ class KeyRanges:
   def max_ranges(self) -> int:
     return self.start.shape[-1]
 
+  def saturated(self) -> jax.Array:
+    """[B, H, nq] bool: query blocks whose list is full. `vertical_slash_to_ranges` keeps the ranges
+    nearest the diagonal when more are found than fit, so a saturated block may miss slash keys:
+    check `jnp.any(ranges.saturated())` and rebuild with a larger max_ranges."""
+    return self.count >= self.max_ranges
+
 
 def check_ranges(ranges: KeyRanges, b: int, h: int, t: int) -> None:
   """Trace-time validation of KeyRanges against queries [B, T, H, ...]. ValueError."""
@@ -165,8 +171,10 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   their offsets differ by at most block_q, whatever the block, so the runs are found once per head
   in offset space and each block only shifts and clips them: per-block work is O(max_ranges), not
   O(number of slashes). Runs are cut at multiples of PIECE_ALIGN (8): every piece lies in one
-  8-aligned window of block_k keys, which the Hopper kernel loads whole. The last block, if shorter, gets its own merge. If there are more than
-  `max_ranges`, the ones nearest the diagonal are kept. The verticals become the gathered
+  8-aligned window of block_k keys, which the Hopper kernel loads whole. The last block, if
+  shorter, gets its own merge. If there are more than `max_ranges`, the ones nearest the diagonal
+  are kept (`KeyRanges.saturated` tells which blocks may have lost some: a far slash can take up
+  to ceil((block_q + 7) / block_k) ranges per block). The verticals become the gathered
   columns: one ascending, duplicate-free list per head (Columns.index [B, H, 1, n],
   n <= max_cols, the highest dropped beyond it), of which each query block takes the prefix up to
   its last row (the kernel skips the ones inside the block's ranges; no per-block column arrays
