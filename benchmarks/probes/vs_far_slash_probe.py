@@ -1,6 +1,7 @@
 """Probe (H100): how much of a vertical-slash set's time the 50 far slashes take. Times the Mosaic GPU
 kernel (ranges + columns, 128x64) at 128K on a set as BENCHMARKS.md draws it, then with the far
-slashes dropped (band + verticals), then with the far slashes alone (+ the first column, so no row is empty).
+slashes dropped (band + verticals), the band with one vertical, then the far slashes alone (+ the first
+column, so no row is empty).
     PYTHONPATH=. python3 benchmarks/probes/vs_far_slash_probe.py"""
 import functools
 import sys
@@ -27,6 +28,7 @@ for nv, ns in ((30, 800), (100, 800), (1000, 6096)):
   vert, sl = vs_pattern(rng, s, h, nv, ns)
   near = ns - 50
   for name, vv, ss in (("all", vert, sl), ("no far slashes", vert, sl[..., :near]),
+                       ("band, one vertical", vert[..., :1], sl[..., :near]),
                        ("far slashes only", vert[..., :1], sl[..., near:])):
     build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=128, block_k=64,
                               max_ranges=vs_list_sizes(ns, 128, 64)[0],  # enough for every subset
