@@ -15,6 +15,7 @@ from helpers import assert_matches_oracle, emulate_ptx
 from lcinfer.pallas_kernels import decode_quant_mgpu as mq
 from lcinfer.pallas_kernels import dispatch, quant
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_reference
+from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.mgpu_inline import int4_unpack_asm
 
 
@@ -126,8 +127,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_kernel_matches_oracle_gpu(case):
   name, b, t, h, kh, c, opts, kw = case
-  from lcinfer.pallas_kernels.flash_mgpu import _hopper
-  if _hopper() is None:
+  if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   q, k_q, v_q, pos, q_pos = _inputs(b, t, h, kh, c, seed=zlib.crc32(name.encode()), **opts)
   kw = dict(kw)

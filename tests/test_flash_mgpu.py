@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lcinfer.pallas_kernels import dispatch, flash_mgpu
+from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
 from lcinfer.pallas_kernels.sparse_index import BlockSparse
 from lcinfer.pallas_kernels.sparse_index import Columns
@@ -99,7 +100,7 @@ def test_bad_calls_raise_clear_errors():
     flash_mgpu.flash_attention_mgpu(q, k[:, :, :, :32], v, scale=0.1)
   with pytest.raises(dispatch.Unsupported, match="interpret"):
     flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1, interpret=True)
-  if flash_mgpu._hopper() is None:
+  if hopper_device() is None:
     with pytest.raises(dispatch.Unsupported, match="Hopper"):
       flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1)
   # a layout whose block_k the kernel lacks is a call it does not serve (not a bad call)
@@ -135,7 +136,7 @@ def _close(name, out, lse, ref, ref_lse):
     (200, 4, 4, 64, False, 64, "bfloat16"),
 ])
 def test_dense_matches_oracle_on_gpu(t, h, kh, d, causal, bk, dtype):
-  if flash_mgpu._hopper() is None:
+  if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(t + h + d)
   for b in (1, 2):
@@ -148,7 +149,7 @@ def test_dense_matches_oracle_on_gpu(t, h, kh, d, causal, bk, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,h,kh,d,bk", [(512, 4, 1, 128, 128), (700, 8, 2, 64, 64), (384, 2, 2, 128, 64)])
 def test_ranges_and_blocks_match_oracle_on_gpu(t, h, kh, d, bk):
-  if flash_mgpu._hopper() is None:
+  if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(t * 7 + bk)
   b = 2
@@ -170,7 +171,7 @@ def test_ranges_and_blocks_match_oracle_on_gpu(t, h, kh, d, bk):
 def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bk, nv, ns):
   """Ranges + the ascending shared column list (columns inside ranges counted once), and an
   unsorted list falling through the dispatcher to the Triton kernel."""
-  if flash_mgpu._hopper() is None:
+  if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(t + nv)
   q, k, v = _qkv(rng, 1, t, t, h, kh, d, "bfloat16")

@@ -149,6 +149,28 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *rest, scale, window, block_
   store_real_rows(o_ref, out, rows)
 
 
+def kv_head_rows(q_BTHD, q_pos_BT, kh: int, n_rows: int):
+  """Queries of one kv head as the rows of one tile: row g * T + t is query head kh * G + g at query
+  t. -> (q [B, K, n_rows, D], q_pos [B, n_rows] int32), rows past G * T zero with position -1
+  (they see nothing)."""
+  b, t, h, d = q_BTHD.shape
+  g = h // kh
+  q = jnp.transpose(q_BTHD.reshape(b, t, kh, g, d), (0, 2, 3, 1, 4)).reshape(b, kh, g * t, d)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - g * t), (0, 0)))
+  qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, g)), ((0, 0), (0, n_rows - g * t)),
+                 constant_values=-1)
+  return q, qpos
+
+
+def from_kv_head_rows(out_BKRD, lse_BKR, t: int):
+  """The inverse of `kv_head_rows` on (out [B, K, G*T, D], lse [B, K, G*T]) -> ([B, T, H, D], [B, T, H])."""
+  b, kh, rows, d = out_BKRD.shape
+  g = rows // t
+  out = jnp.transpose(out_BKRD.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, kh * g, d)
+  lse = jnp.transpose(lse_BKR.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, kh * g)
+  return out, lse
+
+
 def combine_splits(o_BKSRD, lse_BKSR, rows: int):
   """Exact lse-weighted combination over the split axis (2) of the first `rows` rows (the kernels
   leave padded rows unwritten): -> (out [B, K, rows, D] f32, lse [B, K, rows])."""
@@ -177,11 +199,7 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   nb = cp // block_k
   bps = pl.cdiv(nb, num_splits)          # blocks per split; the last split takes the remainder
   num_splits = pl.cdiv(nb, bps)          # no empty splits
-  # rows of one kv head: r = g * T + t (query head kh * G + g at query t)
-  q = jnp.transpose(q_BTHD.reshape(b, t, kh, g, d), (0, 2, 3, 1, 4)).reshape(b, kh, rows, d)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, r - rows), (0, 0)))
-  qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)),
-                 constant_values=-1)                                                # [B, R]
+  q, qpos = kv_head_rows(q_BTHD, q_pos_BT, kh, r)                    # [B, K, R, D], [B, R]
   k, v, pos = k_BKCD, v_BKCD, pos_BKC.astype(jnp.int32)
   if cp != c:  # a copy of the whole cache: only for capacities that are not a multiple of 16
     k = jnp.pad(k, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
@@ -206,10 +224,8 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
                                  out_specs=[o_spec, lse_spec], out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_flash_decode",
                                  poison=poison)
-  out, lse = combine_splits(o_part, lse_part, rows)  # [B, K, rows, D], [B, K, rows]
-  out = jnp.transpose(out.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d).astype(q_BTHD.dtype)
-  lse = jnp.transpose(lse.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
-  return out, lse
+  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, rows), t)
+  return out.astype(q_BTHD.dtype), lse
 
 
 def pick_config(dev, b: int, kh: int, c: int, d: int) -> tuple[int, int, int, int]:

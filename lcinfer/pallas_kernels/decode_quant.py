@@ -50,7 +50,8 @@ from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.decode import (MAX_ROWS, MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_args,
                                            _next_pow2, combine_splits, decode_attention, decode_reference,
-                                           pick_config, store_real_rows, visible_mask)
+                                           from_kv_head_rows, kv_head_rows, pick_config, store_real_rows,
+                                           visible_mask)
 from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.quant import QuantizedTensor, check_quantized, dequantize
 
@@ -212,9 +213,7 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
   nb = c // block_k
   bps = pl.cdiv(nb, num_splits)
   num_splits = pl.cdiv(nb, bps)
-  q = jnp.transpose(q_BTHD.reshape(b, t, kh, g, d), (0, 2, 3, 1, 4)).reshape(b, kh, rows, d)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, r - rows), (0, 0)))
-  qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)), constant_values=-1)
+  q, qpos = kv_head_rows(q_BTHD, q_pos_BT, kh, r)
 
   def whole(x):  # the whole [.., ..] slab of one (batch, kv head)
     return pl.BlockSpec((None, None) + tuple(x.shape[2:]), lambda bi, ki, si: (bi, ki, 0, 0))
@@ -238,9 +237,7 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
                                  out_specs=out_specs, out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_quant_decode",
                                  poison=poison)
-  out, lse = combine_splits(o_part, lse_part, rows)
-  out = jnp.transpose(out.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
-  lse = jnp.transpose(lse.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, h)
+  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, rows), t)
   return out.astype(q_BTHD.dtype), lse
 
 
@@ -317,11 +314,18 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
                  num_splits=num_splits, block_k=block_k, num_warps=num_warps or warps,
                  num_stages=num_stages or stages, interpret=bool(interpret), poison=_poison,
                  unpack=_unpack)
+  return merge_residual(out, q_BTHD, q_pos_BT, residual, scale=scale, window=window, interpret=interpret,
+                        poison=_poison)
+
+
+def merge_residual(out, q_BTHD, q_pos_BT, residual, *, scale, window, interpret=False, poison=None):
+  """(out, lse) of the quantized part merged by lse with flash-decoding over the full-precision
+  residual window (k_BKRD, v_BKRD, pos_BKR); `out` itself when residual is None."""
   if residual is None:
     return out
   rk, rv, rp = residual
   res = decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window, interpret=interpret,
-                         _poison=_poison)
+                         _poison=poison)
   from lcinfer.attention.base import merge_attention  # the one merge (ARCHITECTURE.md principle 3)
   return merge_attention([out, res])
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +57,12 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import mgpu_inline as mi
-from lcinfer.pallas_kernels.decode import combine_splits, decode_attention
-from lcinfer.pallas_kernels.launch import gpu_device
+from lcinfer.pallas_kernels.decode import combine_splits, from_kv_head_rows, kv_head_rows
+from lcinfer.pallas_kernels.decode_quant import _check, merge_residual  # one argument check, one merge
+from lcinfer.pallas_kernels.launch import hopper_device
+from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 from lcinfer.pallas_kernels.quant import QuantizedTensor
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the max is recomputed (bf16 and f32 hold it)
 MAX_ROWS = 64      # query rows per kv head (G * T): the wgmma N side, padded to 16 / 32 / 64
 HEAD_DIM = 128
@@ -241,19 +240,12 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
 
 @functools.partial(jax.jit, static_argnames=("g",))
 def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT):
-  b, t, h, d = q_BTHD.shape
-  kh = g.kh
-  grp = h // kh
-  q = jnp.transpose(q_BTHD.reshape(b, t, kh, grp, d), (0, 2, 3, 1, 4)).reshape(b, kh, g.rows, d)
-  q = jnp.pad(q.astype(jnp.bfloat16), ((0, 0), (0, 0), (0, g.n_q - g.rows), (0, 0)))
-  qpos = jnp.pad(jnp.tile(q_pos_BT.astype(jnp.int32), (1, grp)), ((0, 0), (0, g.n_q - g.rows)),
-                 constant_values=-1)
+  q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
   bf = lambda x: x.astype(jnp.bfloat16)
-  o_part, lse_part = _call(g, q, qpos, k_q.codes, bf(k_q.scale), bf(k_q.zero), v_q.codes,
+  o_part, lse_part = _call(g, bf(q), qpos, k_q.codes, bf(k_q.scale), bf(k_q.zero), v_q.codes,
                            bf(v_q.scale[..., 0]), bf(v_q.zero[..., 0]), pos_BKC.astype(jnp.int32))
-  out, lse = combine_splits(jnp.swapaxes(o_part, -1, -2), lse_part, g.rows)
-  out = jnp.transpose(out.reshape(b, kh, grp, t, d), (0, 3, 1, 2, 4)).reshape(b, t, h, d)
-  lse = jnp.transpose(lse.reshape(b, kh, grp, t), (0, 3, 1, 2)).reshape(b, t, h)
+  out, lse = from_kv_head_rows(*combine_splits(jnp.swapaxes(o_part, -1, -2), lse_part, g.rows),
+                               q_BTHD.shape[1])
   return out.astype(q_BTHD.dtype), lse
 
 
@@ -295,13 +287,12 @@ def quantized_decode_attention_mgpu(q_BTHD, k_q: QuantizedTensor, v_q: Quantized
   """Flash-decoding over an int4 KIVI cache on Hopper (module docstring). Returns (out [B, T, H, D]
   in q's dtype, lse [B, T, H] float32). `dispatch.Unsupported` for calls it does not serve;
   The Triton kernel's knobs (num_warps, _poison, _unpack), when set, are `Unsupported` too."""
-  from lcinfer.pallas_kernels.decode_quant import _check  # the one argument check of both kernels
   _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual)
   dispatch.triton_only(num_warps=num_warps, _poison=_poison, _unpack=_unpack)
   if interpret:
     raise dispatch.Unsupported("Mosaic GPU (wgmma) kernels have no interpret mode")
-  dev = gpu_device()
-  if dev is None or getattr(dev, "compute_capability", "") != "9.0":
+  dev = hopper_device()
+  if dev is None:
     raise dispatch.Unsupported("the Mosaic GPU quantized decode kernel needs a Hopper GPU (sm_90)")
   bk = block_k or BLOCK_K
   if bk != BLOCK_K:
@@ -323,13 +314,8 @@ def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residua
   bps = -(-nb // max(1, min(num_splits, nb)))
   g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
                stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max)
-  out = _run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT)
-  if residual is None:
-    return out
-  rk, rv, rp = residual
-  res = decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window)
-  from lcinfer.attention.base import merge_attention
-  return merge_attention([out, res])
+  return merge_residual(_run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT), q_BTHD, q_pos_BT, residual,
+                        scale=scale, window=window)
 
 
 # First in the default order: on a Hopper GPU it serves the KIVI int4 layout; every other call

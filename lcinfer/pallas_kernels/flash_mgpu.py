@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.flash_mgpu_kernel import ALIGN, HEAD_DIMS, TILE_Q, Geometry, call_kernel
-from lcinfer.pallas_kernels.launch import gpu_device
+from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 
 __all__ = ["flash_attention_mgpu", "block_sparse_attention_mgpu", "TILE_Q"]
@@ -128,18 +128,13 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
 
 
-def _hopper() -> str | None:
-  dev = gpu_device()
-  return dev.device_kind if dev is not None and getattr(dev, "compute_capability", "") == "9.0" else None
-
-
 def _check_served(q_BTHD, stages: int, interpret: bool) -> None:
   """ValueError for bad knobs; `dispatch.Unsupported` for calls this kernel does not serve."""
   if not isinstance(stages, int) or isinstance(stages, bool) or stages < 2:
     raise ValueError(f"stages must be an int >= 2, got {stages!r}")
   if interpret:
     raise dispatch.Unsupported("Mosaic GPU kernels have no interpret mode")
-  if _hopper() is None:
+  if hopper_device() is None:
     raise dispatch.Unsupported("the Mosaic GPU (wgmma) kernel needs a Hopper GPU (sm_90)")
   if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
     raise dispatch.Unsupported(f"the Mosaic GPU kernel takes bf16 / f16, got {q_BTHD.dtype}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -14,8 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
+
 HEAD_DIMS = (64, 128)
 ROWS_PER_WG = 64   # one wgmma M tile per consumer warpgroup
 TILE_Q = 2 * ROWS_PER_WG

@@ -36,3 +36,9 @@ def gpu_device():
   except RuntimeError:
     return None
   return dev if dev.platform == "gpu" else None
+
+
+def hopper_device():
+  """The default device if it is a Hopper GPU (sm_90: wgmma, TMA), else None."""
+  dev = gpu_device()
+  return dev if dev is not None and getattr(dev, "compute_capability", "") == "9.0" else None
