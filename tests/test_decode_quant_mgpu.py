@@ -85,16 +85,22 @@ def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy):
 @pytest.mark.parametrize("change,why", [
     (dict(kbits=8), "4/4"), (dict(kaxis="token"), "per channel"), (dict(kgroup=32), "multiple of 64"),
     (dict(vaxis="channel"), "per token"), (dict(h=128), "exceeds 64"),
-    (dict(dtype=jnp.float16), "bfloat16")])
+    (dict(dtype=jnp.float16), "bfloat16"), (dict(scale_dtype=jnp.float32), "scales and zeros must be bfloat16")])
 def test_calls_it_does_not_serve_say_why(change, why):
   c, h = change.get("c", 128), change.get("h", 8)
   d = 128
   x = jnp.ones((1, 1, c, d), jnp.float32)
+  sdt = change.get("scale_dtype", jnp.bfloat16)
   k_q = quant.quantize(x, bits=change.get("kbits", 4), axis=change.get("kaxis", "channel"),
-                       group=change.get("kgroup", 64 if change.get("kaxis", "channel") == "channel" else d))
-  v_q = quant.quantize(x, bits=4, axis=change.get("vaxis", "token"), group=d if change.get("vaxis") is None else 32)
+                       group=change.get("kgroup", 64 if change.get("kaxis", "channel") == "channel" else d),
+                       scale_dtype=sdt)
+  v_q = quant.quantize(x, bits=4, axis=change.get("vaxis", "token"), group=d if change.get("vaxis") is None else 32,
+                       scale_dtype=sdt)
   q = jnp.ones((1, 1, h, d), change.get("dtype", jnp.bfloat16))
   assert why in mq.served(q, k_q, v_q, 64)
+  served = (quant.quantize(x, bits=4, axis="channel", group=64, scale_dtype=jnp.bfloat16),
+            quant.quantize(x, bits=4, axis="token", group=d, scale_dtype=jnp.bfloat16))
+  assert mq.served(jnp.ones((1, 1, 8, d), jnp.bfloat16), *served, 64) is None  # the layout it serves
 
 
 def test_dispatcher_falls_through_to_triton_off_hopper():

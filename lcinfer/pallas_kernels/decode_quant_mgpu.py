@@ -6,7 +6,7 @@ Same contract as `decode_quant.quantized_decode_attention` (layouts: `quant.py`;
 position as in `decode.py`; optional bf16 residual window merged by lse), for the layout KIVI
 (Liu et al. 2024) recommends and the benchmarks use: 4-bit keys per channel in token
 groups that are a multiple of block_k (64), 4-bit values per token (group = head_dim), bf16
-queries, head_dim 128 (scales and zeros are read as bf16). Any other call raises `dispatch.Unsupported`, so the
+queries, scales and zeros, head_dim 128. Any other call raises `dispatch.Unsupported`, so the
 dispatcher falls through to the Triton kernel.
 
 Why a second kernel: the Triton one is issue-bound (ncu, H100, 128K: ~60M warp instructions, 8
@@ -241,9 +241,8 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
 @functools.partial(jax.jit, static_argnames=("g",))
 def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT):
   q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
-  bf = lambda x: x.astype(jnp.bfloat16)
-  o_part, lse_part = _call(g, bf(q), qpos, k_q.codes, bf(k_q.scale), bf(k_q.zero), v_q.codes,
-                           bf(v_q.scale[..., 0]), bf(v_q.zero[..., 0]), pos_BKC.astype(jnp.int32))
+  o_part, lse_part = _call(g, q.astype(jnp.bfloat16), qpos, k_q.codes, k_q.scale, k_q.zero, v_q.codes,
+                           v_q.scale[..., 0], v_q.zero[..., 0], pos_BKC.astype(jnp.int32))
   out, lse = from_kv_head_rows(*combine_splits(jnp.swapaxes(o_part, -1, -2), lse_part, g.rows),
                                q_BTHD.shape[1])
   return out.astype(q_BTHD.dtype), lse
@@ -268,6 +267,9 @@ def served(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, block_k: int) -> 
     return f"the cache length {c} must be a positive multiple of {block_k}"
   if (h // kh) * t > MAX_ROWS:
     return f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}"
+  dtypes = {x.dtype for x in (k_q.scale, k_q.zero, v_q.scale, v_q.zero)}
+  if dtypes != {jnp.dtype(jnp.bfloat16)}:  # (a cast here would be a pass over the scales every step)
+    return f"scales and zeros must be bfloat16 (quant.quantize(..., scale_dtype=jnp.bfloat16)), got {dtypes}"
   return None
 
 
