@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lcinfer.pallas_kernels import dispatch, flash_mgpu
+from lcinfer.pallas_kernels.block_sparse import prepare_ranges
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
 from lcinfer.pallas_kernels.sparse_index import BlockSparse
@@ -53,9 +54,10 @@ def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bk, dtype):
     layout = _random_ranges(np.random.default_rng(0), 1, h, t, bk, 3)
   if mode == "columns":
     layout, cols = _vertical_slash(np.random.default_rng(0), h, t, bk)
-  for heads_fastest in (True, False):
+  for heads_fastest, lazy_max in ((True, True), (False, True), (True, False)):
     run = lambda q, k, v, lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=0.1, causal=mode != "full",
-                                                     block_k=bk, stages=2, heads_fastest=heads_fastest)
+                                                     block_k=bk, stages=2, heads_fastest=heads_fastest,
+                                                     lazy_max=lazy_max)
     assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
 
 
@@ -87,6 +89,72 @@ def test_aligned_split_keeps_the_key_set(t, bk, align):
       assert whole == (hi[i][j] - lo[i][j] == bk and hi[i][j] - 1 <= i[2] * bq), (i, j)
     rows = slice(i[2] * bq, min((i[2] + 1) * bq, t))
     np.testing.assert_array_equal(got[None] & (keys[None] <= np.arange(t)[rows, None]), want[i[:2]][rows])
+
+
+def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk):
+  """[B, H, T, S] how often the Hopper kernel's steps count each (row, key), from its inputs, by
+  the kernel's rules: list entries run backwards (column-map ones, masked ones, then whole windows
+  with no mask at all), then the column steps over the chunks outside [skip_from, skip_to)."""
+  meta, lo, hi, thr, colmap, srt = (np.asarray(x) for x in (meta, lo, hi, thr, colmap, srt))
+  b, h, nq, _ = meta.shape
+  sp = colmap.shape[-1]
+  counts = np.zeros((b, h, nq * flash_mgpu.TILE_Q, sp), np.int32)
+  win = np.arange(bk)
+  for bi, hi_, tile in np.ndindex(b, h, nq):
+    n_list, n_whole, n_steps, last, n_colm, sa, sb, skip_from, skip_to = meta[bi, hi_, tile]
+    rows = tile * flash_mgpu.TILE_Q + np.arange(flash_mgpu.TILE_Q)
+    c = counts[bi, hi_, rows]                                       # [128, Sp] view of the tile
+    for j in range(n_list):
+      e = n_list - 1 - j
+      e_lo, e_hi = lo[bi, hi_, tile, e], hi[bi, hi_, tile, e]
+      start = min(e_lo - e_lo % flash_mgpu.ALIGN, sp - bk)
+      keys = start + win
+      if j >= n_list - n_whole:                                      # whole: the window, unmasked
+        keep = np.ones((len(rows), bk), bool)
+      else:
+        keep = ((keys >= e_lo) & (keys < e_hi))[None] & (keys[None] <= rows[:, None])
+        if j < n_colm:
+          keep &= ((colmap[bi, hi_, keys] == 0) | (keys > last))[None]
+      c[:, keys] += keep
+    for jj in range(n_steps):
+      chunk = jj if jj < skip_from else jj + skip_to - skip_from
+      slot = chunk * bk + win
+      keep = (slot[None] < thr[bi, hi_, rows][:, None]) & ((slot < sa) | (slot >= sb))[None]
+      key = srt[bi, hi_, slot]
+      assert not keep[:, key >= s].any(), "a padding slot of the list is attended"
+      np.add.at(c, (slice(None), np.minimum(key, sp - 1)), keep)
+    counts[bi, hi_, rows] = c
+  return counts[:, :, :t, :s]
+
+
+@pytest.mark.parametrize("t,bk,nv,near,n_far,seed", [
+    (1000, 64, 40, 200, 6, 0), (1024, 128, 30, 130, 4, 1), (700, 64, 60, 3, 8, 2), (300, 64, 5, 0, 3, 3)])
+def test_column_stream_counts_each_key_once(t, bk, nv, near, n_far, seed):
+  """The inputs the wrapper builds for ranges + ascending columns make the kernel's steps count
+  every key of the pattern exactly once and nothing else (emulated on CPU from those inputs): the
+  band's columns by its ranges, unmasked where whole (the column steps skip their slots), the
+  other columns by the column steps, ranges outside the band masking those they hold."""
+  rng = np.random.default_rng(seed)
+  h = 3
+  vert = np.stack([rng.choice(t, nv, replace=False) for _ in range(h)])[None].astype(np.int32)
+  far = np.stack([rng.choice(np.arange(near + 1, t), n_far, replace=False) for _ in range(h)])
+  slash = np.concatenate([np.broadcast_to(np.arange(near + 1), (h, near + 1)), far], -1)[None].astype(np.int32)
+  vert[0, :, :n_far] = t - 1 - far  # columns on far-slash keys: ranges outside the band hold them
+  ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, flash_mgpu.TILE_Q, bk,
+                                          4 * (n_far + 3) + t // bk, 64)
+  assert not bool(jnp.any(ranges.saturated()))
+  lo, hi, count, n_whole, ccols = prepare_ranges(ranges, cols, t, t, True, align=flash_mgpu.ALIGN)
+  sp = -(-t // bk) * bk
+  k = jnp.zeros((1, sp, 1, 8))
+  meta, lo, hi, thr, colmap, srt = flash_mgpu._column_inputs(ccols, k, lo.astype(jnp.int32), hi.astype(jnp.int32),
+                                                             count, n_whole, t=t, s=t, h=h, bk=bk)
+  got = _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, t, bk)
+  want = np.asarray(ranges_key_mask(ranges, cols, t, t, causal=True))
+  np.testing.assert_array_equal(got, want.astype(np.int32))
+  m = np.asarray(meta)
+  band_slots = m[..., 6] - m[..., 5]
+  assert band_slots.max() > 0 or near == 0, "the band held no column: the case is not exercised"
+  assert m[..., 4].max() > 0, "no range needed the column map: the case is not exercised"
 
 
 def test_bad_calls_raise_clear_errors():
@@ -189,6 +257,27 @@ def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bk, nv, 
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=unsorted,
                                         out_dtype=jnp.float32)
   _close("unsorted columns via triton", out, lse, ref, ref_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("growth", [30.0, -0.97])
+def test_running_max_moves_late_on_gpu(growth):
+  """Lazy maximum: logits that rise (or fall) by far more than 2^LAZY_TAU along the order the steps
+  visit keys (the diagonal first, columns last), dense and vertical-slash with columns."""
+  if hopper_device() is None:
+    pytest.skip("needs a Hopper GPU")
+  rng = np.random.default_rng(17)
+  t, h, d = 1000, 4, 128
+  q, k, v = _qkv(rng, 1, t, t, h, 2, d, "bfloat16")
+  far = 1.0 + growth * (1.0 - np.arange(t) / t)       # key j scaled by far[j]: large far from the diagonal
+  k = (k.astype(jnp.float32) * jnp.asarray(far, jnp.float32)[None, :, None, None]).astype(jnp.bfloat16)
+  out, lse = flash_mgpu.flash_attention_mgpu(q, k, v, scale=d ** -0.5, block_k=64)
+  ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, out_dtype=jnp.float32)
+  _close(f"dense growth={growth}", out, lse, ref, ref_lse)
+  ranges, cols = _vertical_slash(rng, h, t, 64, nv=40, ns=12)
+  out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
+  _close(f"vertical-slash growth={growth}", out, lse, ref, ref_lse)
 
 
 def test_mosaic_gpu_comes_first_and_falls_through():

@@ -32,10 +32,18 @@ A tile's stream:
   * then, with gathered columns (one ascending list per head, MInference's verticals), chunks of
     block_k of them: their K/V rows gathered per query head beforehand (contiguous, so TMA loads
     them like any block), row i attending the first thr[i] of the list (those <= i within the
-    tile's prefix; one [64] load per warpgroup). A key both in a range and among the tile's
-    columns is counted by the column step: range steps mask the keys that a per-head map of the
-    list marks (a [block_k] load per masked step); ranges holding such a key move to the masked
-    part when the inputs are built, so the unmasked ones stay unmasked.
+    tile's prefix; one [64] load per warpgroup). Each key is counted once. The list columns
+    inside the tile's band (its run of touching ranges that ends at its highest range: the near
+    slashes up to the diagonal) are counted by the range steps, and the column steps skip their
+    slots [sa, sb) (whole chunks of them are not loaded); so the band's ranges stay unmasked when
+    whole. A range outside the band that holds one of the tile's columns masks them with a per-head
+    map of the list (a [block_k] load; those ranges run first).
+Masks are per key where they can be (a [block_k] bias added to S); the per-row part (causal, or a
+column chunk that some rows of the warpgroup do not reach) runs only on the steps that need it,
+under a uniform lax.cond. A range step's (lo, hi) is read a step ahead (a loop carry).
+Lazy maximum (FlashAttention-4's conditional rescaling): the running max m, and with it the
+rescaling of O and the sums, moves only when a logit passes m by LAZY_TAU = 8 (base 2), decided by
+a warpgroup vote (`mgpu_inline.any_above_fn`); P <= 2^8 is exact enough in bf16 and float32.
 A row that sees nothing gets out = 0, lse = -inf. Only bf16 / f16, head_dim 64 or 128, block_q
 128 (two warpgroups of 64 rows) and block_k 64 or 128. Mosaic GPU has no interpret mode for
 wgmma: the tests run the kernel compiled on a Hopper GPU; on CPU its lowering is tested.
@@ -66,13 +74,31 @@ def _pad_to(x, n, axis):
   return jnp.pad(x, pads)
 
 
+def _band(lo, hi, count, s):
+  """Per query tile, the key interval [ea, eb) of its run of touching ranges that ends at its
+  highest range (for vertical-slash tiles: the near band up to the diagonal); empty without ranges.
+  lo, hi [..., M] canonical (disjoint, the first `count` valid, in any order)."""
+  valid = jnp.arange(lo.shape[-1]) < count[..., None]
+  lo_s, hi_s = lax.sort((jnp.where(valid, lo, s), jnp.where(valid, hi, s)), dimension=lo.ndim - 1, num_keys=1)
+  slots = jnp.arange(lo.shape[-1])
+  touches = jnp.concatenate([jnp.zeros_like(valid[..., :1]), lo_s[..., 1:] == hi_s[..., :-1]], axis=-1)
+  first = jnp.max(jnp.where(valid & ~touches, slots, 0), axis=-1, keepdims=True)   # the run's first slot
+  last = jnp.maximum(count - 1, 0)[..., None]
+  ea = jnp.take_along_axis(lo_s, first, axis=-1)[..., 0]
+  eb = jnp.take_along_axis(hi_s, last, axis=-1)[..., 0]
+  return jnp.where(count > 0, ea, 0), jnp.where(count > 0, eb, 0)
+
+
 def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk):
   """Columns mode: an ascending shared list (Columns.ascending) becomes gathered K/V rows per query
   head (kc, vc [B, Cp, H, D]), per query row the number of list entries it attends (thr
-  [B, H, Tp]: those <= the row, within its tile's prefix), a key map of the list (colmap [B, H, Sp],
-  so that range steps skip keys that the column steps count), each tile's chunk count and last
-  column; the ranges that hold one of the tile's columns move to the masked part of the list."""
-  b, sp, kh, _ = k.shape
+  [B, H, Tp]: those <= the row, within its tile's prefix), a key map of the list (colmap [B, H, Sp])
+  and per tile the meta row of `flash_mgpu_kernel._Refs`. Each key is counted once: the list
+  columns inside the tile's band (`_band`, list slots [sa, sb)) by the range steps (the column
+  steps skip those slots, and whole chunks of them), the others by the column steps; a range
+  outside the band that holds one of the tile's columns masks them with colmap (class 2 of the
+  list order below), the band's ranges need no column mask and stay unmasked when whole."""
+  b, sp = k.shape[:2]
   tp = count.shape[-1] * TILE_Q
   cols = columns.index[:, :, 0, :].astype(jnp.int32)                       # [B, H, n]
   n = cols.shape[-1]
@@ -82,34 +108,53 @@ def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk):
   srt = jnp.pad(jnp.where(live, cols, s), ((0, 0), (0, 0), (0, cp - n)), constant_values=s)
   flat = lambda x: x.reshape(b * h, -1)                                   # noqa: E731
   search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="right"))
+  left = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"))
   rows = jnp.arange(tp, dtype=jnp.int32)
   thr = search(flat(srt), jnp.broadcast_to(rows, (b * h, tp))).reshape(b, h, tp)
   thr = jnp.minimum(thr, ccount[:, :, rows // TILE_Q]).astype(jnp.int32)
   last = jnp.where(ccount > 0, jnp.take_along_axis(srt, jnp.maximum(ccount - 1, 0), axis=-1), -1)
   bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
   colmap = jnp.zeros((b, h, sp), jnp.int32).at[bi, hi_, jnp.where(srt < s, srt, sp)].set(1, mode="drop")
-  gather = lambda x: jnp.transpose(x[bi, jnp.minimum(srt, s - 1), hi_ // (h // kh)], (0, 2, 1, 3))  # noqa: E731
-  # a range holding a tile column (in [lo, min(hi, last + 1))) needs the column mask
-  left = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"))
+  ea, eb = _band(lo, hi, count, s)
+  sa = jnp.minimum(left(flat(srt), flat(ea)).reshape(ea.shape), ccount)
+  sb = jnp.minimum(left(flat(srt), flat(eb)).reshape(eb.shape), ccount)
+  # a range outside the band holding a tile column (in [lo, min(hi, last + 1))) needs colmap
   n1 = left(flat(srt), flat(lo)).reshape(lo.shape)
   n2 = left(flat(srt), flat(jnp.minimum(hi, last[..., None] + 1))).reshape(lo.shape)
   slots = jnp.arange(lo.shape[-1])
-  whole = (slots < n_whole[..., None]) & (n2 <= n1)
-  order = jnp.where(slots < count[..., None], jnp.where(whole, 0, 1), 2)
+  valid = slots < count[..., None]
+  in_band = (lo >= ea[..., None]) & (hi <= eb[..., None])
+  colmasked = valid & (n2 > n1) & ~in_band
+  whole = (slots < n_whole[..., None]) & ~colmasked
+  order = jnp.where(valid, jnp.where(whole, 0, jnp.where(colmasked, 2, 1)), 3)
   _, lo, hi = lax.sort((order, lo, hi), dimension=lo.ndim - 1, num_keys=1, is_stable=True)
-  meta = jnp.stack([count, jnp.sum(whole, axis=-1), pl.cdiv(ccount, bk), last], axis=-1)
-  return meta.astype(jnp.int32), lo, hi, thr, colmap, gather
+  # column chunks of bk slots: those wholly inside [sa, sb) are skipped
+  n_chunks = pl.cdiv(ccount, bk)
+  skip_from = pl.cdiv(sa, bk)
+  skip_to = jnp.maximum(sb // bk, skip_from)
+  n_steps = skip_from + n_chunks - skip_to
+  meta = jnp.stack([count, jnp.sum(whole, axis=-1), n_steps, last, jnp.sum(colmasked, axis=-1), sa, sb,
+                    skip_from, skip_to], axis=-1)
+  return meta.astype(jnp.int32), lo, hi, thr, colmap, srt
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest"))
-def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, stages, heads_fastest):
+def _gather_columns(x_BSKD, srt, h):
+  """The list's K or V rows per query head, [B, Cp, H, D] (padding slots: any row, thr masks them)."""
+  b, s, kh, _ = x_BSKD.shape
+  bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+  return jnp.transpose(x_BSKD[bi, jnp.minimum(srt, s - 1), hi // (h // kh)], (0, 2, 1, 3))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest", "lazy_max"))
+def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, stages, heads_fastest,
+         lazy_max=True):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   tp = pl.cdiv(t, TILE_Q) * TILE_Q
   sp = max(pl.cdiv(s, block_k), 1) * block_k
   g = Geometry(b=b, t_padded=tp, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
                 stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
-                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype)
+                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max)
   q = _pad_to(q_BTHD, tp, 1)
   k, v = _pad_to(k_BSKD, sp, 1), _pad_to(v_BSKD, sp, 1)
   unread = jnp.zeros((1, 1, 1, 1), jnp.int32)
@@ -119,11 +164,11 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
     lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal, align=ALIGN)
     lo, hi = lo.astype(jnp.int32), hi.astype(jnp.int32)
     zero = jnp.zeros_like(count)
-    meta = jnp.stack([count, n_whole, zero, zero - 1], axis=-1).astype(jnp.int32)
+    meta = jnp.stack([count, n_whole] + [zero] * 7, axis=-1).astype(jnp.int32)
     if columns is not None:
-      meta, lo, hi, thr, colmap, gather = _column_inputs(cols, k, lo, hi, count, n_whole, t=t, s=s,
-                                                         h=h, bk=block_k)
-      kc, vc = gather(k), gather(v)
+      meta, lo, hi, thr, colmap, srt = _column_inputs(cols, k, lo, hi, count, n_whole, t=t, s=s,
+                                                      h=h, bk=block_k)
+      kc, vc = _gather_columns(k, srt, h), _gather_columns(v, srt, h)
   out, lse = call_kernel(g, (q, k, v, meta, lo, hi, kc, vc, thr, colmap))
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
 

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 HEAD_DIMS = (64, 128)
 ROWS_PER_WG = 64   # one wgmma M tile per consumer warpgroup
 TILE_Q = 2 * ROWS_PER_WG
 ALIGN = 8          # K/V tiles are (8, swizzle) tiled: TMA row offsets must be multiples of 8
+LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the running max moves (bf16 and f32 hold it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Geometry:
   heads_fastest: bool  # grid order (heads, tiles, batch) instead of (tiles, heads, batch)
   scale: float
   dtype: object
+  lazy_max: bool = True  # rescale only when a logit passes the running max by LAZY_TAU
 
   @property
   def group(self) -> int:
@@ -52,7 +55,8 @@ class _Refs(NamedTuple):
   q: object     # [B, Tp, H, D]
   k: object     # [B, Sp, K, D]
   v: object
-  meta: object  # [B, H, nq, 4]: ranges, unmasked ranges, column chunks, last column (ranges mode)
+  meta: object  # [B, H, nq, 9] (ranges mode): ranges, unmasked ranges, column steps, last column,
+                # ranges needing the column map, band slots [sa, sb), skipped chunks [from, to)
   lo: object    # [B, H, nq, M] range starts (ranges mode)
   hi: object
   kc: object    # [B, Cp, H, D] the gathered columns' keys per query head (columns mode)
@@ -69,7 +73,7 @@ def _plgpu():
 
 
 def _stream(g: Geometry, r: _Refs, tile, b, h):
-  """(n_list, n_unmasked, n_column_chunks) of a tile's KV stream, int32 scalars: the list (KV blocks
+  """(n_list, n_unmasked, n_column_steps) of a tile's KV stream, int32 scalars: the list (KV blocks
   or ranges), of which the last n_unmasked need no mask, then chunks of gathered columns."""
   if g.ranges:
     n_cols = r.meta[b, h, tile, 2] if g.columns else jnp.int32(0)
@@ -84,22 +88,35 @@ def _stream(g: Geometry, r: _Refs, tile, b, h):
   return n, n_whole, jnp.int32(0)
 
 
-def _entry_keys(g: Geometry, r: _Refs, e, b, h, tile):
-  """(start, lo, hi) of list entry e (a KV block, or a range): the load starts at `start`; keys in
-  [lo, hi) are listed."""
+def _entry(g: Geometry, r: _Refs, e, b, h, tile):
+  """(lo, hi) of list entry e (a KV block, or a range; e < 0 reads entry 0): keys in [lo, hi) are
+  listed. Ranges mode reads them from global memory: the loops fetch the next step's entry a step
+  ahead (a loop carry), so that the load's latency is not on the step's critical path."""
+  e = jnp.maximum(e, 0)
   if g.ranges:
-    lo, hi = r.lo[b, h, tile, e], r.hi[b, h, tile, e]   # inside one 8-aligned window
-    start = jnp.minimum(lo - lax.rem(lo, jnp.int32(ALIGN)), jnp.int32(g.s_padded - g.block_k))
-    return pl.multiple_of(start, ALIGN), lo, hi
+    return r.lo[b, h, tile, e], r.hi[b, h, tile, e]   # inside one 8-aligned window
   start = e * g.block_k
-  return start, start, jnp.minimum(start + g.block_k, jnp.int32(g.s_valid))
+  return start, jnp.minimum(start + g.block_k, jnp.int32(g.s_valid))
+
+
+def _window(g: Geometry, lo):
+  """Where the block_k-key load of the entry starting at lo begins."""
+  if g.ranges:
+    start = jnp.minimum(lo - lax.rem(lo, jnp.int32(ALIGN)), jnp.int32(g.s_padded - g.block_k))
+    return pl.multiple_of(start, ALIGN)
+  return pl.multiple_of(lo, g.block_k)   # a KV block: e * block_k (the loop carry forgets that)
+
+
+def _column_chunk(jj, skip_from, skip_to):
+  """The list chunk of column step jj: chunks [skip_from, skip_to) (band columns) are skipped."""
+  return jnp.where(jj < skip_from, jj, jj + skip_to - skip_from)
 
 
 def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   plgpu = _plgpu()
-  (qo_smem2, k_smem, v_smem, lse_smem2), (k_full, v_full, q_bar), (k_free, v_free), sched = scoped
+  (qo_smem2, k_smem, v_smem, lse_smem2, flags2), (k_full, v_full, q_bar), (k_free, v_free), sched = scoped
   bk, d = g.block_k, g.d
-  qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+  qo_smem, lse_smem, flags = qo_smem2.at[wg], lse_smem2.at[wg], flags2.at[wg]
   q_base = tile * TILE_Q + wg * ROWS_PER_WG
   n_list, n_whole, n_cols = _stream(g, r, tile, b, h)
   plgpu.set_max_registers(232, action="increase")
@@ -118,29 +135,53 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   c = g.scale * LOG2E  # logits in base 2: p = 2^(s c - m)
   shape = (ROWS_PER_WG, bk)
   iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=wgmma_layout)
+  col_iota = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=col_layout)
+  by_col = lambda x: lax.broadcast_in_dim(x, shape, [1])      # noqa: E731
+  by_row = lambda x: lax.broadcast_in_dim(x, shape, [0])      # noqa: E731
+  finite = lambda x: jnp.where(x == -jnp.inf, 0.0, x)         # noqa: E731
+  bias = lambda keep: jnp.where(keep, 0.0, -jnp.inf)          # noqa: E731
+  any_above = mi.any_above_fn(row_layout) if g.lazy_max else None
   if g.columns:
     thr = plgpu.load(r.thr.at[b, h, pl.ds(q_base, ROWS_PER_WG)], layout=row_layout, optimized=False)
+    thr_first = r.thr[b, h, q_base]   # rows ascend: the fewest columns of the warpgroup's rows
     last_col = r.meta[b, h, tile, 3]
+    band_from, band_to = r.meta[b, h, tile, 5], r.meta[b, h, tile, 6]
+    skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
 
-  def keep_of(j, kind):
-    """The mask of step j (None: none needed)."""
+  def masked(j, kind, s, entry):
+    """s with the keys step j does not count at -inf. Per key (column) where possible: one add of a
+    [bk] bias per element; the per-row part only on steps that need it (lax.cond, uniform)."""
     if kind == "whole":
-      return None
-    if kind == "columns":  # slots of the sorted list: row i attends the first thr[i]
-      slot = (j - n_list) * bk + iota(1)
-      return slot < lax.broadcast_in_dim(thr, shape, [0])
-    start, lo, hi = _entry_keys(g, r, n_list - 1 - j, b, h, tile)
-    k_pos = start + iota(1)
-    keep = (k_pos >= lo) & (k_pos < hi)
-    if g.causal:
-      keep = keep & (k_pos <= q_base + iota(0))
-    if g.columns:  # a key of the range that is also one of the tile's columns is counted there
+      return s
+    if kind == "columns":  # slots of the sorted list minus the band's; row i attends the first thr[i]
+      c0 = _column_chunk(j - n_list, skip_from, skip_to) * bk
+      slot = c0 + col_iota
+      s = s + by_col(bias((slot < band_from) | (slot >= band_to)))
+      return lax.cond(c0 + bk <= thr_first, lambda s: s,
+                      lambda s: jnp.where(c0 + iota(1) < by_row(thr), s, -jnp.inf), s)
+    lo, hi = entry
+    start = _window(g, lo)
+    k_col = start + col_iota
+    keep = (k_col >= lo) & (k_col < hi)
+    if kind == "colmasked":  # a key of the range that is also one of the tile's columns is counted there
       is_col = plgpu.load(r.colmap.at[b, h, pl.ds(start, bk)], layout=col_layout, optimized=False)
-      keep = keep & ((lax.broadcast_in_dim(is_col, shape, [1]) == 0) | (k_pos > last_col))
-    return keep
+      keep = keep & ((is_col == 0) | (k_col > last_col))
+    s = s + by_col(bias(keep))
+    if g.causal:
+      s = lax.cond(start + bk - 1 > q_base,
+                   lambda s: jnp.where(start + iota(1) <= q_base + iota(0), s, -jnp.inf), lambda s: s, s)
+    return s
+
+  def rescale(args):  # the running max moves: the sums and O in its new units
+    mx, m, acc, l = args
+    m_new = jnp.maximum(m, mx)
+    alpha = jnp.exp2(m - finite(m_new))
+    return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), l * alpha
 
   def step(j, carry, kind):
-    acc, m, l = carry
+    acc, m, l, entry = carry
+    if kind != "columns":  # the next step's entry, a step ahead
+      next_entry = _entry(g, r, n_list - 2 - j, b, h, tile)
     slot = lax.rem(j, jnp.int32(g.stages))
     plgpu.barrier_wait(k_full.at[slot])
 
@@ -150,20 +191,19 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
       return acc_ref[...]
     s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
     plgpu.barrier_arrive(k_free.at[slot])
-    keep = keep_of(j, kind)
-    if keep is not None:
-      s = jnp.where(keep, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(axis=1) * c)
-    if keep is not None or g.ranges:  # a row may have seen nothing yet: keep exponents finite
-      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    s = masked(j, kind, s, entry)
+    mx = s.max(axis=1) * c
+    if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
+      votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
+      any_above(mx, m + LAZY_TAU, votes)
+      m, acc, l = lax.cond(votes[0] + votes[1] + votes[2] + votes[3] > 0, rescale, lambda a: a[1:],
+                           (mx, m, acc, l))
     else:
-      m_use = m_new
-    alpha = jnp.exp2(m - m_use)
-    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, shape, [0]))
-    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-    l = l * alpha + p.sum(axis=1)
+      m, acc, l = rescale((mx, m, acc, l))
+    p = jnp.exp2(s * c - by_row(finite(m)))
+    l = l + p.sum(axis=1)
     p16 = p.astype(g.dtype)
-    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+    acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(v_full.at[slot])
     plgpu.barrier_wait(sched)
@@ -172,15 +212,20 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
       plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(v_free.at[slot])
-    return acc, m_new, l
+    return acc, m, l, (next_entry if kind != "columns" else entry)
 
   pl.when(wg == 1)(sync)
   n_masked = n_list - n_whole  # the list runs backwards: its masked entries first
-  carry = lax.fori_loop(0, n_masked, functools.partial(step, kind="masked"), (acc, m, l))
+  carry = (acc, m, l, _entry(g, r, n_list - 1, b, h, tile))
+  n_colmasked = jnp.int32(0)
+  if g.columns:  # those needing the column map come first
+    n_colmasked = r.meta[b, h, tile, 4]
+    carry = lax.fori_loop(0, n_colmasked, functools.partial(step, kind="colmasked"), carry)
+  carry = lax.fori_loop(n_colmasked, n_masked, functools.partial(step, kind="masked"), carry)
   carry = lax.fori_loop(n_masked, n_list, functools.partial(step, kind="whole"), carry)
   if g.columns:
     carry = lax.fori_loop(n_list, n_list + n_cols, functools.partial(step, kind="columns"), carry)
-  acc, m, l = carry
+  acc, m, l, _ = carry
   pl.when(wg == 0)(sync)
 
   seen = l > 0.0
@@ -196,7 +241,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
 
 def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
   plgpu = _plgpu()
-  (_, k_smem, v_smem, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
+  (_, k_smem, v_smem, _, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
   plgpu.set_max_registers(40, action="decrease")
   kvh = lax.div(h, jnp.int32(g.group))
   n_list, _, n_cols = _stream(g, r, tile, b, h)
@@ -209,15 +254,18 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
         plgpu.barrier_wait(free.at[slot])
       plgpu.copy_gmem_to_smem(x.at[rows], smem.at[slot], full.at[slot])
 
-  @pl.loop(0, n_list)
-  def _(j):
-    start, _, _ = _entry_keys(g, r, n_list - 1 - j, b, h, tile)
-    load(j, (r.k, r.v), (b, pl.ds(start, g.block_k), kvh))
+  def list_step(j, lo):
+    next_lo, _ = _entry(g, r, n_list - 2 - j, b, h, tile)   # a step ahead
+    load(j, (r.k, r.v), (b, pl.ds(_window(g, lo), g.block_k), kvh))
+    return next_lo
+  lax.fori_loop(0, n_list, list_step, _entry(g, r, n_list - 1, b, h, tile)[0])
 
   if g.columns:
+    skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
+
     @pl.loop(n_list, n_list + n_cols)
     def _(j):
-      c0 = pl.multiple_of((j - n_list) * g.block_k, g.block_k)
+      c0 = pl.multiple_of(_column_chunk(j - n_list, skip_from, skip_to) * g.block_k, g.block_k)
       load(j, (r.kc, r.vc), (b, pl.ds(c0, g.block_k), h))
 
 
@@ -252,7 +300,8 @@ def call_kernel(g: Geometry, args, interpret=None):
         (plgpu.SMEM((2, ROWS_PER_WG, d), g.dtype, transforms=transforms),
          plgpu.SMEM((g.stages, bk, d), g.dtype, transforms=transforms),
          plgpu.SMEM((g.stages, bk, d), g.dtype, transforms=transforms),
-         plgpu.SMEM((2, ROWS_PER_WG), jnp.float32)),
+         plgpu.SMEM((2, ROWS_PER_WG), jnp.float32),
+         plgpu.SMEM((2, 2, 4), jnp.int32)),   # per consumer: two sets of per-warp votes (lazy max)
         (plgpu.Barrier(num_barriers=g.stages), plgpu.Barrier(num_barriers=g.stages),
          plgpu.Barrier(num_barriers=2)),
         (plgpu.Barrier(num_arrivals=2, num_barriers=g.stages),) * 2,
@@ -267,4 +316,5 @@ def call_kernel(g: Geometry, args, interpret=None):
     grid, names = (g.h, g.n_tiles, g.b), ("head", "tile", "batch")
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names, num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)(*args)
+      compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name="lcinfer_flash_mgpu",
+      interpret=interpret)(*args)

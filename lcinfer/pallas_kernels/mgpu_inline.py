@@ -1,5 +1,5 @@
 """Inline Mosaic GPU building blocks (`plgpu.inline_mgpu`) for lcinfer's Hopper kernels: register-level
-work that Pallas does not express. Used by `decode_quant_mgpu.py`.
+work that Pallas does not express. Used by `decode_quant_mgpu.py` and `flash_mgpu_kernel.py`.
 
   * int4 unpacking: one PTX block turns 4 packed code bytes (bit planes over channel halves, as
     `quant.py` packs them) into 8 bf16 values, by the "magic number" of fast int4 GEMMs (Kim et
@@ -89,16 +89,18 @@ def int4_dequant_fn(with_scale: bool, out_swizzle: int, code_bytes: int):
   return dequant
 
 
-def any_above_fn():
-  """inline Mosaic GPU: does any element of s [bk, N] exceed bound [bk, N] (both WGMMA layout)?
-  Each thread ORs its registers, a warp vote ORs the warp, lane stores put one flag per warp in
-  flags smem [4] int32, then a warpgroup barrier: the caller reads the four flags as scalars."""
+def any_above_fn(layout=None):
+  """inline Mosaic GPU: does any element of s exceed bound (same shape, both in `layout`, default
+  WGMMA)? Each thread ORs its registers, a warp vote ORs the warp, lane stores put one flag per warp
+  in flags smem [4] int32, then a warpgroup barrier: the caller reads the four flags as scalars."""
   pg = plgpu()
   from jax.experimental.mosaic.gpu import utils as mu
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 
-  @pg.inline_mgpu(arg_types=(pg.Layout.WGMMA, pg.Layout.WGMMA, pg.RefType()))
+  layout = pg.Layout.WGMMA if layout is None else layout
+
+  @pg.inline_mgpu(arg_types=(layout, layout, pg.RefType()))
   def any_above(ctx, s, bound, flags_ref):
     del ctx
     i1 = ir.IntegerType.get_signless(1)
