@@ -1,0 +1,31 @@
+"""One vertical-slash call at 128K (H=32, Mosaic GPU kernel, 128x64) for profilers:
+    python3 benchmarks/probes/vs_one_call.py V,S [all|far|no-far]"""
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from lcinfer.pallas_kernels.flash_mgpu import block_sparse_attention_mgpu  # noqa: E402
+from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
+
+nv, ns = map(int, sys.argv[1].split(","))
+part = sys.argv[2] if len(sys.argv) > 2 else "all"
+s, h, d = 131072, 32, 128
+ks = jax.random.split(jax.random.key(0), 3)
+q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
+vert, sl = vs_pattern(np.random.default_rng(0), s, h, nv, ns)
+if part == "far":
+  vert, sl = vert[..., :1], sl[..., ns - 50:]
+elif part == "no-far":
+  sl = sl[..., :ns - 50]
+lay, cols = jax.jit(lambda vj, sj: vertical_slash_to_ranges(
+    vj, sj, s, 128, 64, vs_list_sizes(ns, 128, 64)[0], max(32, -(-vert.shape[-1] // 32) * 32)))(
+        jnp.asarray(vert), jnp.asarray(sl))
+f = jax.jit(lambda q, k, v, lay, cols: block_sparse_attention_mgpu(q, k, v, lay, scale=d ** -0.5, columns=cols)[0])
+for _ in range(2):
+  f(q, k, v, lay, cols).block_until_ready()
+print("done", part, nv, ns)

@@ -1,0 +1,72 @@
+"""Probe (H100): the vertical-slash sets at 128K on the Mosaic GPU kernel (ranges + columns, 128x64)
+under kernel variants (grid order, stages, lazy maximum), optionally sets without their 50 far
+slashes, and the dense kernel at 128K under the same variants. Index construction included.
+    PYTHONPATH=. python3 benchmarks/probes/vs_order_probe.py --variants hf,s2,lazy hf,s2,eager ..."""
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel_report import bench  # noqa: E402
+from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
+from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
+ap.add_argument("--no-far", nargs="*", default=[])
+ap.add_argument("--variants", nargs="*", default=["hf,s2,lazy", "hf,s2,eager"],
+                help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager")
+ap.add_argument("--dense", action="store_true")
+ap.add_argument("--reps", type=int, default=5)
+args = ap.parse_args()
+s, h, d = 131072, 32, 128
+ks = jax.random.split(jax.random.key(0), 3)
+q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
+cudnn = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+              q, k, v, reps=args.reps)["ms"]
+print(f"cudnn dense {cudnn:.2f} ms", flush=True)
+
+
+def knobs(variant):
+  parts = variant.split(",")
+  return dict(heads_fastest="tf" not in parts, lazy_max="eager" not in parts,
+              stages=next((int(p[1:]) for p in parts if p.startswith("s")), 2))
+
+
+if args.dense:
+  for variant in args.variants:
+    kw = knobs(variant)
+    f = jax.jit(lambda q, k, v, kw=kw: flash_mgpu._run(q, k, v, None, None, scale=d ** -0.5, causal=True,
+                                                       block_k=128, **kw)[0])
+    try:
+      ms = bench(f, q, k, v, reps=args.reps)["ms"]
+    except Exception as e:  # noqa: BLE001 (e.g. a variant over the shared-memory limit)
+      print(f"dense 128K {variant:22s} failed: {str(e).splitlines()[0][:150]}", flush=True)
+      continue
+    print(f"dense 128K {variant:22s} {ms:7.2f} ms  {cudnn / ms:5.3f}x cudnn", flush=True)
+rng = np.random.default_rng(0)
+for spec in args.sets:
+  nv, ns = map(int, spec.split(","))
+  vert, sl = vs_pattern(rng, s, h, nv, ns)
+  cases = [("all", sl)] + ([("no far slashes", sl[..., :ns - 50])] if spec in args.no_far else [])
+  for part, ss in cases:
+    build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=128, block_k=64,
+                              max_ranges=vs_list_sizes(ns, 128, 64)[0], max_cols=max(32, -(-nv // 32) * 32))
+    for variant in args.variants:
+      kw = knobs(variant)
+
+      def f(q, k, v, vj, sj, build=build, kw=kw):
+        lay, cols = build(vj, sj)
+        return flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, block_k=64, **kw)[0]
+      try:
+        ms = bench(f, q, k, v, jnp.asarray(vert), jnp.asarray(ss), reps=args.reps)["ms"]
+      except Exception as e:  # noqa: BLE001
+        print(f"(v={nv}, s={ns}) {part:15s} {variant:14s} failed: {str(e).splitlines()[0][:150]}", flush=True)
+        continue
+      print(f"(v={nv}, s={ns}) {part:15s} {variant:14s} {ms:7.2f} ms  {cudnn / ms:5.2f}x cudnn", flush=True)
