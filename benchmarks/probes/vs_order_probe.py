@@ -21,7 +21,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
 ap.add_argument("--no-far", nargs="*", default=[])
 ap.add_argument("--variants", nargs="*", default=["hf,s2,lazy", "hf,s2,eager"],
-                help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager")
+                help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager, k64|k128 (block_k)")
 ap.add_argument("--dense", action="store_true")
 ap.add_argument("--reps", type=int, default=5)
 args = ap.parse_args()
@@ -36,14 +36,16 @@ print(f"cudnn dense {cudnn:.2f} ms", flush=True)
 def knobs(variant):
   parts = variant.split(",")
   return dict(heads_fastest="tf" not in parts, lazy_max="eager" not in parts,
-              stages=next((int(p[1:]) for p in parts if p.startswith("s")), 2))
+              stages=next((int(p[1:]) for p in parts if p.startswith("s")), 2),
+              block_k=128 if "k128" in parts else 64)
 
 
 if args.dense:
   for variant in args.variants:
     kw = knobs(variant)
+    kw["block_k"] = 128
     f = jax.jit(lambda q, k, v, kw=kw: flash_mgpu._run(q, k, v, None, None, scale=d ** -0.5, causal=True,
-                                                       block_k=128, **kw)[0])
+                                                       **kw)[0])
     try:
       ms = bench(f, q, k, v, reps=args.reps)["ms"]
     except Exception as e:  # noqa: BLE001 (e.g. a variant over the shared-memory limit)
@@ -56,14 +58,15 @@ for spec in args.sets:
   vert, sl = vs_pattern(rng, s, h, nv, ns)
   cases = [("all", sl)] + ([("no far slashes", sl[..., :ns - 50])] if spec in args.no_far else [])
   for part, ss in cases:
-    build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=128, block_k=64,
-                              max_ranges=vs_list_sizes(ns, 128, 64)[0], max_cols=max(32, -(-nv // 32) * 32))
     for variant in args.variants:
       kw = knobs(variant)
+      bk = kw["block_k"]
+      build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=128, block_k=bk,
+                                max_ranges=vs_list_sizes(ns, 128, bk)[0], max_cols=max(32, -(-nv // 32) * 32))
 
       def f(q, k, v, vj, sj, build=build, kw=kw):
         lay, cols = build(vj, sj)
-        return flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, block_k=64, **kw)[0]
+        return flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, **kw)[0]
       try:
         ms = bench(f, q, k, v, jnp.asarray(vert), jnp.asarray(ss), reps=args.reps)["ms"]
       except Exception as e:  # noqa: BLE001

@@ -148,17 +148,16 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     band_from, band_to = r.meta[b, h, tile, 5], r.meta[b, h, tile, 6]
     skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
 
-  def masked(j, kind, s, entry):
-    """s with the keys step j does not count at -inf. Per key (column) where possible: one add of a
-    [bk] bias per element; the per-row part only on steps that need it (lax.cond, uniform)."""
+  def key_bias(j, kind, entry):
+    """Step j's per-key part of the mask as a [bk] bias (0 or -inf; None: no mask) and the
+    first key (or list slot) of its window. Computed before the step waits for its K tile, so
+    that the loads it needs (the column map) are not on the critical path."""
     if kind == "whole":
-      return s
-    if kind == "columns":  # slots of the sorted list minus the band's; row i attends the first thr[i]
+      return None, None
+    if kind == "columns":  # slots of the sorted list minus the band's
       c0 = _column_chunk(j - n_list, skip_from, skip_to) * bk
       slot = c0 + col_iota
-      s = s + by_col(bias((slot < band_from) | (slot >= band_to)))
-      return lax.cond(c0 + bk <= thr_first, lambda s: s,
-                      lambda s: jnp.where(c0 + iota(1) < by_row(thr), s, -jnp.inf), s)
+      return bias((slot < band_from) | (slot >= band_to)), c0
     lo, hi = entry
     start = _window(g, lo)
     k_col = start + col_iota
@@ -166,7 +165,17 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     if kind == "colmasked":  # a key of the range that is also one of the tile's columns is counted there
       is_col = plgpu.load(r.colmap.at[b, h, pl.ds(start, bk)], layout=col_layout, optimized=False)
       keep = keep & ((is_col == 0) | (k_col > last_col))
-    s = s + by_col(bias(keep))
+    return bias(keep), start
+
+  def masked(kind, s, col_bias, start):
+    """s with the keys of the step that it does not count at -inf: the per-key bias added, the
+    per-row part only on the steps that need it (lax.cond, uniform)."""
+    if col_bias is None:
+      return s
+    s = s + by_col(col_bias)
+    if kind == "columns":  # row i attends the first thr[i] slots
+      return lax.cond(start + bk <= thr_first, lambda s: s,
+                      lambda s: jnp.where(start + iota(1) < by_row(thr), s, -jnp.inf), s)
     if g.causal:
       s = lax.cond(start + bk - 1 > q_base,
                    lambda s: jnp.where(start + iota(1) <= q_base + iota(0), s, -jnp.inf), lambda s: s, s)
@@ -182,6 +191,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     acc, m, l, entry = carry
     if kind != "columns":  # the next step's entry, a step ahead
       next_entry = _entry(g, r, n_list - 2 - j, b, h, tile)
+    col_bias, first = key_bias(j, kind, entry)
     slot = lax.rem(j, jnp.int32(g.stages))
     plgpu.barrier_wait(k_full.at[slot])
 
@@ -191,7 +201,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
       return acc_ref[...]
     s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
     plgpu.barrier_arrive(k_free.at[slot])
-    s = masked(j, kind, s, entry)
+    s = masked(kind, s, col_bias, first)
     mx = s.max(axis=1) * c
     if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
       votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
