@@ -43,6 +43,7 @@ def _lowered(fn, *args):
     ("causal", 384, 4, 1, 128, 128, jnp.bfloat16),
     ("full", 200, 2, 2, 64, 64, jnp.float16),
     ("ranges", 256, 4, 2, 128, 64, jnp.bfloat16),
+    ("ranges", 300, 2, 1, 128, 128, jnp.bfloat16),   # block_k 128: narrow steps
     ("columns", 300, 2, 1, 128, 128, jnp.bfloat16),
 ])
 def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bk, dtype):
@@ -257,6 +258,28 @@ def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bk, nv, 
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=unsorted,
                                         out_dtype=jnp.float32)
   _close("unsorted columns via triton", out, lse, ref, ref_lse)
+
+
+@pytest.mark.gpu
+def test_narrow_steps_match_oracle_on_gpu():
+  """block_k 128 ranges with narrow (64-key) steps for the ranges that fit a 64-key window: random
+  ranges at any offset, and vertical-slash with columns."""
+  if hopper_device() is None:
+    pytest.skip("needs a Hopper GPU")
+  rng = np.random.default_rng(23)
+  t, h, kh, d = 1000, 4, 2, 128
+  q, k, v = _qkv(rng, 2, t, t, h, kh, d, "bfloat16")
+  run = lambda lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, block_k=128,  # noqa: E731
+                                          stages=2, heads_fastest=True, narrow=True)
+  ranges = _random_ranges(rng, 2, h, t, 128, 8)
+  out, lse = run(ranges, None)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, out_dtype=jnp.float32)
+  _close("narrow ranges", out, lse, ref, ref_lse)
+  q, k, v = (x[:1] for x in (q, k, v))
+  ranges, cols = _vertical_slash(rng, h, t, 128, nv=40, ns=20)
+  out, lse = run(ranges, cols)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
+  _close("narrow vertical-slash", out, lse, ref, ref_lse)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 # On the device: ncu of one launch of the Hopper vertical-slash kernel at 128K for each given
 # "V,S:part" (part: all / far / no-far, see vs_one_call.py): the summary metrics per case, and the
 # SASS per instruction as $OUT/sass-<case>.csv (`sass_mix.py` sums it).
-export PYTHONPATH=. XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 PYTHONUNBUFFERED=1
+export PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 for case in "$@"; do
   set=${case%%:*}; part=${case##*:}; tag=${set/,/-}-$part
   timeout 250 ncu --clock-control none -k regex:lcinfer_flash_mgpu --launch-count 1 --set full \

@@ -21,7 +21,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
 ap.add_argument("--no-far", nargs="*", default=[])
 ap.add_argument("--variants", nargs="*", default=["hf,s2,lazy", "hf,s2,eager"],
-                help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager, k64|k128 (block_k)")
+                help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager, k64|k128 (block_k), "
+                     "narrow (64-key steps for ranges that fit, with k128)")
 ap.add_argument("--dense", action="store_true")
 ap.add_argument("--reps", type=int, default=5)
 args = ap.parse_args()
@@ -37,7 +38,7 @@ def knobs(variant):
   parts = variant.split(",")
   return dict(heads_fastest="tf" not in parts, lazy_max="eager" not in parts,
               stages=next((int(p[1:]) for p in parts if p.startswith("s")), 2),
-              block_k=128 if "k128" in parts else 64)
+              block_k=128 if "k128" in parts else 64, narrow="narrow" in parts)
 
 
 if args.dense:

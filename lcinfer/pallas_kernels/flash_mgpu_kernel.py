@@ -21,6 +21,7 @@ ROWS_PER_WG = 64   # one wgmma M tile per consumer warpgroup
 TILE_Q = 2 * ROWS_PER_WG
 ALIGN = 8          # K/V tiles are (8, swizzle) tiled: TMA row offsets must be multiples of 8
 LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the running max moves (bf16 and f32 hold it)
+NARROW = 64        # narrow steps: a range inside one 8-aligned window of 64 keys, with block_k 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Geometry:
   scale: float
   dtype: object
   lazy_max: bool = True  # rescale only when a logit passes the running max by LAZY_TAU
+  narrow: bool = False   # block_k 128 ranges: a range that fits a 64-key window takes a 64-key step
 
   @property
   def group(self) -> int:
@@ -99,12 +101,18 @@ def _entry(g: Geometry, r: _Refs, e, b, h, tile):
   return start, jnp.minimum(start + g.block_k, jnp.int32(g.s_valid))
 
 
-def _window(g: Geometry, lo):
-  """Where the block_k-key load of the entry starting at lo begins."""
+def _window(g: Geometry, lo, width=None):
+  """Where the `width`-key (default block_k) load of the entry starting at lo begins."""
   if g.ranges:
-    start = jnp.minimum(lo - lax.rem(lo, jnp.int32(ALIGN)), jnp.int32(g.s_padded - g.block_k))
+    start = jnp.minimum(lo - lax.rem(lo, jnp.int32(ALIGN)), jnp.int32(g.s_padded - (width or g.block_k)))
     return pl.multiple_of(start, ALIGN)
   return pl.multiple_of(lo, g.block_k)   # a KV block: e * block_k (the loop carry forgets that)
+
+
+def _is_narrow(entry):
+  """Does the range fit the 8-aligned 64-key window at its start (a narrow step)?"""
+  lo, hi = entry
+  return hi <= lo - lax.rem(lo, jnp.int32(ALIGN)) + NARROW
 
 
 def _column_chunk(jj, skip_from, skip_to):
@@ -133,11 +141,10 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   l = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), 0.0, jnp.float32), row_layout)
   acc = plgpu.layout_cast(jnp.full((ROWS_PER_WG, d), 0.0, jnp.float32), wgmma_layout)
   c = g.scale * LOG2E  # logits in base 2: p = 2^(s c - m)
-  shape = (ROWS_PER_WG, bk)
-  iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=wgmma_layout)
-  col_iota = plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=col_layout)
-  by_col = lambda x: lax.broadcast_in_dim(x, shape, [1])      # noqa: E731
-  by_row = lambda x: lax.broadcast_in_dim(x, shape, [0])      # noqa: E731
+  iota = lambda w, dim: plgpu.broadcasted_iota(jnp.int32, (ROWS_PER_WG, w), dim, layout=wgmma_layout)  # noqa: E731
+  col_iota = lambda w: plgpu.broadcasted_iota(jnp.int32, (w,), 0, layout=col_layout)  # noqa: E731
+  by_col = lambda x: lax.broadcast_in_dim(x, (ROWS_PER_WG, x.shape[0]), [1])      # noqa: E731
+  by_row = lambda x, w: lax.broadcast_in_dim(x, (ROWS_PER_WG, w), [0])           # noqa: E731
   finite = lambda x: jnp.where(x == -jnp.inf, 0.0, x)         # noqa: E731
   bias = lambda keep: jnp.where(keep, 0.0, -jnp.inf)          # noqa: E731
   any_above = mi.any_above_fn(row_layout) if g.lazy_max else None
@@ -148,7 +155,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     band_from, band_to = r.meta[b, h, tile, 5], r.meta[b, h, tile, 6]
     skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
 
-  def key_bias(j, kind, entry):
+  def key_bias(j, kind, entry, w):
     """Step j's per-key part of the mask as a [bk] bias (0 or -inf; None: no mask) and the
     first key (or list slot) of its window. Computed before the step waits for its K tile, so
     that the loads it needs (the column map) are not on the critical path."""
@@ -156,29 +163,29 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
       return None, None
     if kind == "columns":  # slots of the sorted list minus the band's
       c0 = _column_chunk(j - n_list, skip_from, skip_to) * bk
-      slot = c0 + col_iota
+      slot = c0 + col_iota(w)
       return bias((slot < band_from) | (slot >= band_to)), c0
     lo, hi = entry
-    start = _window(g, lo)
-    k_col = start + col_iota
+    start = _window(g, lo, w)
+    k_col = start + col_iota(w)
     keep = (k_col >= lo) & (k_col < hi)
     if kind == "colmasked":  # a key of the range that is also one of the tile's columns is counted there
-      is_col = plgpu.load(r.colmap.at[b, h, pl.ds(start, bk)], layout=col_layout, optimized=False)
+      is_col = plgpu.load(r.colmap.at[b, h, pl.ds(start, w)], layout=col_layout, optimized=False)
       keep = keep & ((is_col == 0) | (k_col > last_col))
     return bias(keep), start
 
-  def masked(kind, s, col_bias, start):
+  def masked(kind, s, col_bias, start, w):
     """s with the keys of the step that it does not count at -inf: the per-key bias added, the
     per-row part only on the steps that need it (lax.cond, uniform)."""
     if col_bias is None:
       return s
     s = s + by_col(col_bias)
     if kind == "columns":  # row i attends the first thr[i] slots
-      return lax.cond(start + bk <= thr_first, lambda s: s,
-                      lambda s: jnp.where(start + iota(1) < by_row(thr), s, -jnp.inf), s)
+      return lax.cond(start + w <= thr_first, lambda s: s,
+                      lambda s: jnp.where(start + iota(w, 1) < by_row(thr, w), s, -jnp.inf), s)
     if g.causal:
-      s = lax.cond(start + bk - 1 > q_base,
-                   lambda s: jnp.where(start + iota(1) <= q_base + iota(0), s, -jnp.inf), lambda s: s, s)
+      s = lax.cond(start + w - 1 > q_base,
+                   lambda s: jnp.where(start + iota(w, 1) <= q_base + iota(w, 0), s, -jnp.inf), lambda s: s, s)
     return s
 
   def rescale(args):  # the running max moves: the sums and O in its new units
@@ -187,21 +194,23 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     alpha = jnp.exp2(m - finite(m_new))
     return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), l * alpha
 
-  def step(j, carry, kind):
-    acc, m, l, entry = carry
-    if kind != "columns":  # the next step's entry, a step ahead
-      next_entry = _entry(g, r, n_list - 2 - j, b, h, tile)
-    col_bias, first = key_bias(j, kind, entry)
+  def body(j, kind, entry, w, carry):
+    """One step of w keys (block_k, or NARROW for a narrow step) of the stream."""
+    acc, m, l = carry
+    col_bias, first = key_bias(j, kind, entry, w)
     slot = lax.rem(j, jnp.int32(g.stages))
+    k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+    if w != bk:
+      k_tile, v_tile = k_smem.at[slot, pl.ds(0, w)], v_smem.at[slot, pl.ds(0, w)]
     plgpu.barrier_wait(k_full.at[slot])
 
     def qk(acc_ref):
-      plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+      plgpu.wgmma(acc_ref, qo_smem, k_tile.transpose((1, 0)))
       sync()
       return acc_ref[...]
-    s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+    s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WG, w), jnp.float32))
     plgpu.barrier_arrive(k_free.at[slot])
-    s = masked(kind, s, col_bias, first)
+    s = masked(kind, s, col_bias, first, w)
     mx = s.max(axis=1) * c
     if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
       votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
@@ -210,7 +219,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
                            (mx, m, acc, l))
     else:
       m, acc, l = rescale((mx, m, acc, l))
-    p = jnp.exp2(s * c - by_row(finite(m)))
+    p = jnp.exp2(s * c - by_row(finite(m), w))
     l = l + p.sum(axis=1)
     p16 = p.astype(g.dtype)
     acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))
@@ -219,10 +228,23 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     plgpu.barrier_wait(sched)
 
     def pv(acc_ref):
-      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      plgpu.wgmma(acc_ref, p16, v_tile)
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(v_free.at[slot])
-    return acc, m, l, (next_entry if kind != "columns" else entry)
+    return acc, m, l
+
+  def step(j, carry, kind):
+    acc, m, l, entry = carry
+    if kind == "columns":
+      next_entry = entry
+    else:  # the next step's entry, a step ahead
+      next_entry = _entry(g, r, n_list - 2 - j, b, h, tile)
+    if g.narrow and kind in ("masked", "colmasked"):  # both warpgroups take the same branch
+      acc, m, l = lax.cond(_is_narrow(entry), functools.partial(body, j, kind, entry, NARROW),
+                           functools.partial(body, j, kind, entry, bk), (acc, m, l))
+    else:
+      acc, m, l = body(j, kind, entry, bk, (acc, m, l))
+    return acc, m, l, next_entry
 
   pl.when(wg == 1)(sync)
   n_masked = n_list - n_whole  # the list runs backwards: its masked entries first
@@ -256,19 +278,25 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
   kvh = lax.div(h, jnp.int32(g.group))
   n_list, _, n_cols = _stream(g, r, tile, b, h)
 
-  def load(j, src, rows):
+  def load(j, src, rows, w=g.block_k):
     slot = lax.rem(j, jnp.int32(g.stages))
     for x, smem, full, free in ((src[0], k_smem, k_full, k_free), (src[1], v_smem, v_full, v_free)):
       @pl.when(j >= g.stages)
       def _():
         plgpu.barrier_wait(free.at[slot])
-      plgpu.copy_gmem_to_smem(x.at[rows], smem.at[slot], full.at[slot])
+      dst = smem.at[slot] if w == g.block_k else smem.at[slot, pl.ds(0, w)]
+      plgpu.copy_gmem_to_smem(x.at[rows], dst, full.at[slot])
 
-  def list_step(j, lo):
-    next_lo, _ = _entry(g, r, n_list - 2 - j, b, h, tile)   # a step ahead
-    load(j, (r.k, r.v), (b, pl.ds(_window(g, lo), g.block_k), kvh))
-    return next_lo
-  lax.fori_loop(0, n_list, list_step, _entry(g, r, n_list - 1, b, h, tile)[0])
+  def list_step(j, entry):
+    if not g.narrow:
+      load(j, (r.k, r.v), (b, pl.ds(_window(g, entry[0]), g.block_k), kvh))
+    else:
+      for narrow, w in ((True, NARROW), (False, g.block_k)):
+        @pl.when(_is_narrow(entry) == narrow)
+        def _():
+          load(j, (r.k, r.v), (b, pl.ds(_window(g, entry[0], w), w), kvh), w)
+    return _entry(g, r, n_list - 2 - j, b, h, tile)   # a step ahead
+  lax.fori_loop(0, n_list, list_step, _entry(g, r, n_list - 1, b, h, tile))
 
   if g.columns:
     skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
