@@ -141,14 +141,16 @@ def test_column_stream_counts_each_key_once(t, bk, nv, near, n_far, seed):
   far = np.stack([rng.choice(np.arange(near + 1, t), n_far, replace=False) for _ in range(h)])
   slash = np.concatenate([np.broadcast_to(np.arange(near + 1), (h, near + 1)), far], -1)[None].astype(np.int32)
   vert[0, :, :n_far] = t - 1 - far  # columns on far-slash keys: ranges outside the band hold them
-  ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, flash_mgpu.TILE_Q, bk,
-                                          4 * (n_far + 3) + t // bk, 64)
-  assert not bool(jnp.any(ranges.saturated()))
-  lo, hi, count, n_whole, ccols = prepare_ranges(ranges, cols, t, t, True, align=flash_mgpu.ALIGN)
   sp = -(-t // bk) * bk
-  k = jnp.zeros((1, sp, 1, 8))
-  meta, lo, hi, thr, colmap, srt = flash_mgpu._column_inputs(ccols, k, lo.astype(jnp.int32), hi.astype(jnp.int32),
-                                                             count, n_whole, t=t, s=t, h=h, bk=bk)
+
+  @jax.jit  # the wrapper's preparation, as `flash_mgpu._run` does it (one compile, not eager ops)
+  def inputs(vert, slash):
+    ranges, cols = vertical_slash_to_ranges(vert, slash, t, flash_mgpu.TILE_Q, bk, 4 * (n_far + 3) + t // bk, 64)
+    lo, hi, count, n_whole, ccols = prepare_ranges(ranges, cols, t, t, True, align=flash_mgpu.ALIGN)
+    return (ranges, cols), flash_mgpu._column_inputs(ccols, jnp.zeros((1, sp, 1, 8)), lo.astype(jnp.int32),
+                                                     hi.astype(jnp.int32), count, n_whole, t=t, s=t, h=h, bk=bk)
+  (ranges, cols), (meta, lo, hi, thr, colmap, srt) = inputs(jnp.asarray(vert), jnp.asarray(slash))
+  assert not bool(jnp.any(ranges.saturated()))
   got = _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, t, bk)
   want = np.asarray(ranges_key_mask(ranges, cols, t, t, causal=True))
   np.testing.assert_array_equal(got, want.astype(np.int32))
