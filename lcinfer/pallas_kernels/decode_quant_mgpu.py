@@ -63,7 +63,6 @@ from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 from lcinfer.pallas_kernels.quant import QuantizedTensor
 
-LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the max is recomputed (bf16 and f32 hold it)
 MAX_ROWS = 64      # query rows per kv head (G * T): the wgmma N side, padded to 16 / 32 / 64
 HEAD_DIM = 128
 BLOCK_K = 64
@@ -132,7 +131,6 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
   qpos_b = bq(plgpu.load(qpos_ref.at[b], layout=query_layout, optimized=False))
   c = g.scale * LOG2E
-  finite = lambda m: jnp.where(m == -jnp.inf, 0.0, m)  # a query that has seen nothing: finite exponents
   m = plgpu.layout_cast(jnp.full((nq,), -jnp.inf, jnp.float32), query_layout)
   zeros = plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
   acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
@@ -170,18 +168,17 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     def rescale(args):  # the running max moves: P, the sums and O^T in its new units
       s, m, acc, l_part, z_part, b_part = args
       m_new = jnp.maximum(m, s.max(axis=0))
-      alpha = jnp.exp2(m - finite(m_new))
+      alpha = jnp.exp2(m - mi.finite(m_new))
       a2 = bq(alpha)
       return (m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, z_part * a2, b_part * a2)
 
     carry = (s, m, acc, l_part, z_part, b_part)
     if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
-      any_above(s, bq(m + LAZY_TAU), flags)
-      n_above = flags[0] + flags[1] + flags[2] + flags[3]
-      m, acc, l_part, z_part, b_part = lax.cond(n_above > 0, rescale, lambda a: a[1:], carry)
+      above = any_above(s, bq(m + mi.LAZY_TAU), flags)
+      m, acc, l_part, z_part, b_part = lax.cond(above, rescale, lambda a: a[1:], carry)
     else:
       m, acc, l_part, z_part, b_part = rescale(carry)
-    p = jnp.exp2(s - bq(finite(m)))
+    p = jnp.exp2(s - bq(mi.finite(m)))
     p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
     l_part = l_part + p
     z_part = z_part + p * vz

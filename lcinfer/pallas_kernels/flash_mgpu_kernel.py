@@ -20,7 +20,6 @@ HEAD_DIMS = (64, 128)
 ROWS_PER_WG = 64   # one wgmma M tile per consumer warpgroup
 TILE_Q = 2 * ROWS_PER_WG
 ALIGN = 8          # K/V tiles are (8, swizzle) tiled: TMA row offsets must be multiples of 8
-LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the running max moves (bf16 and f32 hold it)
 NARROW = 64        # narrow steps: a range inside one 8-aligned window of 64 keys, with block_k 128
 
 
@@ -41,7 +40,7 @@ class Geometry:
   heads_fastest: bool  # grid order (heads, tiles, batch) instead of (tiles, heads, batch)
   scale: float
   dtype: object
-  lazy_max: bool = True  # rescale only when a logit passes the running max by LAZY_TAU
+  lazy_max: bool = True  # rescale only when a logit passes the running max by LAZY_TAU (mgpu_inline)
   narrow: bool = False   # block_k 128 ranges: a range that fits a 64-key window takes a 64-key step
 
   @property
@@ -145,7 +144,6 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   col_iota = lambda w: plgpu.broadcasted_iota(jnp.int32, (w,), 0, layout=col_layout)  # noqa: E731
   by_col = lambda x: lax.broadcast_in_dim(x, (ROWS_PER_WG, x.shape[0]), [1])      # noqa: E731
   by_row = lambda x, w: lax.broadcast_in_dim(x, (ROWS_PER_WG, w), [0])           # noqa: E731
-  finite = lambda x: jnp.where(x == -jnp.inf, 0.0, x)         # noqa: E731
   bias = lambda keep: jnp.where(keep, 0.0, -jnp.inf)          # noqa: E731
   any_above = mi.any_above_fn(row_layout) if g.lazy_max else None
   if g.columns:
@@ -191,7 +189,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   def rescale(args):  # the running max moves: the sums and O in its new units
     mx, m, acc, l = args
     m_new = jnp.maximum(m, mx)
-    alpha = jnp.exp2(m - finite(m_new))
+    alpha = jnp.exp2(m - mi.finite(m_new))
     return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), l * alpha
 
   def body(j, kind, entry, w, carry):
@@ -214,12 +212,11 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     mx = s.max(axis=1) * c
     if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
       votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
-      any_above(mx, m + LAZY_TAU, votes)
-      m, acc, l = lax.cond(votes[0] + votes[1] + votes[2] + votes[3] > 0, rescale, lambda a: a[1:],
+      m, acc, l = lax.cond(any_above(mx, m + mi.LAZY_TAU, votes), rescale, lambda a: a[1:],
                            (mx, m, acc, l))
     else:
       m, acc, l = rescale((mx, m, acc, l))
-    p = jnp.exp2(s * c - by_row(finite(m), w))
+    p = jnp.exp2(s * c - by_row(mi.finite(m), w))
     l = l + p.sum(axis=1)
     p16 = p.astype(g.dtype)
     acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))

@@ -6,13 +6,22 @@ work that Pallas does not express. Used by `decode_quant_mgpu.py` and `flash_mgp
     al. 2022, Sec. 4). lop3 ORs a nibble into the mantissa of 128.0 (x = 128 + c exactly), then
     optionally sub + fma make c * s + z with one rounding.
   * a warpgroup-wide "any element above its bound": a warp vote plus one flag per warp in shared
-    memory, which the caller reads back as scalars.
+    memory, read back as one uniform scalar. With LAZY_TAU and `finite`, the lazy maximum that both
+    Hopper attention kernels use (FlashAttention-4's conditional rescaling).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+
+
+LAZY_TAU = 8.0     # log2 units: P may reach 2^8 before the running max moves (bf16 and f32 hold it)
+
+
+def finite(m):
+  """The running max with -inf (a row that has seen nothing yet) as 0: finite exponents."""
+  return jnp.where(m == -jnp.inf, 0.0, m)
 
 
 def plgpu():
@@ -90,9 +99,11 @@ def int4_dequant_fn(with_scale: bool, out_swizzle: int, code_bytes: int):
 
 
 def any_above_fn(layout=None):
-  """inline Mosaic GPU: does any element of s exceed bound (same shape, both in `layout`, default
-  WGMMA)? Each thread ORs its registers, a warp vote ORs the warp, lane stores put one flag per warp
-  in flags smem [4] int32, then a warpgroup barrier: the caller reads the four flags as scalars."""
+  """any_above(s, bound, flags) -> a warpgroup-uniform bool scalar: does any element of s exceed
+  bound (same shape, both in `layout`, default WGMMA)? Inline Mosaic GPU: each thread ORs its
+  registers, a warp vote ORs the warp, lane stores put one flag per warp in flags smem [4] int32,
+  then a warpgroup barrier; the four flags are read back. A caller that votes again before every
+  warp has read the flags needs a second flags buffer (or a barrier in between)."""
   pg = plgpu()
   from jax.experimental.mosaic.gpu import utils as mu
   from jax._src.lib.mlir import ir
@@ -101,7 +112,7 @@ def any_above_fn(layout=None):
   layout = pg.Layout.WGMMA if layout is None else layout
 
   @pg.inline_mgpu(arg_types=(layout, layout, pg.RefType()))
-  def any_above(ctx, s, bound, flags_ref):
+  def vote(ctx, s, bound, flags_ref):
     del ctx
     i1 = ir.IntegerType.get_signless(1)
     i32 = ir.IntegerType.get_signless(32)
@@ -117,6 +128,10 @@ def any_above_fn(layout=None):
     warp = arith.remui(mu.warp_idx(sync=False), arith.constant(i32, 4))
     memref.store(vote, flags_ref, [arith.index_cast(ir.IndexType.get(), warp)])
     mu.warpgroup_barrier()
+
+  def any_above(s, bound, flags):
+    vote(s, bound, flags)
+    return flags[0] + flags[1] + flags[2] + flags[3] > 0
 
   return any_above
 
