@@ -157,16 +157,7 @@ def run_block_sparse(args, rows, dense_ms):
   variants = [("triton", 64, 64), ("triton", 128, 64), ("triton", 128, 128), ("mosaic_gpu", 128, 64),
               ("mosaic_gpu tiles_fastest", 128, 128), ("mosaic_gpu", 128, 128), ("mosaic_gpu stages=3", 128, 64)]
   for impl, bq, bk in variants[:1] if args.smoke else variants:
-    nq, nk = s // bq, s // bk
-    qb = jnp.arange(nq)[:, None]
-    kb = jnp.arange(nk)[None, :]
-    causal = kb * bk <= qb * bq + bq - 1
-    diag = (kb * bk <= qb * bq + bq - 1) & (kb * bk + bk - 1 >= qb * bq)
-    keep = (jax.random.uniform(ks[3], (1, h, nq, nk)) < args.keep) & causal | diag
-    density = float(jnp.sum(keep)) / float(h * jnp.sum(causal))
-    max_blocks = int(jnp.max(jnp.sum(keep, -1)))
-    layout = jax.jit(blocks_from_mask, static_argnums=(1,), static_argnames=("block_q", "block_k"))(
-        keep, max_blocks, block_q=bq, block_k=bk)
+    layout, density = bs_layout(ks[3], s, h, bq, bk, args.keep)
 
     kernel = block_sparse_attention if impl == "triton" else functools.partial(
         block_sparse_attention_mgpu, heads_fastest="tiles_fastest" not in impl,
@@ -196,6 +187,34 @@ def vs_pattern(rng, s, h, v, n_slash):
     sl[i, :near] = np.arange(near)
     sl[i, near:] = rng.choice(np.arange(near, s), n_slash - near, replace=False)
   return vert[None].astype(np.int32), sl[None].astype(np.int32)
+
+
+VS_PARTS = ("all", "no-far", "band", "far")
+
+
+def vs_subset(vert, sl, part: str):
+  """Part of a vs_pattern, for probes: all; no-far (without the 50 far slashes); band (the near
+  slashes and the first column); far (the 50 far slashes and the first column, so no row is empty)."""
+  near = max(sl.shape[-1] - 50, 0)
+  if part not in VS_PARTS:
+    raise ValueError(f"part must be one of {VS_PARTS}, got {part!r}")
+  return {"all": (vert, sl), "no-far": (vert, sl[..., :near]), "band": (vert[..., :1], sl[..., :near]),
+          "far": (vert[..., :1], sl[..., near:])}[part]
+
+
+def bs_layout(key, s: int, h: int, bq: int, bk: int, keep: float):
+  """The block-sparse benchmark's layout: each causal block kept with probability `keep`, the
+  diagonal blocks always; returns (BlockSparse, density among the causal blocks)."""
+  nq, nk = s // bq, s // bk
+  qb = jnp.arange(nq)[:, None]
+  kb = jnp.arange(nk)[None, :]
+  causal = kb * bk <= qb * bq + bq - 1
+  diag = causal & (kb * bk + bk - 1 >= qb * bq)
+  mask = (jax.random.uniform(key, (1, h, nq, nk)) < keep) & causal | diag
+  density = float(jnp.sum(mask)) / float(h * jnp.sum(causal))
+  layout = jax.jit(blocks_from_mask, static_argnums=(1,), static_argnames=("block_q", "block_k"))(
+      mask, int(jnp.max(jnp.sum(mask, -1))), block_q=bq, block_k=bk)
+  return layout, density
 
 
 def vs_list_sizes(n_slash: int, bq: int, bk: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 #!/bin/bash
 # On the device: ncu of one launch of the Hopper vertical-slash kernel at 128K for each given
-# "V,S:part" (part: all / far / no-far, see vs_one_call.py): the summary metrics per case, and the
+# "V,S:part" (part: all / no-far / band / far, see kernels.vs_subset): the summary metrics per case, and the
 # SASS per instruction as $OUT/sass-<case>.csv (`sass_mix.py` sums it).
 export PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 for case in "$@"; do

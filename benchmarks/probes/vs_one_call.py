@@ -1,5 +1,5 @@
 """One vertical-slash call at 128K (H=32, Mosaic GPU kernel, 128x64) for profilers:
-    python3 benchmarks/probes/vs_one_call.py V,S [all|far|no-far]"""
+    python3 benchmarks/probes/vs_one_call.py V,S [all|no-far|band|far]  (kernels.vs_subset)"""
 import sys
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from kernels import vs_list_sizes, vs_pattern, vs_subset  # noqa: E402
 from lcinfer.pallas_kernels.flash_mgpu import block_sparse_attention_mgpu  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
@@ -17,11 +17,7 @@ part = sys.argv[2] if len(sys.argv) > 2 else "all"
 s, h, d = 131072, 32, 128
 ks = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
-vert, sl = vs_pattern(np.random.default_rng(0), s, h, nv, ns)
-if part == "far":
-  vert, sl = vert[..., :1], sl[..., ns - 50:]
-elif part == "no-far":
-  sl = sl[..., :ns - 50]
+vert, sl = vs_subset(*vs_pattern(np.random.default_rng(0), s, h, nv, ns), part)
 lay, cols = jax.jit(lambda vj, sj: vertical_slash_to_ranges(
     vj, sj, s, 128, 64, vs_list_sizes(ns, 128, 64)[0], max(32, -(-vert.shape[-1] // 32) * 32)))(
         jnp.asarray(vert), jnp.asarray(sl))

@@ -1,7 +1,9 @@
-"""Probe (H100): the vertical-slash sets at 128K on the Mosaic GPU kernel (ranges + columns, 128x64)
-under kernel variants (grid order, stages, lazy maximum), optionally sets without their 50 far
-slashes, and the dense kernel at 128K under the same variants. Index construction included.
-    PYTHONPATH=. python3 benchmarks/probes/vs_order_probe.py --variants hf,s2,lazy hf,s2,eager ..."""
+"""Probe (H100): the vertical-slash sets at 128K on the Mosaic GPU kernel (ranges + columns) under
+kernel variants (grid order, stages, lazy maximum, block_k, narrow steps), on parts of each set
+(`kernels.vs_subset`: without the far slashes, the band alone, the far slashes alone), and the
+dense kernel at 128K under the same variants. Index construction included.
+    PYTHONPATH=. python3 benchmarks/probes/vs_order_probe.py --variants hf,s2,lazy,k128,narrow ...
+    PYTHONPATH=. python3 benchmarks/probes/vs_order_probe.py --parts all no-far band far"""
 import argparse
 import functools
 import sys
@@ -13,13 +15,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import bench  # noqa: E402
-from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from kernels import VS_PARTS, vs_list_sizes, vs_pattern, vs_subset  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
-ap.add_argument("--no-far", nargs="*", default=[])
+ap.add_argument("--parts", nargs="*", default=["all"], choices=VS_PARTS)
 ap.add_argument("--variants", nargs="*", default=["hf,s2,lazy", "hf,s2,eager"],
                 help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager, k64|k128 (block_k), "
                      "narrow (64-key steps for ranges that fit, with k128)")
@@ -57,19 +59,19 @@ rng = np.random.default_rng(0)
 for spec in args.sets:
   nv, ns = map(int, spec.split(","))
   vert, sl = vs_pattern(rng, s, h, nv, ns)
-  cases = [("all", sl)] + ([("no far slashes", sl[..., :ns - 50])] if spec in args.no_far else [])
-  for part, ss in cases:
+  for part in args.parts:
+    vv, ss = vs_subset(vert, sl, part)
     for variant in args.variants:
       kw = knobs(variant)
       bk = kw["block_k"]
       build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=128, block_k=bk,
-                                max_ranges=vs_list_sizes(ns, 128, bk)[0], max_cols=max(32, -(-nv // 32) * 32))
+                                max_ranges=vs_list_sizes(ns, 128, bk)[0], max_cols=max(32, -(-vv.shape[-1] // 32) * 32))
 
       def f(q, k, v, vj, sj, build=build, kw=kw):
         lay, cols = build(vj, sj)
         return flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, **kw)[0]
       try:
-        ms = bench(f, q, k, v, jnp.asarray(vert), jnp.asarray(ss), reps=args.reps)["ms"]
+        ms = bench(f, q, k, v, jnp.asarray(vv), jnp.asarray(ss), reps=args.reps)["ms"]
       except Exception as e:  # noqa: BLE001
         print(f"(v={nv}, s={ns}) {part:15s} {variant:14s} failed: {str(e).splitlines()[0][:150]}", flush=True)
         continue
