@@ -232,8 +232,8 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
 
   def step(j, carry, kind):
     acc, m, l, entry = carry
-    if kind == "columns":
-      next_entry = entry
+    if kind in ("whole", "columns"):  # the loops run colmasked, masked, whole, columns: no later
+      next_entry = entry              # step reads its entry, so no load on these hot loops
     else:  # the next step's entry, a step ahead
       next_entry = _entry(g, r, n_list - 2 - j, b, h, tile)
     if g.narrow and kind in ("masked", "colmasked"):  # both warpgroups take the same branch
