@@ -1,6 +1,6 @@
-"""Sum an ncu SASS source page (csv from `qdecode_sass.sh`) by opcode: executed warp instructions and
+"""Sum an ncu SASS source page (csv from `ncu_one.sh`) by opcode: executed warp instructions and
 warp-stall samples, the most frequent first; then the stall reasons with their top opcodes.
-    python3 benchmarks/probes/sass_mix.py sass.csv"""
+    python3 benchmarks/probes/sass_mix.py $OUT/sass-<tag>.csv"""
 import collections
 import csv
 import re
