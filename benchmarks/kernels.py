@@ -251,7 +251,8 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
       density = vs_density(vert, sl, s)
       vj, sj = jnp.asarray(vert), jnp.asarray(sl)
       variants = [("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
-                  ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None)]
+                  ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None),
+                  ("ranges mosaic_gpu", 56, 64, None)]   # split mode: 56-row blocks per consumer
       if args.vs_all and kh == h:
         variants += [("ranges", 64, 64, 32), ("ranges", 128, 128, 32),
                      ("aligned blocks", args.vs_block, args.vs_block, 32)]

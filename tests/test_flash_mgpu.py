@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from lcinfer.pallas_kernels import dispatch, flash_mgpu
-from lcinfer.pallas_kernels.block_sparse import prepare_ranges
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
 from lcinfer.pallas_kernels.sparse_index import BlockSparse
@@ -25,36 +24,38 @@ def _qkv(rng, b, t, s, h, kh, d, dtype):
   return tuple(jnp.asarray(rng.standard_normal(sh), dt) for sh in ((b, t, h, d), (b, s, kh, d), (b, s, kh, d)))
 
 
-def _random_ranges(rng, b, h, t, bk, m):
+def _random_ranges(rng, b, h, t, bk, m, bq=flash_mgpu.TILE_Q):
   """User ranges at any offset: overlapping, empty, out of range, garbage past count, empty rows."""
-  nq = -(-t // flash_mgpu.TILE_Q)
+  nq = -(-t // bq)
   start = rng.integers(-bk, t + bk, (b, h, nq, m)).astype(np.int32)
   end = start + rng.integers(-2, 2 * bk, (b, h, nq, m)).astype(np.int32)
   count = rng.integers(0, m + 1, (b, h, nq)).astype(np.int32)
   count[0, 0, -1] = 0
-  return KeyRanges(jnp.asarray(count), jnp.asarray(start), jnp.asarray(end), flash_mgpu.TILE_Q, bk)
+  return KeyRanges(jnp.asarray(count), jnp.asarray(start), jnp.asarray(end), bq, bk)
 
 
 def _lowered(fn, *args):
   return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("mode,t,h,kh,d,bk,dtype", [
-    ("causal", 384, 4, 1, 128, 128, jnp.bfloat16),
-    ("full", 200, 2, 2, 64, 64, jnp.float16),
-    ("ranges", 256, 4, 2, 128, 64, jnp.bfloat16),
-    ("ranges", 300, 2, 1, 128, 128, jnp.bfloat16),   # block_k 128: narrow steps
-    ("columns", 300, 2, 1, 128, 128, jnp.bfloat16),
+@pytest.mark.parametrize("mode,t,h,kh,d,bq,bk,dtype", [
+    ("causal", 384, 4, 1, 128, 128, 128, jnp.bfloat16),
+    ("full", 200, 2, 2, 64, 128, 64, jnp.float16),
+    ("ranges", 256, 4, 2, 128, 128, 64, jnp.bfloat16),
+    ("ranges", 300, 2, 1, 128, 128, 128, jnp.bfloat16),   # block_k 128: narrow steps
+    ("columns", 300, 2, 1, 128, 128, 128, jnp.bfloat16),
+    ("ranges", 300, 2, 1, 64, 56, 64, jnp.bfloat16),     # split mode
+    ("columns", 300, 2, 1, 128, 56, 64, jnp.bfloat16),
 ])
-def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bk, dtype):
+def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bq, bk, dtype):
   """Every construct of the kernel lowers to Mosaic GPU for a CUDA target (no GPU needed)."""
   q = jax.ShapeDtypeStruct((1, t, h, d), dtype)
   kv = jax.ShapeDtypeStruct((1, t, kh, d), dtype)
   layout = cols = None
   if mode == "ranges":
-    layout = _random_ranges(np.random.default_rng(0), 1, h, t, bk, 3)
+    layout = _random_ranges(np.random.default_rng(0), 1, h, t, bk, 3, bq)
   if mode == "columns":
-    layout, cols = _vertical_slash(np.random.default_rng(0), h, t, bk)
+    layout, cols = _vertical_slash(np.random.default_rng(0), h, t, bk, bq=bq)
   for heads_fastest, lazy_max in ((True, True), (False, True), (True, False)):
     run = lambda q, k, v, lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=0.1, causal=mode != "full",
                                                      block_k=bk, stages=2, heads_fastest=heads_fastest,
@@ -62,11 +63,11 @@ def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bk, dtype):
     assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
 
 
-def _vertical_slash(rng, h, t, bk, nv=9, ns=6):
+def _vertical_slash(rng, h, t, bk, nv=9, ns=6, bq=flash_mgpu.TILE_Q):
   vert = rng.integers(0, t, (1, h, nv)).astype(np.int32)
   slash = rng.integers(0, t, (1, h, ns)).astype(np.int32)
   slash[:, :, :2] = [0, 1]
-  return vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, flash_mgpu.TILE_Q, bk, 24, 16)
+  return vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, bq, bk, 24, 16)
 
 
 @pytest.mark.parametrize("t,bk,align", [(300, 64, 8), (256, 128, 8), (130, 32, 16)])
@@ -92,18 +93,19 @@ def test_aligned_split_keeps_the_key_set(t, bk, align):
     np.testing.assert_array_equal(got[None] & (keys[None] <= np.arange(t)[rows, None]), want[i[:2]][rows])
 
 
-def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk):
+def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.TILE_Q):
   """[B, H, T, S] how often the Hopper kernel's steps count each (row, key), from its inputs, by
   the kernel's rules: list entries run backwards (column-map ones, masked ones, then whole windows
-  with no mask at all), then the column steps over the chunks outside [skip_from, skip_to)."""
+  with no mask at all), then the column steps over the chunks outside [skip_from, skip_to).
+  A meta row is a query block of bq rows (a tile, or in split mode one consumer's block)."""
   meta, lo, hi, thr, colmap, srt = (np.asarray(x) for x in (meta, lo, hi, thr, colmap, srt))
   b, h, nq, _ = meta.shape
   sp = colmap.shape[-1]
-  counts = np.zeros((b, h, nq * flash_mgpu.TILE_Q, sp), np.int32)
+  counts = np.zeros((b, h, nq * bq, sp), np.int32)
   win = np.arange(bk)
   for bi, hi_, tile in np.ndindex(b, h, nq):
     n_list, n_whole, n_steps, last, n_colm, sa, sb, skip_from, skip_to = meta[bi, hi_, tile]
-    rows = tile * flash_mgpu.TILE_Q + np.arange(flash_mgpu.TILE_Q)
+    rows = tile * bq + np.arange(bq)
     c = counts[bi, hi_, rows]                                       # [128, Sp] view of the tile
     for j in range(n_list):
       e = n_list - 1 - j
@@ -128,13 +130,15 @@ def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk):
   return counts[:, :, :t, :s]
 
 
-@pytest.mark.parametrize("t,bk,nv,near,n_far,seed", [
-    (1000, 64, 40, 200, 6, 0), (1024, 128, 30, 130, 4, 1), (700, 64, 60, 3, 8, 2), (300, 64, 5, 0, 3, 3)])
-def test_column_stream_counts_each_key_once(t, bk, nv, near, n_far, seed):
+@pytest.mark.parametrize("t,bq,bk,nv,near,n_far,seed", [
+    (1000, 128, 64, 40, 200, 6, 0), (1024, 128, 128, 30, 130, 4, 1), (700, 128, 64, 60, 3, 8, 2),
+    (300, 128, 64, 5, 0, 3, 3), (1000, 56, 64, 40, 200, 6, 4), (700, 56, 64, 60, 3, 8, 5)])
+def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
   """The inputs the wrapper builds for ranges + ascending columns make the kernel's steps count
   every key of the pattern exactly once and nothing else (emulated on CPU from those inputs): the
   band's columns by its ranges, unmasked where whole (the column steps skip their slots), the
-  other columns by the column steps, ranges outside the band masking those they hold."""
+  other columns by the column steps, ranges outside the band masking those they hold. bq 56: the
+  split mode's per-consumer blocks, the block count padded to even, thr covering 8 rows more."""
   rng = np.random.default_rng(seed)
   h = 3
   vert = np.stack([rng.choice(t, nv, replace=False) for _ in range(h)])[None].astype(np.int32)
@@ -143,15 +147,18 @@ def test_column_stream_counts_each_key_once(t, bk, nv, near, n_far, seed):
   vert[0, :, :n_far] = t - 1 - far  # columns on far-slash keys: ranges outside the band hold them
   sp = -(-t // bk) * bk
 
+  split = bq == flash_mgpu.SPLIT_Q
+  _, nq, tp = flash_mgpu._query_blocks(t, split)
+
   @jax.jit  # the wrapper's preparation, as `flash_mgpu._run` does it (one compile, not eager ops)
   def inputs(vert, slash):
-    ranges, cols = vertical_slash_to_ranges(vert, slash, t, flash_mgpu.TILE_Q, bk, 4 * (n_far + 3) + t // bk, 64)
-    lo, hi, count, n_whole, ccols = prepare_ranges(ranges, cols, t, t, True, align=flash_mgpu.ALIGN)
-    return (ranges, cols), flash_mgpu._column_inputs(ccols, jnp.zeros((1, sp, 1, 8)), lo.astype(jnp.int32),
-                                                     hi.astype(jnp.int32), count, n_whole, t=t, s=t, h=h, bk=bk)
+    ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 4 * (n_far + 3) + t // bk, 64)
+    return (ranges, cols), flash_mgpu._ranges_inputs(ranges, cols, jnp.zeros((1, sp, 1, 8)), t=t, s=t, h=h,
+                                                     block_k=bk, causal=True, split=split)
   (ranges, cols), (meta, lo, hi, thr, colmap, srt) = inputs(jnp.asarray(vert), jnp.asarray(slash))
   assert not bool(jnp.any(ranges.saturated()))
-  got = _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, t, bk)
+  assert thr.shape[-1] == tp and meta.shape[2] == nq
+  got = _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, t, bk, bq)
   want = np.asarray(ranges_key_mask(ranges, cols, t, t, causal=True))
   np.testing.assert_array_equal(got, want.astype(np.int32))
   m = np.asarray(meta)
@@ -176,8 +183,11 @@ def test_bad_calls_raise_clear_errors():
       flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1)
   # a layout whose block_k the kernel lacks is a call it does not serve (not a bad call)
   layout = _random_ranges(rng, 1, 2, 128, 32, 3)
-  with pytest.raises(dispatch.Unsupported, match="block_k 64 or 128"):
+  with pytest.raises(dispatch.Unsupported, match="128x64, 128x128, 56x64"):
     flash_mgpu.block_sparse_attention_mgpu(q, k, v, layout, scale=0.1)
+  for bq, bk in ((56, 128), (64, 64)):  # split mode is 56 x 64 only; 64-row tiles are not served
+    with pytest.raises(dispatch.Unsupported, match=f"got {bq}x{bk}"):
+      flash_mgpu.block_sparse_attention_mgpu(q, k, v, _random_ranges(rng, 1, 2, 128, bk, 3, bq), scale=0.1)
   out, _ = dispatch.call("block_sparse_attention", ("mosaic_gpu", "xla"), q, k, v, layout, scale=0.1)
   ref, _ = block_sparse_reference(q, k, v, layout, scale=0.1)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
@@ -218,35 +228,39 @@ def test_dense_matches_oracle_on_gpu(t, h, kh, d, causal, bk, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,kh,d,bk", [(512, 4, 1, 128, 128), (700, 8, 2, 64, 64), (384, 2, 2, 128, 64)])
-def test_ranges_and_blocks_match_oracle_on_gpu(t, h, kh, d, bk):
+@pytest.mark.parametrize("t,h,kh,d,bq,bk", [
+    (512, 4, 1, 128, 128, 128), (700, 8, 2, 64, 128, 64), (384, 2, 2, 128, 128, 64),
+    (700, 8, 2, 128, 56, 64), (333, 4, 1, 64, 56, 64), (168, 2, 2, 128, 56, 64)])   # split mode
+def test_ranges_and_blocks_match_oracle_on_gpu(t, h, kh, d, bq, bk):
   if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
-  rng = np.random.default_rng(t * 7 + bk)
+  rng = np.random.default_rng(t * 7 + bk + bq)
   b = 2
   q, k, v = _qkv(rng, b, t, t, h, kh, d, "bfloat16")
-  ranges = _random_ranges(rng, b, h, t, bk, 6)
+  ranges = _random_ranges(rng, b, h, t, bk, 6, bq)
   out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5)
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, out_dtype=jnp.float32)
   _close("ranges", out, lse, ref, ref_lse)
-  nq, nk = -(-t // 128), -(-t // bk)
+  nq, nk = -(-t // bq), -(-t // bk)
   blocks = BlockSparse(jnp.asarray(rng.integers(0, 5, (b, h, nq)), jnp.int32),
-                       jnp.asarray(rng.integers(-1, nk + 1, (b, h, nq, 4)), jnp.int32), 128, bk)
+                       jnp.asarray(rng.integers(-1, nk + 1, (b, h, nq, 4)), jnp.int32), bq, bk)
   out, lse = dispatch.call("block_sparse_attention", ("mosaic_gpu",), q, k, v, blocks, scale=d ** -0.5)
   ref, ref_lse = block_sparse_reference(q, k, v, blocks, scale=d ** -0.5, out_dtype=jnp.float32)
   _close("blocks", out, lse, ref, ref_lse)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,h,kh,d,bk,nv,ns", [(1024, 4, 1, 128, 128, 40, 30), (700, 8, 2, 64, 64, 25, 12)])
-def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bk, nv, ns):
+@pytest.mark.parametrize("t,h,kh,d,bq,bk,nv,ns", [
+    (1024, 4, 1, 128, 128, 128, 40, 30), (700, 8, 2, 64, 128, 64, 25, 12),
+    (1024, 4, 1, 128, 56, 64, 40, 30), (999, 8, 2, 64, 56, 64, 70, 12)])    # split mode
+def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bq, bk, nv, ns):
   """Ranges + the ascending shared column list (columns inside ranges counted once), and an
   unsorted list falling through the dispatcher to the Triton kernel."""
   if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(t + nv)
   q, k, v = _qkv(rng, 1, t, t, h, kh, d, "bfloat16")
-  ranges, cols = _vertical_slash(rng, h, t, bk, nv, ns)
+  ranges, cols = _vertical_slash(rng, h, t, bk, nv, ns, bq)
   assert cols.ascending
   out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols)
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols,
@@ -255,6 +269,8 @@ def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bk, nv, 
   unsorted = Columns(cols.count, jnp.flip(cols.index, -1))
   with pytest.raises(dispatch.Unsupported, match="ascending"):
     flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=unsorted)
+  if bq == flash_mgpu.SPLIT_Q:  # Triton tiles are powers of two: 56-row lists are not its calls
+    return
   out, lse = dispatch.call("block_sparse_attention", ("mosaic_gpu", "triton"), q, k, v, ranges,
                            scale=d ** -0.5, columns=unsorted)
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=unsorted,
@@ -299,10 +315,11 @@ def test_running_max_moves_late_on_gpu(growth):
   out, lse = flash_mgpu.flash_attention_mgpu(q, k, v, scale=d ** -0.5, block_k=64)
   ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, out_dtype=jnp.float32)
   _close(f"dense growth={growth}", out, lse, ref, ref_lse)
-  ranges, cols = _vertical_slash(rng, h, t, 64, nv=40, ns=12)
-  out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols)
-  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
-  _close(f"vertical-slash growth={growth}", out, lse, ref, ref_lse)
+  for bq in (flash_mgpu.TILE_Q, flash_mgpu.SPLIT_Q):
+    ranges, cols = _vertical_slash(rng, h, t, 64, nv=40, ns=12, bq=bq)
+    out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols)
+    ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
+    _close(f"vertical-slash {bq} rows, growth={growth}", out, lse, ref, ref_lse)
 
 
 def test_mosaic_gpu_comes_first_and_falls_through():

@@ -24,7 +24,8 @@ ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100",
 ap.add_argument("--parts", nargs="*", default=["all"], choices=VS_PARTS)
 ap.add_argument("--variants", nargs="*", default=["hf,s2,lazy", "hf,s2,eager"],
                 help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager, k64|k128 (block_k), "
-                     "narrow (64-key steps for ranges that fit, with k128)")
+                     "narrow (64-key steps for ranges that fit, with k128), q56 (split mode: 56-row "
+                     "blocks per consumer, block_k 64)")
 ap.add_argument("--dense", action="store_true")
 ap.add_argument("--reps", type=int, default=5)
 args = ap.parse_args()
@@ -41,6 +42,10 @@ def knobs(variant):
   return dict(heads_fastest="tf" not in parts, lazy_max="eager" not in parts,
               stages=next((int(p[1:]) for p in parts if p.startswith("s")), 2),
               block_k=128 if "k128" in parts else 64, narrow="narrow" in parts)
+
+
+def block_q(variant):
+  return flash_mgpu.SPLIT_Q if "q56" in variant.split(",") else 128
 
 
 if args.dense:
@@ -63,9 +68,9 @@ for spec in args.sets:
     vv, ss = vs_subset(vert, sl, part)
     for variant in args.variants:
       kw = knobs(variant)
-      bk = kw["block_k"]
-      build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=128, block_k=bk,
-                                max_ranges=vs_list_sizes(ns, 128, bk)[0], max_cols=max(32, -(-vv.shape[-1] // 32) * 32))
+      bk, bq = kw["block_k"], block_q(variant)
+      build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
+                                max_ranges=vs_list_sizes(ns, bq, bk)[0], max_cols=max(32, -(-vv.shape[-1] // 32) * 32))
 
       def f(q, k, v, vj, sj, build=build, kw=kw):
         lay, cols = build(vj, sj)

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.launch import triton_call
-from lcinfer.pallas_kernels.flash_triton import (SUPPORTED_HEAD_DIMS, _check_block,
+from lcinfer.pallas_kernels.flash_triton import (MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_block,
                                                  _gpu_backend, _next_pow2)
 from lcinfer.pallas_kernels.reference import block_sparse_reference, check_block_sparse_args
 from lcinfer.pallas_kernels.sparse_index import BlockSparse, Columns, canonicalize
@@ -205,8 +205,11 @@ def block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse | KeyRang
   interpret), so that the dispatcher can fall back to "xla" (the reference).
   """
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
-  _check_block("layout.block_q", layout.block_q)
-  _check_block("layout.block_k", layout.block_k)
+  for name in ("block_q", "block_k"):  # the layout's, not knobs: other kernels may serve it (split mode)
+    x = getattr(layout, name)
+    if x < MIN_BLOCK or x & (x - 1):
+      raise dispatch.Unsupported(f"layout.{name} must be a power of two >= {MIN_BLOCK} for the Triton "
+                                 f"block-sparse kernel (Triton tiles), got {x}")
   _check_block("column_chunk", column_chunk)
   d = q_BTHD.shape[-1]
   if d not in SUPPORTED_HEAD_DIMS:

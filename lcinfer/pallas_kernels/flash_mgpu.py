@@ -56,6 +56,7 @@ wgmma: the tests run the kernel compiled on a Hopper GPU; on CPU its lowering is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -64,11 +65,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.flash_mgpu_kernel import ALIGN, HEAD_DIMS, TILE_Q, Geometry, call_kernel
+from lcinfer.pallas_kernels.flash_mgpu_kernel import ALIGN, HEAD_DIMS, SPLIT_Q, TILE_Q, Geometry, call_kernel
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 
-__all__ = ["flash_attention_mgpu", "block_sparse_attention_mgpu", "TILE_Q"]
+__all__ = ["flash_attention_mgpu", "block_sparse_attention_mgpu", "TILE_Q", "SPLIT_Q", "LAYOUT_BLOCKS"]
+
+# (block_q, block_k) of the layouts served: a 128-row tile shared by both consumers, or split mode
+# (each consumer its own 56-row block and 64-key windows).
+LAYOUT_BLOCKS = ((TILE_Q, 64), (TILE_Q, 128), (SPLIT_Q, 64))
 
 
 def _pad_to(x, n, axis):
@@ -94,7 +99,7 @@ def _band(lo, hi, count, s):
   return jnp.where(count > 0, ea, 0), jnp.where(count > 0, eb, 0)
 
 
-def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk):
+def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk, bq=TILE_Q, tp=None):
   """Columns mode: an ascending shared list (Columns.ascending) becomes gathered K/V rows per query
   head (kc, vc [B, Cp, H, D]), per query row the number of list entries it attends (thr
   [B, H, Tp]: those <= the row, within its tile's prefix), a key map of the list (colmap [B, H, Sp])
@@ -102,9 +107,11 @@ def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk):
   columns inside the tile's band (`_band`, list slots [sa, sb)) by the range steps (the column
   steps skip those slots, and whole chunks of them), the others by the column steps; a range
   outside the band that holds one of the tile's columns masks them with colmap (class 2 of the
-  list order below), the band's ranges need no column mask and stay unmasked when whole."""
+  list order below), the band's ranges need no column mask and stay unmasked when whole.
+  A "tile" is a query block of bq rows (split mode: SPLIT_Q); thr covers tp rows."""
   b, sp = k.shape[:2]
-  tp = count.shape[-1] * TILE_Q
+  nq = count.shape[-1]
+  tp = nq * bq if tp is None else tp
   cols = columns.index[:, :, 0, :].astype(jnp.int32)                       # [B, H, n]
   n = cols.shape[-1]
   ccount = jnp.clip(columns.count, 0, n).astype(jnp.int32)                 # [B, H, nq]
@@ -116,7 +123,7 @@ def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk):
   left = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"))
   rows = jnp.arange(tp, dtype=jnp.int32)
   thr = search(flat(srt), jnp.broadcast_to(rows, (b * h, tp))).reshape(b, h, tp)
-  thr = jnp.minimum(thr, ccount[:, :, rows // TILE_Q]).astype(jnp.int32)
+  thr = jnp.minimum(thr, ccount[:, :, jnp.minimum(rows // bq, nq - 1)]).astype(jnp.int32)
   last = jnp.where(ccount > 0, jnp.take_along_axis(srt, jnp.maximum(ccount - 1, 0), axis=-1), -1)
   bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
   colmap = jnp.zeros((b, h, sp), jnp.int32).at[bi, hi_, jnp.where(srt < s, srt, sp)].set(1, mode="drop")
@@ -150,31 +157,58 @@ def _gather_columns(x_BSKD, srt, h):
   return jnp.transpose(x_BSKD[bi, jnp.minimum(srt, s - 1), hi // (h // kh)], (0, 2, 1, 3))
 
 
+def _pad_blocks(n, *xs):
+  """Per-query-block arrays [B, H, nq, ...] padded with zeros (empty blocks) to n blocks."""
+  return [jnp.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2])] + [(0, 0)] * (x.ndim - 3)) for x in xs]
+
+
+def _query_blocks(t: int, split: bool):
+  """(rows per query block of the lists, blocks nq, padded rows tp) for T = t queries."""
+  bq = SPLIT_Q if split else TILE_Q
+  nq = pl.cdiv(t, bq)
+  if split:  # two blocks a tile; the last block's consumer reads (and computes) 8 rows past it
+    nq = pl.cdiv(nq, 2) * 2
+    return bq, nq, nq * bq + ALIGN
+  return bq, nq, nq * bq
+
+
+def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
+  """Ranges mode: the kernel's per-block inputs (meta, lo, hi, thr, colmap, srt; the last three
+  `unread` placeholders without columns; srt None) from any layout + columns."""
+  from lcinfer.pallas_kernels.block_sparse import prepare_ranges
+  bq, nq, tp = _query_blocks(t, split)
+  lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal, align=ALIGN)
+  lo, hi, count, n_whole = _pad_blocks(nq, lo.astype(jnp.int32), hi.astype(jnp.int32), count, n_whole)
+  if columns is None:
+    zero = jnp.zeros_like(count)
+    unread = jnp.zeros((1, 1, 1), jnp.int32)
+    meta = jnp.stack([count, n_whole] + [zero] * 7, axis=-1).astype(jnp.int32)
+    return meta, lo, hi, unread, unread, None
+  cols = dataclasses.replace(cols, count=_pad_blocks(nq, cols.count)[0])
+  return _column_inputs(cols, k, lo, hi, count, n_whole, t=t, s=s, h=h, bk=block_k, bq=bq, tp=tp)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest", "lazy_max",
                                              "narrow"))
 def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, stages, heads_fastest,
          lazy_max=True, narrow=True):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
-  tp = pl.cdiv(t, TILE_Q) * TILE_Q
+  split = layout is not None and layout.block_q == SPLIT_Q
+  _, _, tp = _query_blocks(t, split)
   sp = max(pl.cdiv(s, block_k), 1) * block_k
   g = Geometry(b=b, t_padded=tp, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
-                stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
-                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
-                narrow=narrow and layout is not None and block_k == 128)
+               stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
+               heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
+               narrow=narrow and layout is not None and block_k == 128, split=split)
   q = _pad_to(q_BTHD, tp, 1)
   k, v = _pad_to(k_BSKD, sp, 1), _pad_to(v_BSKD, sp, 1)
   unread = jnp.zeros((1, 1, 1, 1), jnp.int32)
   meta = lo = hi = kc = vc = thr = colmap = unread
   if layout is not None:
-    from lcinfer.pallas_kernels.block_sparse import prepare_ranges
-    lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal, align=ALIGN)
-    lo, hi = lo.astype(jnp.int32), hi.astype(jnp.int32)
-    zero = jnp.zeros_like(count)
-    meta = jnp.stack([count, n_whole] + [zero] * 7, axis=-1).astype(jnp.int32)
+    meta, lo, hi, thr, colmap, srt = _ranges_inputs(layout, columns, k, t=t, s=s, h=h, block_k=block_k,
+                                                    causal=causal, split=split)
     if columns is not None:
-      meta, lo, hi, thr, colmap, srt = _column_inputs(cols, k, lo, hi, count, n_whole, t=t, s=s,
-                                                      h=h, bk=block_k)
       kc, vc = _gather_columns(k, srt, h), _gather_columns(v, srt, h)
   out, lse = call_kernel(g, (q, k, v, meta, lo, hi, kc, vc, thr, colmap))
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
@@ -235,17 +269,17 @@ def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float,
   set: `dispatch.Unsupported`."""
   dispatch.triton_only(column_chunk=column_chunk, num_warps=num_warps, num_stages=num_stages, _poison=_poison)
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
-  # a layout's block_k is the layout's, not a knob: one this kernel lacks falls through (Triton)
-  if layout.block_k not in (64, 128):
-    raise dispatch.Unsupported(f"the Mosaic GPU kernel needs layout.block_k 64 or 128, got {layout.block_k}")
+  # a layout's blocks are the layout's, not knobs: one this kernel lacks falls through (Triton)
+  if (layout.block_q, layout.block_k) not in LAYOUT_BLOCKS:
+    raise dispatch.Unsupported(
+        f"the Mosaic GPU kernel takes layouts of block_q x block_k "
+        f"{', '.join(f'{q}x{k}' for q, k in LAYOUT_BLOCKS)} ({SPLIT_Q}x64: split mode), "
+        f"got {layout.block_q}x{layout.block_k}")
   _check_served(q_BTHD, stages, interpret)
   if columns is not None and not (columns.ascending and columns.index.shape[2] == 1):
     raise dispatch.Unsupported("the Mosaic GPU kernel takes gathered columns as one ascending list "
                                "per head (Columns.ascending, as the vertical-slash builders make); "
                                "the Triton block-sparse kernel serves the others")
-  if layout.block_q != TILE_Q:
-    raise dispatch.Unsupported(f"the Mosaic GPU kernel needs layout.block_q == {TILE_Q}, "
-                               f"got {layout.block_q}")
   return _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=float(scale), causal=bool(causal),
               block_k=layout.block_k, stages=stages, heads_fastest=bool(heads_fastest))
 

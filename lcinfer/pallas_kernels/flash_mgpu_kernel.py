@@ -21,6 +21,8 @@ ROWS_PER_WG = 64   # one wgmma M tile per consumer warpgroup
 TILE_Q = 2 * ROWS_PER_WG
 ALIGN = 8          # K/V tiles are (8, swizzle) tiled: TMA row offsets must be multiples of 8
 NARROW = 64        # narrow steps: a range inside one 8-aligned window of 64 keys, with block_k 128
+SPLIT_Q = 56       # split mode: each consumer owns a query block of 56 rows (computes 64) and its
+                   # own list; any range of 56 + 7 keys at an 8-aligned start fits one 64-key window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +44,26 @@ class Geometry:
   dtype: object
   lazy_max: bool = True  # rescale only when a logit passes the running max by LAZY_TAU (mgpu_inline)
   narrow: bool = False   # block_k 128 ranges: a range that fits a 64-key window takes a 64-key step
+  split: bool = False    # ranges mode, block_q SPLIT_Q, block_k 64: a list and a K/V ring per consumer
 
   @property
   def group(self) -> int:
     return self.h // self.kv_heads
 
   @property
+  def rows(self) -> int:
+    """Query rows a consumer owns (and writes); it computes ROWS_PER_WG."""
+    return SPLIT_Q if self.split else ROWS_PER_WG
+
+  @property
   def n_tiles(self) -> int:
-    return self.t_padded // TILE_Q
+    return self.t_padded // (2 * self.rows)   # split: t_padded = 2 n_tiles SPLIT_Q + 8 (the last
+                                              # block's 8 computed rows past its own)
+
+  @property
+  def n_halves(self) -> int:
+    """Ring slots per stage: split mode gives each consumer its own half."""
+    return 2 if self.split else 1
 
 
 class _Refs(NamedTuple):
@@ -57,7 +71,8 @@ class _Refs(NamedTuple):
   k: object     # [B, Sp, K, D]
   v: object
   meta: object  # [B, H, nq, 9] (ranges mode): ranges, unmasked ranges, column steps, last column,
-                # ranges needing the column map, band slots [sa, sb), skipped chunks [from, to)
+                # ranges needing the column map, band slots [sa, sb), skipped chunks [from, to);
+                # nq: tiles, or in split mode query blocks (two per tile)
   lo: object    # [B, H, nq, M] range starts (ranges mode)
   hi: object
   kc: object    # [B, Cp, H, D] the gathered columns' keys per query head (columns mode)
@@ -74,8 +89,9 @@ def _plgpu():
 
 
 def _stream(g: Geometry, r: _Refs, tile, b, h):
-  """(n_list, n_unmasked, n_column_steps) of a tile's KV stream, int32 scalars: the list (KV blocks
-  or ranges), of which the last n_unmasked need no mask, then chunks of gathered columns."""
+  """(n_list, n_unmasked, n_column_steps) of a tile's (split mode: a query block's) KV stream, int32
+  scalars: the list (KV blocks or ranges), of which the last n_unmasked need no mask, then chunks of
+  gathered columns."""
   if g.ranges:
     n_cols = r.meta[b, h, tile, 2] if g.columns else jnp.int32(0)
     return r.meta[b, h, tile, 0], r.meta[b, h, tile, 1], n_cols
@@ -119,13 +135,25 @@ def _column_chunk(jj, skip_from, skip_to):
   return jnp.where(jj < skip_from, jj, jj + skip_to - skip_from)
 
 
+def _split_steps(g: Geometry, r: _Refs, tile, b, h):
+  """Split mode: the steps both consumers of the tile take (the longer of their two streams; the
+  other idles through the rest, keeping the ping-pong)."""
+  n = [sum(_stream(g, r, 2 * tile + w, b, h)[::2]) for w in (0, 1)]
+  return jnp.maximum(n[0], n[1])
+
+
 def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   plgpu = _plgpu()
   (qo_smem2, k_smem, v_smem, lse_smem2, flags2), (k_full, v_full, q_bar), (k_free, v_free), sched = scoped
   bk, d = g.block_k, g.d
   qo_smem, lse_smem, flags = qo_smem2.at[wg], lse_smem2.at[wg], flags2.at[wg]
-  q_base = tile * TILE_Q + wg * ROWS_PER_WG
-  n_list, n_whole, n_cols = _stream(g, r, tile, b, h)
+  if g.split:  # the consumer's own query block, list and half of each ring slot
+    blk = 2 * tile + wg
+    q_base = pl.multiple_of(blk * SPLIT_Q, ALIGN)
+  else:
+    blk = tile
+    q_base = tile * TILE_Q + wg * ROWS_PER_WG
+  n_list, n_whole, n_cols = _stream(g, r, blk, b, h)
   plgpu.set_max_registers(232, action="increase")
 
   def sync():
@@ -149,9 +177,9 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   if g.columns:
     thr = plgpu.load(r.thr.at[b, h, pl.ds(q_base, ROWS_PER_WG)], layout=row_layout, optimized=False)
     thr_first = r.thr[b, h, q_base]   # rows ascend: the fewest columns of the warpgroup's rows
-    last_col = r.meta[b, h, tile, 3]
-    band_from, band_to = r.meta[b, h, tile, 5], r.meta[b, h, tile, 6]
-    skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
+    last_col = r.meta[b, h, blk, 3]
+    band_from, band_to = r.meta[b, h, blk, 5], r.meta[b, h, blk, 6]
+    skip_from, skip_to = r.meta[b, h, blk, 7], r.meta[b, h, blk, 8]
 
   def key_bias(j, kind, entry, w):
     """Step j's per-key part of the mask as a [bk] bias (0 or -inf; None: no mask) and the
@@ -196,7 +224,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     """One step of w keys (block_k, or NARROW for a narrow step) of the stream."""
     acc, m, l = carry
     col_bias, first = key_bias(j, kind, entry, w)
-    slot = lax.rem(j, jnp.int32(g.stages))
+    slot = lax.rem(j, jnp.int32(g.stages)) * g.n_halves + (wg if g.split else 0)
     k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
     if w != bk:
       k_tile, v_tile = k_smem.at[slot, pl.ds(0, w)], v_smem.at[slot, pl.ds(0, w)]
@@ -235,7 +263,7 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     if kind in ("whole", "columns"):  # the loops run colmasked, masked, whole, columns: no later
       next_entry = entry              # step reads its entry, so no load on these hot loops
     else:  # the next step's entry, a step ahead
-      next_entry = _entry(g, r, n_list - 2 - j, b, h, tile)
+      next_entry = _entry(g, r, n_list - 2 - j, b, h, blk)
     if g.narrow and kind in ("masked", "colmasked"):  # both warpgroups take the same branch
       acc, m, l = lax.cond(_is_narrow(entry), functools.partial(body, j, kind, entry, NARROW),
                            functools.partial(body, j, kind, entry, bk), (acc, m, l))
@@ -245,15 +273,20 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
 
   pl.when(wg == 1)(sync)
   n_masked = n_list - n_whole  # the list runs backwards: its masked entries first
-  carry = (acc, m, l, _entry(g, r, n_list - 1, b, h, tile))
+  carry = (acc, m, l, _entry(g, r, n_list - 1, b, h, blk))
   n_colmasked = jnp.int32(0)
   if g.columns:  # those needing the column map come first
-    n_colmasked = r.meta[b, h, tile, 4]
+    n_colmasked = r.meta[b, h, blk, 4]
     carry = lax.fori_loop(0, n_colmasked, functools.partial(step, kind="colmasked"), carry)
   carry = lax.fori_loop(n_colmasked, n_masked, functools.partial(step, kind="masked"), carry)
   carry = lax.fori_loop(n_masked, n_list, functools.partial(step, kind="whole"), carry)
   if g.columns:
     carry = lax.fori_loop(n_list, n_list + n_cols, functools.partial(step, kind="columns"), carry)
+  if g.split:  # the other consumer's stream is longer: idle steps keep the ping-pong's barrier count
+    @pl.loop(n_list + n_cols, _split_steps(g, r, tile, b, h))
+    def _(j):
+      sync()
+      sync()
   acc, m, l, _ = carry
   pl.when(wg == 0)(sync)
 
@@ -263,8 +296,10 @@ def _consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   qo_smem[...] = acc.astype(g.dtype)
   lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(qo_smem, r.out.at[b, pl.ds(q_base, ROWS_PER_WG), h])
-  plgpu.copy_smem_to_gmem(lse_smem, r.lse.at[b, h, pl.ds(q_base, ROWS_PER_WG)])
+  if g.split:  # the 56 rows of its own block (the 8 past them belong to the next block)
+    qo_smem, lse_smem = qo_smem.at[pl.ds(0, SPLIT_Q)], lse_smem.at[pl.ds(0, SPLIT_Q)]
+  plgpu.copy_smem_to_gmem(qo_smem, r.out.at[b, pl.ds(q_base, g.rows), h])
+  plgpu.copy_smem_to_gmem(lse_smem, r.lse.at[b, h, pl.ds(q_base, g.rows)])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -273,10 +308,9 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
   (_, k_smem, v_smem, _, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
   plgpu.set_max_registers(40, action="decrease")
   kvh = lax.div(h, jnp.int32(g.group))
-  n_list, _, n_cols = _stream(g, r, tile, b, h)
 
-  def load(j, src, rows, w=g.block_k):
-    slot = lax.rem(j, jnp.int32(g.stages))
+  def load(j, half, src, rows, w=g.block_k):
+    slot = lax.rem(j, jnp.int32(g.stages)) * g.n_halves + half
     for x, smem, full, free in ((src[0], k_smem, k_full, k_free), (src[1], v_smem, v_full, v_free)):
       @pl.when(j >= g.stages)
       def _():
@@ -284,24 +318,40 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
       dst = smem.at[slot] if w == g.block_k else smem.at[slot, pl.ds(0, w)]
       plgpu.copy_gmem_to_smem(x.at[rows], dst, full.at[slot])
 
+  def column_load(j, half, blk, n_list):
+    skip_from, skip_to = r.meta[b, h, blk, 7], r.meta[b, h, blk, 8]
+    c0 = pl.multiple_of(_column_chunk(j - n_list, skip_from, skip_to) * g.block_k, g.block_k)
+    load(j, half, (r.kc, r.vc), (b, pl.ds(c0, g.block_k), h))
+
+  if g.split:  # two streams, one per consumer's half of the slots, a step of each in turn
+    streams = [(2 * tile + w,) + _stream(g, r, 2 * tile + w, b, h) for w in (0, 1)]
+
+    @pl.loop(0, _split_steps(g, r, tile, b, h))
+    def _(j):
+      for half, (blk, n_list, _, n_cols) in enumerate(streams):
+        @pl.when(j < n_list)
+        def _():
+          lo = _entry(g, r, n_list - 1 - j, b, h, blk)[0]
+          load(j, half, (r.k, r.v), (b, pl.ds(_window(g, lo), g.block_k), kvh))
+        if g.columns:
+          pl.when((j >= n_list) & (j < n_list + n_cols))(lambda: column_load(j, half, blk, n_list))
+    return
+
+  n_list, _, n_cols = _stream(g, r, tile, b, h)
+
   def list_step(j, entry):
     if not g.narrow:
-      load(j, (r.k, r.v), (b, pl.ds(_window(g, entry[0]), g.block_k), kvh))
+      load(j, 0, (r.k, r.v), (b, pl.ds(_window(g, entry[0]), g.block_k), kvh))
     else:
       for narrow, w in ((True, NARROW), (False, g.block_k)):
         @pl.when(_is_narrow(entry) == narrow)
         def _():
-          load(j, (r.k, r.v), (b, pl.ds(_window(g, entry[0], w), w), kvh), w)
+          load(j, 0, (r.k, r.v), (b, pl.ds(_window(g, entry[0], w), w), kvh), w)
     return _entry(g, r, n_list - 2 - j, b, h, tile)   # a step ahead
   lax.fori_loop(0, n_list, list_step, _entry(g, r, n_list - 1, b, h, tile))
 
   if g.columns:
-    skip_from, skip_to = r.meta[b, h, tile, 7], r.meta[b, h, tile, 8]
-
-    @pl.loop(n_list, n_list + n_cols)
-    def _(j):
-      c0 = pl.multiple_of(_column_chunk(j - n_list, skip_from, skip_to) * g.block_k, g.block_k)
-      load(j, (r.kc, r.vc), (b, pl.ds(c0, g.block_k), h))
+    pl.loop(n_list, n_list + n_cols)(lambda j: column_load(j, 0, tile, n_list))
 
 
 def call_kernel(g: Geometry, args, interpret=None):
@@ -330,16 +380,17 @@ def call_kernel(g: Geometry, args, interpret=None):
     itemsize = jnp.dtype(g.dtype).itemsize
     swz = min(128, d * itemsize)
     transforms = (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
+    slots = g.stages * g.n_halves   # split mode: slot s of stage i is s = 2 i + consumer
     pl.run_scoped(
         scoped,
         (plgpu.SMEM((2, ROWS_PER_WG, d), g.dtype, transforms=transforms),
-         plgpu.SMEM((g.stages, bk, d), g.dtype, transforms=transforms),
-         plgpu.SMEM((g.stages, bk, d), g.dtype, transforms=transforms),
+         plgpu.SMEM((slots, bk, d), g.dtype, transforms=transforms),
+         plgpu.SMEM((slots, bk, d), g.dtype, transforms=transforms),
          plgpu.SMEM((2, ROWS_PER_WG), jnp.float32),
          plgpu.SMEM((2, 2, 4), jnp.int32)),   # per consumer: two sets of per-warp votes (lazy max)
-        (plgpu.Barrier(num_barriers=g.stages), plgpu.Barrier(num_barriers=g.stages),
+        (plgpu.Barrier(num_barriers=slots), plgpu.Barrier(num_barriers=slots),
          plgpu.Barrier(num_barriers=2)),
-        (plgpu.Barrier(num_arrivals=2, num_barriers=g.stages),) * 2,
+        (plgpu.Barrier(num_arrivals=3 - g.n_halves, num_barriers=slots),) * 2,   # freed by its readers
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg",
     )

@@ -166,8 +166,8 @@ def _on_tpu() -> bool:
 
 def _check_blocks(bq, bk, interpret):
   for name, x in (("block_q", bq), ("block_k", bk)):
-    if not isinstance(x, int) or x < 8 or x & (x - 1):
-      raise ValueError(f"{name} must be a power of two >= 8, got {x!r}")
+    if not isinstance(x, int) or x < 8 or x & (x - 1):   # a layout's blocks: other kernels may serve them
+      raise dispatch.Unsupported(f"layout.{name} must be a power of two >= 8 for the TPU kernel, got {x!r}")
     if not interpret and x % 128:
       raise dispatch.Unsupported(f"{name} = {x}: TPU tiles need multiples of 128 (use 128 or more)")
 
