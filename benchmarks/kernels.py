@@ -241,7 +241,7 @@ def vs_density(vert, sl, s) -> float:
 def run_vertical_slash(args, rows, dense_ms_by_kh):
   s, h, d = args.sparse_len, args.heads, 128
   rng = np.random.default_rng(0)
-  for kh in (h, args.gqa_kv_heads):
+  for kh in dict.fromkeys((h, args.gqa_kv_heads)):   # --gqa-kv-heads = --heads: no GQA rows
     ks = jax.random.split(jax.random.key(13 + kh), 3)
     q = rand(ks[0], (1, s, h, d))
     k, v = (rand(kk, (1, s, kh, d)) for kk in ks[1:])
@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     run_dense(args, rows)
   if {"block_sparse", "vertical_slash"} & only:
     dense_ms = {}
-    for kh in (args.heads, args.gqa_kv_heads):
+    for kh in dict.fromkeys((args.heads, args.gqa_kv_heads)):
       r = attempt(rows, f"cudnn dense reference S={args.sparse_len} K={kh}",
                   lambda: {"ms": cudnn_dense_ms(args, args.sparse_len, args.heads, kh)})
       dense_ms[kh] = r.get("ms")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lcinfer.pallas_kernels import dispatch, flash_mgpu
+from lcinfer.pallas_kernels import flash_mgpu_kernel as kern
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
 from lcinfer.pallas_kernels.sparse_index import BlockSparse
@@ -95,18 +96,30 @@ def test_aligned_split_keeps_the_key_set(t, bk, align):
 
 def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.TILE_Q):
   """[B, H, T, S] how often the Hopper kernel's steps count each (row, key), from its inputs, by
-  the kernel's rules: list entries run backwards (column-map ones, masked ones, then whole windows
-  with no mask at all), then the column steps over the chunks outside [skip_from, skip_to).
-  A meta row is a query block of bq rows (a tile, or in split mode one consumer's block)."""
+  the kernel's rules: split mode's shared windows (each block's band keys in them), then list
+  entries backwards (column-map ones, masked ones, then whole windows with no mask at all), then
+  the column steps over the chunks outside [skip_from, skip_to). A meta row is a query block of bq
+  rows (a tile, or in split mode one consumer's block)."""
   meta, lo, hi, thr, colmap, srt = (np.asarray(x) for x in (meta, lo, hi, thr, colmap, srt))
   b, h, nq, _ = meta.shape
   sp = colmap.shape[-1]
   counts = np.zeros((b, h, nq * bq, sp), np.int32)
   win = np.arange(bk)
   for bi, hi_, tile in np.ndindex(b, h, nq):
-    n_list, n_whole, n_steps, last, n_colm, sa, sb, skip_from, skip_to = meta[bi, hi_, tile]
+    fields = meta[bi, hi_, tile]
+    n_list, n_whole, n_steps, last, n_colm = fields[[kern.M_COUNT, kern.M_WHOLE, kern.M_NCOLS, kern.M_LAST,
+                                                     kern.M_COLMASKED]]
+    sa, sb, skip_from, skip_to, ea, eb, at, n_shared = fields[[kern.M_SA, kern.M_SB, kern.M_SKIP_FROM,
+                                                               kern.M_SKIP_TO, kern.M_EA, kern.M_EB,
+                                                               kern.M_SHARED_AT, kern.M_SHARED_N]]
     rows = tile * bq + np.arange(bq)
-    c = counts[bi, hi_, rows]                                       # [128, Sp] view of the tile
+    c = counts[bi, hi_, rows]                                       # [bq, Sp] view of the block
+    for i in range(n_shared):
+      w_lo = at + kern.SHARED * i
+      start = min(w_lo, sp - kern.SHARED)
+      keys = start + np.arange(kern.SHARED)
+      keep = ((keys >= max(w_lo, ea)) & (keys < min(w_lo + kern.SHARED, eb)))[None] & (keys[None] <= rows[:, None])
+      c[:, keys] += keep
     for j in range(n_list):
       e = n_list - 1 - j
       e_lo, e_hi = lo[bi, hi_, tile, e], hi[bi, hi_, tile, e]
@@ -162,9 +175,11 @@ def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
   want = np.asarray(ranges_key_mask(ranges, cols, t, t, causal=True))
   np.testing.assert_array_equal(got, want.astype(np.int32))
   m = np.asarray(meta)
-  band_slots = m[..., 6] - m[..., 5]
+  band_slots = m[..., kern.M_SB] - m[..., kern.M_SA]
   assert band_slots.max() > 0 or near == 0, "the band held no column: the case is not exercised"
-  assert m[..., 4].max() > 0, "no range needed the column map: the case is not exercised"
+  assert m[..., kern.M_COLMASKED].max() > 0, "no range needed the column map: the case is not exercised"
+  if split and near:
+    assert m[..., kern.M_SHARED_N].max() > 0, "no tile shared its band: the case is not exercised"
 
 
 def test_bad_calls_raise_clear_errors():

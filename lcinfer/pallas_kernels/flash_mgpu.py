@@ -43,14 +43,25 @@ A tile's stream:
     slots [sa, sb) (whole chunks of them are not loaded); so the band's ranges stay unmasked when
     whole. A range outside the band that holds one of the tile's columns masks them with a per-head
     map of the list (a [block_k] load; those ranges run first).
+  * split mode (layouts of block_q SPLIT_Q = 56, block_k 64; a tile is two query blocks): each
+    consumer owns one 56-row block (it computes 64 rows: wgmma's M) and its own list, in its own
+    64-key half of every ring slot. A range of at most 56 + 7 keys fits one 8-aligned 64-key window,
+    so a far slash (56 keys per 56 rows, at any offset) costs one 64-key step per consumer, against
+    192 keys per 128 rows in the shared-tile mode (H200, 128K: (30, 800) 8.6x -> 12.0x cuDNN). The
+    two blocks' bands (their near slashes), which overlap but for 56 keys, are walked first in
+    SHARED = 128-key windows that both consumers take, each masking the keys outside its own band
+    (when those windows are no more steps than the longer band's own ranges; `_shared_band`); then
+    each consumer's other ranges and column chunks; the shorter list idles to keep the ping-pong.
+    The slot's full barrier takes two arrivals a phase (two half copies, or one copy and a bare
+    arrival), so that both consumers wait on every phase of every slot.
 Masks are per key where they can be (a [block_k] bias added to S); the per-row part (causal, or a
 column chunk that some rows of the warpgroup do not reach) runs only on the steps that need it,
 under a uniform lax.cond. A range step's (lo, hi) is read a step ahead (a loop carry).
 Lazy maximum (FlashAttention-4's conditional rescaling): the running max m, and with it the
 rescaling of O and the sums, moves only when a logit passes m by LAZY_TAU = 8 (base 2), decided by
 a warpgroup vote (`mgpu_inline.any_above_fn`); P <= 2^8 is exact enough in bf16 and float32.
-A row that sees nothing gets out = 0, lse = -inf. Only bf16 / f16, head_dim 64 or 128, block_q
-128 (two warpgroups of 64 rows) and block_k 64 or 128. Mosaic GPU has no interpret mode for
+A row that sees nothing gets out = 0, lse = -inf. Only bf16 / f16, head_dim 64 or 128, layouts of
+block_q x block_k 128x64, 128x128 or 56x64 (`LAYOUT_BLOCKS`). Mosaic GPU has no interpret mode for
 wgmma: the tests run the kernel compiled on a Hopper GPU; on CPU its lowering is tested.
 """
 
@@ -65,7 +76,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.flash_mgpu_kernel import ALIGN, HEAD_DIMS, SPLIT_Q, TILE_Q, Geometry, call_kernel
+from lcinfer.pallas_kernels.flash_mgpu_kernel import (
+    ALIGN, HEAD_DIMS, M_COLMASKED, M_COUNT, M_EA, M_EB, M_LAST, M_NCOLS, M_SA, M_SB, M_SHARED_AT,
+    M_SHARED_N, M_SKIP_FROM, M_SKIP_TO, M_WHOLE, N_META, SHARED, SPLIT_Q, TILE_Q, Geometry, call_kernel)
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 
@@ -99,23 +112,22 @@ def _band(lo, hi, count, s):
   return jnp.where(count > 0, ea, 0), jnp.where(count > 0, eb, 0)
 
 
-def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk, bq=TILE_Q, tp=None):
+def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp):
   """Columns mode: an ascending shared list (Columns.ascending) becomes gathered K/V rows per query
-  head (kc, vc [B, Cp, H, D]), per query row the number of list entries it attends (thr
-  [B, H, Tp]: those <= the row, within its tile's prefix), a key map of the list (colmap [B, H, Sp])
-  and per tile the meta row of `flash_mgpu_kernel._Refs`. Each key is counted once: the list
-  columns inside the tile's band (`_band`, list slots [sa, sb)) by the range steps (the column
-  steps skip those slots, and whole chunks of them), the others by the column steps; a range
-  outside the band that holds one of the tile's columns masks them with colmap (class 2 of the
-  list order below), the band's ranges need no column mask and stay unmasked when whole.
-  A "tile" is a query block of bq rows (split mode: SPLIT_Q); thr covers tp rows."""
+  head (kc, vc [B, Cp, H, D], from srt), per query row the number of list entries it attends (thr
+  [B, H, Tp]: those <= the row, within its block's prefix), a key map of the list (colmap
+  [B, H, Sp]) and per query block (bq rows) the column fields of the meta row. Each key is counted
+  once: the list columns inside the block's band [ea, eb) (`_band`, list slots [sa, sb)) by the
+  band's steps (the column steps skip those slots, and whole chunks of them), the others by the
+  column steps; a range outside the band that holds one of the block's columns masks them with
+  colmap (`colmasked`, [B, H, nq, M]), the band's ranges need no column mask. Returns (colmasked,
+  (n_steps, last, sa, sb, skip_from, skip_to), thr, colmap, srt)."""
   b, sp = k.shape[:2]
   nq = count.shape[-1]
-  tp = nq * bq if tp is None else tp
   cols = columns.index[:, :, 0, :].astype(jnp.int32)                       # [B, H, n]
   n = cols.shape[-1]
   ccount = jnp.clip(columns.count, 0, n).astype(jnp.int32)                 # [B, H, nq]
-  live = jnp.arange(n) < jnp.max(ccount, axis=-1, keepdims=True)          # entries a tile takes
+  live = jnp.arange(n) < jnp.max(ccount, axis=-1, keepdims=True)          # entries a block takes
   cp = pl.cdiv(n, bk) * bk
   srt = jnp.pad(jnp.where(live, cols, s), ((0, 0), (0, 0), (0, cp - n)), constant_values=s)
   flat = lambda x: x.reshape(b * h, -1)                                   # noqa: E731
@@ -127,27 +139,52 @@ def _column_inputs(columns, k, lo, hi, count, n_whole, *, t, s, h, bk, bq=TILE_Q
   last = jnp.where(ccount > 0, jnp.take_along_axis(srt, jnp.maximum(ccount - 1, 0), axis=-1), -1)
   bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
   colmap = jnp.zeros((b, h, sp), jnp.int32).at[bi, hi_, jnp.where(srt < s, srt, sp)].set(1, mode="drop")
-  ea, eb = _band(lo, hi, count, s)
   sa = jnp.minimum(left(flat(srt), flat(ea)).reshape(ea.shape), ccount)
   sb = jnp.minimum(left(flat(srt), flat(eb)).reshape(eb.shape), ccount)
-  # a range outside the band holding a tile column (in [lo, min(hi, last + 1))) needs colmap
+  # a range outside the band holding a block column (in [lo, min(hi, last + 1))) needs colmap
   n1 = left(flat(srt), flat(lo)).reshape(lo.shape)
   n2 = left(flat(srt), flat(jnp.minimum(hi, last[..., None] + 1))).reshape(lo.shape)
-  slots = jnp.arange(lo.shape[-1])
-  valid = slots < count[..., None]
-  in_band = (lo >= ea[..., None]) & (hi <= eb[..., None])
-  colmasked = valid & (n2 > n1) & ~in_band
-  whole = (slots < n_whole[..., None]) & ~colmasked
-  order = jnp.where(valid, jnp.where(whole, 0, jnp.where(colmasked, 2, 1)), 3)
-  _, lo, hi = lax.sort((order, lo, hi), dimension=lo.ndim - 1, num_keys=1, is_stable=True)
+  valid = jnp.arange(lo.shape[-1]) < count[..., None]
+  colmasked = valid & (n2 > n1) & ~_in_band(lo, hi, ea, eb)
   # column chunks of bk slots: those wholly inside [sa, sb) are skipped
   n_chunks = pl.cdiv(ccount, bk)
   skip_from = pl.cdiv(sa, bk)
   skip_to = jnp.maximum(sb // bk, skip_from)
   n_steps = skip_from + n_chunks - skip_to
-  meta = jnp.stack([count, jnp.sum(whole, axis=-1), n_steps, last, jnp.sum(colmasked, axis=-1), sa, sb,
-                    skip_from, skip_to], axis=-1)
-  return meta.astype(jnp.int32), lo, hi, thr, colmap, srt
+  return colmasked, (n_steps, last, sa, sb, skip_from, skip_to), thr, colmap, srt
+
+
+def _in_band(lo, hi, ea, eb):
+  return (lo >= ea[..., None]) & (hi <= eb[..., None])
+
+
+def _shared_band(lo, hi, count, ea, eb):
+  """Split mode: does a tile's pair of blocks walk its bands in shared SHARED-key windows? Yes when
+  both have one and the windows over their union are no more steps than the longer band's own
+  ranges (the near band of vertical-slash: ~7 windows for 13 ranges); then each block's band
+  ranges leave its list (`drop` [B, H, nq, M]). Returns (drop, first window [B, H, nq], windows)."""
+  valid = jnp.arange(lo.shape[-1]) < count[..., None]
+  in_band = valid & _in_band(lo, hi, ea, eb)
+  has = eb > ea
+  pair = lambda x: x.reshape(x.shape[:2] + (-1, 2))       # noqa: E731 (the tile's two blocks)
+  a = jnp.min(jnp.where(pair(has), pair(ea), jnp.iinfo(jnp.int32).max), axis=-1)
+  at = a - a % ALIGN
+  n = pl.cdiv(jnp.max(jnp.where(pair(has), pair(eb), 0), axis=-1) - at, SHARED)
+  share = jnp.all(pair(has), axis=-1) & (n <= jnp.max(pair(jnp.sum(in_band, axis=-1)), axis=-1))
+  per_block = lambda x: jnp.repeat(jnp.where(share, x, 0), 2, axis=-1)  # noqa: E731
+  return in_band & per_block(share)[..., None], per_block(at), per_block(n)
+
+
+def _classify(lo, hi, count, n_whole, colmasked, drop):
+  """The kernel's list order (it walks lists backwards): unmasked (0), masked (1), masked with the
+  column map (2), then dropped and unused entries (3). Returns (lo, hi, count, n_whole, n_colmasked)."""
+  slots = jnp.arange(lo.shape[-1])
+  keep = (slots < count[..., None]) & ~drop
+  whole = (slots < n_whole[..., None]) & ~colmasked
+  order = jnp.where(keep, jnp.where(whole, 0, jnp.where(colmasked, 2, 1)), 3)
+  _, lo, hi = lax.sort((order, lo, hi), dimension=lo.ndim - 1, num_keys=1, is_stable=True)
+  total = lambda x: jnp.sum(keep & x, axis=-1)   # noqa: E731
+  return lo, hi, total(True), total(whole), total(colmasked)
 
 
 def _gather_columns(x_BSKD, srt, h):
@@ -173,19 +210,33 @@ def _query_blocks(t: int, split: bool):
 
 
 def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
-  """Ranges mode: the kernel's per-block inputs (meta, lo, hi, thr, colmap, srt; the last three
-  `unread` placeholders without columns; srt None) from any layout + columns."""
+  """Ranges mode: the kernel's per-block inputs (meta [B, H, nq, N_META], lo, hi, thr, colmap, srt;
+  without columns thr and colmap are `unread` placeholders and srt None) from any layout + columns."""
   from lcinfer.pallas_kernels.block_sparse import prepare_ranges
   bq, nq, tp = _query_blocks(t, split)
   lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal, align=ALIGN)
   lo, hi, count, n_whole = _pad_blocks(nq, lo.astype(jnp.int32), hi.astype(jnp.int32), count, n_whole)
-  if columns is None:
-    zero = jnp.zeros_like(count)
-    unread = jnp.zeros((1, 1, 1), jnp.int32)
-    meta = jnp.stack([count, n_whole] + [zero] * 7, axis=-1).astype(jnp.int32)
-    return meta, lo, hi, unread, unread, None
-  cols = dataclasses.replace(cols, count=_pad_blocks(nq, cols.count)[0])
-  return _column_inputs(cols, k, lo, hi, count, n_whole, t=t, s=s, h=h, bk=block_k, bq=bq, tp=tp)
+  ea, eb = _band(lo, hi, count, s)
+  zero = jnp.zeros_like(count)
+  drop, at, n_shared = jnp.zeros(lo.shape, bool), zero, zero
+  if split:
+    drop, at, n_shared = _shared_band(lo, hi, count, ea, eb)
+  colmasked = jnp.zeros(lo.shape, bool)
+  col_fields = (zero,) * 6
+  thr = colmap = jnp.zeros((1, 1, 1), jnp.int32)   # unread
+  srt = None
+  if columns is not None:
+    cols = dataclasses.replace(cols, count=_pad_blocks(nq, cols.count)[0])
+    colmasked, col_fields, thr, colmap, srt = _column_inputs(cols, k, lo, hi, count, ea, eb, t=t, s=s, h=h,
+                                                             bk=block_k, bq=bq, tp=tp)
+  lo, hi, count, n_whole, n_colmasked = _classify(lo, hi, count, n_whole, colmasked, drop)
+  n_steps, last, sa, sb, skip_from, skip_to = col_fields
+  fields = [None] * N_META
+  for i, x in ((M_COUNT, count), (M_WHOLE, n_whole), (M_NCOLS, n_steps), (M_LAST, last),
+               (M_COLMASKED, n_colmasked), (M_SA, sa), (M_SB, sb), (M_SKIP_FROM, skip_from),
+               (M_SKIP_TO, skip_to), (M_EA, ea), (M_EB, eb), (M_SHARED_AT, at), (M_SHARED_N, n_shared)):
+    fields[i] = x
+  return jnp.stack(fields, axis=-1).astype(jnp.int32), lo, hi, thr, colmap, srt
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest", "lazy_max",
@@ -197,6 +248,8 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
   split = layout is not None and layout.block_q == SPLIT_Q
   _, _, tp = _query_blocks(t, split)
   sp = max(pl.cdiv(s, block_k), 1) * block_k
+  if split:  # a shared window loads SHARED keys
+    sp = max(sp, SHARED)
   g = Geometry(b=b, t_padded=tp, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
                stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
@@ -263,10 +316,11 @@ def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float,
                                 columns=None, interpret: bool = False, stages: int = 2,
                                 heads_fastest: bool = True, column_chunk=None, num_warps=None,
                                 num_stages=None, _poison=None):
-  """Block-sparse / key-range attention forward on Hopper (BlockSparse or KeyRanges layouts with
-  block_q 128, block_k 64 or 128; columns as one ascending list per head). Returns (out [B, T, H,
-  D], lse [B, T, H] float32). Other layouts and column lists, and the Triton kernel's knobs when
-  set: `dispatch.Unsupported`."""
+  """Block-sparse / key-range attention forward on Hopper (BlockSparse or KeyRanges layouts of
+  block_q x block_k 128x64, 128x128, or 56x64 for split mode, the fastest for vertical-slash sets
+  with far slashes; columns as one ascending list per head). Returns (out [B, T, H, D], lse
+  [B, T, H] float32). Other layouts and column lists, and the Triton kernel's knobs when set:
+  `dispatch.Unsupported`."""
   dispatch.triton_only(column_chunk=column_chunk, num_warps=num_warps, num_stages=num_stages, _poison=_poison)
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
   # a layout's blocks are the layout's, not knobs: one this kernel lacks falls through (Triton)
