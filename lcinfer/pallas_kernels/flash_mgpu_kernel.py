@@ -6,7 +6,6 @@ meta, lo, hi, kc, vc, thr, colmap)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -14,8 +13,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lcinfer.pallas_kernels import mgpu_inline as mi
-from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 HEAD_DIMS = (64, 128)
 ROWS_PER_WG = 64   # one wgmma M tile per consumer warpgroup
