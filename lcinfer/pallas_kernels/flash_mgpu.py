@@ -216,8 +216,10 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
   bq, nq, tp = _query_blocks(t, split)
   lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal, align=ALIGN)
   lo, hi, count, n_whole = _pad_blocks(nq, lo.astype(jnp.int32), hi.astype(jnp.int32), count, n_whole)
-  ea, eb = _band(lo, hi, count, s)
   zero = jnp.zeros_like(count)
+  ea = eb = zero   # the band: only columns and split mode use it (a sort of every list)
+  if split or columns is not None:
+    ea, eb = _band(lo, hi, count, s)
   drop, at, n_shared = jnp.zeros(lo.shape, bool), zero, zero
   if split:
     drop, at, n_shared = _shared_band(lo, hi, count, ea, eb)

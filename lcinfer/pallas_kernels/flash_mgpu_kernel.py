@@ -255,7 +255,7 @@ def call_kernel(g: Geometry, args, interpret=None):
     def scoped(*scoped):
       @pl.when(wg < 2)
       def _():
-        from lcinfer.pallas_kernels.flash_mgpu_consumer import consumer
+        from lcinfer.pallas_kernels.flash_mgpu_consumer import consumer  # it imports this module
         consumer(g, r, scoped, wg, tile, b, h)
 
       @pl.when(wg == 2)
