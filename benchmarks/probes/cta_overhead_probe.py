@@ -22,7 +22,7 @@ ap.add_argument("--heads", type=int, default=32)
 ap.add_argument("--counts", type=int, nargs="*", default=[0, 1, 2, 4, 8, 16])
 ap.add_argument("--modes", nargs="*", default=["128x128", "56x64"])
 ap.add_argument("--reps", type=int, default=5)
-ap.add_argument("--persistent", nargs="*", default=["off"], help="on / off: Geometry.persistent")
+ap.add_argument("--persistent", nargs="*", default=["off"], help="on / off: the persistent kernel")
 args = ap.parse_args()
 s, h, d = args.seq, args.heads, 128
 ks = jax.random.split(jax.random.key(0), 3)
@@ -52,7 +52,7 @@ for mode in args.modes:
     for c in args.counts:
       lay, nq = layout(bq, bk, c)
       n_cta = (nq // 2 if bq == flash_mgpu.SPLIT_Q else nq) * h
-      kw = {"persistent": pers == "on"} if pers == "on" else {}
+      kw = {"persistent": n_sm} if pers == "on" else {}
       f = jax.jit(lambda q, k, v, lay, kw=kw: flash_mgpu._run(q, k, v, lay, None, scale=d ** -0.5, causal=True,
                                                               block_k=bk, stages=2, heads_fastest=True, **kw)[0])
       try:
