@@ -77,8 +77,6 @@ def dense_impls(args, h, d):
       "lcinfer_flash_mgpu": lambda q, k, v: flash_attention_mgpu(q, k, v, scale=scale, causal=True)[0],
       "lcinfer_flash_mgpu_tiles_fastest": lambda q, k, v: flash_attention_mgpu(
           q, k, v, scale=scale, causal=True, heads_fastest=False)[0],
-      "lcinfer_flash_mgpu_persistent": lambda q, k, v: flash_attention_mgpu(
-          q, k, v, scale=scale, causal=True, persistent=True)[0],
       "lcinfer_default": _default_dense(h, d, scale),
   }
   if args.smoke:
@@ -157,14 +155,13 @@ def run_block_sparse(args, rows, dense_ms):
   ks = jax.random.split(jax.random.key(11), 4)
   q, k, v = (rand(kk, (1, s, h, d)) for kk in ks[:3])
   variants = [("triton", 64, 64), ("triton", 128, 64), ("triton", 128, 128), ("mosaic_gpu", 128, 64),
-              ("mosaic_gpu tiles_fastest", 128, 128), ("mosaic_gpu", 128, 128), ("mosaic_gpu stages=3", 128, 64),
-              ("mosaic_gpu persistent", 128, 128)]
+              ("mosaic_gpu tiles_fastest", 128, 128), ("mosaic_gpu", 128, 128), ("mosaic_gpu stages=3", 128, 64)]
   for impl, bq, bk in variants[:1] if args.smoke else variants:
     layout, density = bs_layout(ks[3], s, h, bq, bk, args.keep)
 
     kernel = block_sparse_attention if impl == "triton" else functools.partial(
         block_sparse_attention_mgpu, heads_fastest="tiles_fastest" not in impl,
-        stages=3 if "stages=3" in impl else 2, persistent="persistent" in impl)
+        stages=3 if "stages=3" in impl else 2)
 
     def f(q, k, v, layout, kernel=kernel):
       return kernel(q, k, v, layout, scale=d ** -0.5, interpret=args.smoke)[0]
@@ -255,8 +252,7 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
       vj, sj = jnp.asarray(vert), jnp.asarray(sl)
       variants = [("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
                   ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None),
-                  ("ranges mosaic_gpu", 56, 64, None),   # split mode: 56-row blocks per consumer
-                  ("ranges mosaic_gpu persistent", 128, 128, None), ("ranges mosaic_gpu persistent", 56, 64, None)]
+                  ("ranges mosaic_gpu", 56, 64, None)]   # split mode: 56-row blocks per consumer
       if args.vs_all and kh == h:
         variants += [("ranges", 64, 64, 32), ("ranges", 128, 128, 32),
                      ("aligned blocks", args.vs_block, args.vs_block, 32)]
@@ -275,11 +271,11 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
                                     max_blocks=max_blocks, max_cols=max_cols)
 
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
-              stages=3 if "stages=3" in kind else 2, persistent="persistent" in kind):
+              stages=3 if "stages=3" in kind else 2):
           layout, cols = build(vert, sl)
           if mosaic:
             return block_sparse_attention_mgpu(q, k, v, layout, scale=d ** -0.5, columns=cols,
-                                               stages=stages, persistent=persistent)[0]
+                                               stages=stages)[0]
           return block_sparse_attention(q, k, v, layout, scale=d ** -0.5, columns=cols, column_chunk=chunk,
                                         interpret=args.smoke)[0]
 

@@ -57,11 +57,10 @@ def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bq, bk, dtype):
     layout = _random_ranges(np.random.default_rng(0), 1, h, t, bk, 3, bq)
   if mode == "columns":
     layout, cols = _vertical_slash(np.random.default_rng(0), h, t, bk, bq=bq)
-  for heads_fastest, lazy_max, persistent in ((True, True, 0), (False, True, 0), (True, False, 0),
-                                              (True, True, 3), (False, True, 3)):
+  for heads_fastest, lazy_max in ((True, True), (False, True), (True, False)):
     run = lambda q, k, v, lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=0.1, causal=mode != "full",
                                                      block_k=bk, stages=2, heads_fastest=heads_fastest,
-                                                     lazy_max=lazy_max, persistent=persistent)
+                                                     lazy_max=lazy_max)
     assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
 
 
@@ -194,9 +193,6 @@ def test_bad_calls_raise_clear_errors():
     flash_mgpu.flash_attention_mgpu(q, k[:, :, :, :32], v, scale=0.1)
   with pytest.raises(dispatch.Unsupported, match="interpret"):
     flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1, interpret=True)
-  for bad in (0, -2, 1.5, "yes"):
-    with pytest.raises(ValueError, match="persistent must be"):
-      flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1, persistent=bad)
   if hopper_device() is None:
     with pytest.raises(dispatch.Unsupported, match="Hopper"):
       flash_mgpu.flash_attention_mgpu(q, k, v, scale=0.1)
@@ -295,33 +291,6 @@ def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bq, bk, 
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=unsorted,
                                         out_dtype=jnp.float32)
   _close("unsorted columns via triton", out, lse, ref, ref_lse)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n_ctas", [3, True])
-def test_persistent_kernel_matches_oracle_on_gpu(n_ctas):
-  """The persistent kernel (n_ctas CTAs walking the work items; 3: many items per CTA, of unequal
-  streams, across heads and batch entries): dense causal, ranges at 128x128 and in split mode, and
-  split-mode vertical-slash with columns."""
-  if hopper_device() is None:
-    pytest.skip("needs a Hopper GPU")
-  rng = np.random.default_rng(31)
-  t, h, kh, d = 777, 4, 2, 128
-  q, k, v = _qkv(rng, 2, t, t, h, kh, d, "bfloat16")
-  out, lse = flash_mgpu.flash_attention_mgpu(q, k, v, scale=d ** -0.5, persistent=n_ctas)
-  ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, out_dtype=jnp.float32)
-  _close("persistent dense", out, lse, ref, ref_lse)
-  for bq, bk in ((128, 128), (56, 64)):
-    ranges = _random_ranges(rng, 2, h, t, bk, 6, bq)
-    out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, persistent=n_ctas)
-    ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, out_dtype=jnp.float32)
-    _close(f"persistent ranges {bq}x{bk}", out, lse, ref, ref_lse)
-  q, k, v = (x[:1] for x in (q, k, v))
-  ranges, cols = _vertical_slash(rng, h, t, 64, nv=40, ns=20, bq=56)
-  out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols,
-                                                    persistent=n_ctas)
-  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
-  _close("persistent vertical-slash", out, lse, ref, ref_lse)
 
 
 @pytest.mark.gpu

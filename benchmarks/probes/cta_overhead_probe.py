@@ -22,7 +22,6 @@ ap.add_argument("--heads", type=int, default=32)
 ap.add_argument("--counts", type=int, nargs="*", default=[0, 1, 2, 4, 8, 16])
 ap.add_argument("--modes", nargs="*", default=["128x128", "56x64"])
 ap.add_argument("--reps", type=int, default=5)
-ap.add_argument("--persistent", nargs="*", default=["off"], help="on / off: the persistent kernel")
 args = ap.parse_args()
 s, h, d = args.seq, args.heads, 128
 ks = jax.random.split(jax.random.key(0), 3)
@@ -43,27 +42,21 @@ def layout(bq, bk, c):
   return KeyRanges(count=bc(count), start=bc(lo), end=bc(hi), block_q=bq, block_k=bk), nq
 
 
-print(f"| mode | persistent | c | ms | CTAs | us per CTA-slot |", flush=True)
-print("|---|---|---|---|---|---|", flush=True)
+print("| mode | c | ms | CTAs | us per CTA-slot |", flush=True)
+print("|---|---|---|---|---|", flush=True)
 for mode in args.modes:
   bq, bk = map(int, mode.split("x"))
-  for pers in args.persistent:
-    pts = []
-    for c in args.counts:
-      lay, nq = layout(bq, bk, c)
-      n_cta = (nq // 2 if bq == flash_mgpu.SPLIT_Q else nq) * h
-      kw = {"persistent": n_sm} if pers == "on" else {}
-      f = jax.jit(lambda q, k, v, lay, kw=kw: flash_mgpu._run(q, k, v, lay, None, scale=d ** -0.5, causal=True,
-                                                              block_k=bk, stages=2, heads_fastest=True, **kw)[0])
-      try:
-        ms = bench(f, q, k, v, lay, reps=args.reps)["ms"]
-      except Exception as e:  # noqa: BLE001
-        print(f"| {mode} | {pers} | {c} | failed: {str(e).splitlines()[0][:120]} | | |", flush=True)
-        continue
-      pts.append((c, ms))
-      print(f"| {mode} | {pers} | {c} | {ms:.3f} | {n_cta} | {ms * 1e3 * n_sm / n_cta:.2f} |", flush=True)
-    if len(pts) >= 2:
-      cs, ts = np.array(pts).T
-      slope, icpt = np.polyfit(cs, ts, 1)
-      print(f"fit {mode} persistent={pers}: {slope * 1e3 * n_sm / n_cta:.3f} us per step per SM, "
-            f"{icpt * 1e3 * n_sm / n_cta:.2f} us per CTA at c=0 ({n_sm} SMs)", flush=True)
+  pts = []
+  for c in args.counts:
+    lay, nq = layout(bq, bk, c)
+    n_cta = (nq // 2 if bq == flash_mgpu.SPLIT_Q else nq) * h
+    f = jax.jit(lambda q, k, v, lay, bk=bk: flash_mgpu._run(q, k, v, lay, None, scale=d ** -0.5, causal=True,
+                                                            block_k=bk, stages=2, heads_fastest=True)[0])
+    ms = bench(f, q, k, v, lay, reps=args.reps)["ms"]
+    pts.append((c, ms))
+    print(f"| {mode} | {c} | {ms:.3f} | {n_cta} | {ms * 1e3 * n_sm / n_cta:.2f} |", flush=True)
+  if len(pts) >= 2:
+    cs, ts = np.array(pts).T
+    slope, icpt = np.polyfit(cs, ts, 1)
+    print(f"fit {mode}: {slope * 1e3 * n_sm / n_cta:.3f} us per step per SM, "
+          f"{icpt * 1e3 * n_sm / n_cta:.2f} us per CTA at c=0 ({n_sm} SMs; index inputs included)", flush=True)

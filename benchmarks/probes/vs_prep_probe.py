@@ -1,7 +1,7 @@
 """Probe (Hopper): where a vertical-slash call's time goes outside the kernel. Per set at 128K, H = 32,
 cumulative: the builder (`vertical_slash_to_ranges`), + the kernel's inputs (`flash_mgpu._ranges_inputs`:
 canonical ranges, band, shared windows, column fields), + the gathered column K/V, and the whole call.
-    PYTHONPATH=. python3 benchmarks/probes/vs_prep_probe.py [--blocks 56x64 128x128] [--persistent]"""
+    PYTHONPATH=. python3 benchmarks/probes/vs_prep_probe.py [--blocks 56x64 128x128]"""
 import argparse
 import functools
 import sys
@@ -15,13 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import bench  # noqa: E402
 from kernels import vs_list_sizes, vs_pattern  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
-from lcinfer.pallas_kernels.launch import sm_count  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
 ap.add_argument("--blocks", nargs="*", default=["56x64", "128x128"])
-ap.add_argument("--persistent", action="store_true")
 ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--seq", type=int, default=131072)
 args = ap.parse_args()
@@ -52,7 +50,7 @@ for spec in args.sets:
     def whole(q, k, v, vj, sj):
       lay, cols = build(vj, sj)
       return flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, block_k=bk, stages=2,
-                             heads_fastest=True, persistent=sm_count() if args.persistent else 0)[0]
+                             heads_fastest=True)[0]
     t = [bench(build, vj, sj, reps=args.reps)["ms"],
          bench(functools.partial(inputs, gather=False), q, k, vj, sj, reps=args.reps)["ms"],
          bench(functools.partial(inputs, gather=True), q, k, vj, sj, reps=args.reps)["ms"]]

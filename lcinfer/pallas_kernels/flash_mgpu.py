@@ -79,7 +79,7 @@ from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.flash_mgpu_kernel import (
     ALIGN, HEAD_DIMS, M_COLMASKED, M_COUNT, M_EA, M_EB, M_LAST, M_NCOLS, M_SA, M_SB, M_SHARED_AT,
     M_SHARED_N, M_SKIP_FROM, M_SKIP_TO, M_WHOLE, N_META, SHARED, SPLIT_Q, TILE_Q, Geometry, call_kernel)
-from lcinfer.pallas_kernels.launch import hopper_device, sm_count
+from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 
 __all__ = ["flash_attention_mgpu", "block_sparse_attention_mgpu", "TILE_Q", "SPLIT_Q", "LAYOUT_BLOCKS"]
@@ -242,11 +242,9 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest", "lazy_max",
-                                             "narrow", "persistent"))
+                                             "narrow"))
 def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, stages, heads_fastest,
-         lazy_max=True, narrow=True, persistent=0):
-  """persistent: CTAs of the persistent kernel (an int: True would share jit's cache entry with 1;
-  `_persistent` maps the public knob), 0 for one CTA per work item."""
+         lazy_max=True, narrow=True):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   split = layout is not None and layout.block_q == SPLIT_Q
@@ -258,8 +256,6 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
                stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
                narrow=narrow and layout is not None and block_k == 128, split=split)
-  if persistent:
-    g = dataclasses.replace(g, persistent=min(persistent, g.n_items))
   q = _pad_to(q_BTHD, tp, 1)
   k, v = _pad_to(k_BSKD, sp, 1), _pad_to(v_BSKD, sp, 1)
   unread = jnp.zeros((1, 1, 1, 1), jnp.int32)
@@ -271,16 +267,6 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
       kc, vc = _gather_columns(k, srt, h), _gather_columns(v, srt, h)
   out, lse = call_kernel(g, (q, k, v, meta, lo, hi, kc, vc, thr, colmap))
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
-
-
-def _persistent(persistent) -> int:
-  """The public `persistent` knob (False; True: one CTA per SM; a positive int: that many CTAs, as
-  tests use to give each CTA several work items) as `_run`'s CTA count (0: not persistent)."""
-  if isinstance(persistent, bool):
-    return sm_count() if persistent else 0
-  if isinstance(persistent, int) and persistent > 0:
-    return int(persistent)
-  raise ValueError(f"persistent must be a bool or a positive int (CTAs), got {persistent!r}")
 
 
 def _check_served(q_BTHD, stages: int, interpret: bool) -> None:
@@ -301,8 +287,8 @@ def _check_served(q_BTHD, stages: int, interpret: bool) -> None:
 def flash_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = True,
                          window=None, q_segment_ids=None, kv_segment_ids=None, kv_offset: int = 0,
                          q_lengths=None, kv_lengths=None, block_k: int = 128, stages: int = 2,
-                         heads_fastest: bool = True, persistent: bool = False, interpret: bool = False,
-                         block_q=None, num_warps=None, num_stages=None, _poison=None):
+                         heads_fastest: bool = True, interpret: bool = False, block_q=None, num_warps=None,
+                         num_stages=None, _poison=None):
   """Dense attention forward on Hopper. Returns (out [B, T, H, D], lse [B, T, H] float32).
   Serves causal self-attention (S == T) and full attention; the other mask features raise
   `dispatch.Unsupported` (the Triton kernel serves them), as do the Triton kernel's knobs
@@ -313,7 +299,6 @@ def flash_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool =
                        kv_offset=kv_offset, q_lengths=q_lengths, kv_lengths=kv_lengths)
   if block_k not in (64, 128):
     raise ValueError(f"block_k must be 64 or 128 for the Mosaic GPU kernel, got {block_k!r}")
-  n_ctas = _persistent(persistent)
   _check_served(q_BTHD, stages, interpret)
   extras = dict(window=window, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                 q_lengths=q_lengths, kv_lengths=kv_lengths)
@@ -326,14 +311,13 @@ def flash_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool =
   if causal and s != t:
     raise dispatch.Unsupported(f"causal with S != T (T={t}, S={s}) needs kv_offset: Triton kernel")
   return _run(q_BTHD, k_BSKD, v_BSKD, None, None, scale=float(scale), causal=bool(causal),
-              block_k=block_k, stages=stages, heads_fastest=bool(heads_fastest),
-              persistent=n_ctas)
+              block_k=block_k, stages=stages, heads_fastest=bool(heads_fastest))
 
 
 def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float, causal: bool = True,
                                 columns=None, interpret: bool = False, stages: int = 2,
-                                heads_fastest: bool = True, persistent: bool = False, column_chunk=None,
-                                num_warps=None, num_stages=None, _poison=None):
+                                heads_fastest: bool = True, column_chunk=None, num_warps=None,
+                                num_stages=None, _poison=None):
   """Block-sparse / key-range attention forward on Hopper (BlockSparse or KeyRanges layouts of
   block_q x block_k 128x64, 128x128, or 56x64 for split mode, the fastest for vertical-slash sets
   with far slashes; columns as one ascending list per head). Returns (out [B, T, H, D], lse
@@ -347,15 +331,13 @@ def block_sparse_attention_mgpu(q_BTHD, k_BSKD, v_BSKD, layout, *, scale: float,
         f"the Mosaic GPU kernel takes layouts of block_q x block_k "
         f"{', '.join(f'{q}x{k}' for q, k in LAYOUT_BLOCKS)} ({SPLIT_Q}x64: split mode), "
         f"got {layout.block_q}x{layout.block_k}")
-  n_ctas = _persistent(persistent)
   _check_served(q_BTHD, stages, interpret)
   if columns is not None and not (columns.ascending and columns.index.shape[2] == 1):
     raise dispatch.Unsupported("the Mosaic GPU kernel takes gathered columns as one ascending list "
                                "per head (Columns.ascending, as the vertical-slash builders make); "
                                "the Triton block-sparse kernel serves the others")
   return _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=float(scale), causal=bool(causal),
-              block_k=layout.block_k, stages=stages, heads_fastest=bool(heads_fastest),
-              persistent=n_ctas)
+              block_k=layout.block_k, stages=stages, heads_fastest=bool(heads_fastest))
 
 
 # First in the default order: on a Hopper GPU it is the fastest kernel (benchmarks/results); any

@@ -19,8 +19,7 @@ from lcinfer.pallas_kernels.flash_mgpu_kernel import (
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 
-def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h, jb):
-  """Consumer wg's part of one tile; jb: ring steps taken before it (persistent kernel)."""
+def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   plgpu = _plgpu()
   (qo_smem2, k_smem, v_smem, lse_smem2, flags2), (k_full, v_full, q_bar), (k_free, v_free), sched = scoped
   bk, d = g.block_k, g.d
@@ -36,13 +35,12 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h, jb):
     blk = tile
     q_base = tile * TILE_Q + wg * ROWS_PER_WG
   n_list, n_whole, n_cols = _stream(g, r, blk, b, h)
+  plgpu.set_max_registers(232, action="increase")
 
   def sync():
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
 
-  if g.persistent:  # the previous tile's output store must have read qo_smem
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   plgpu.copy_gmem_to_smem(r.q.at[b, pl.ds(q_base, ROWS_PER_WG), h], qo_smem, q_bar.at[wg])
   plgpu.barrier_wait(q_bar.at[wg])
   wgmma_layout = plgpu.Layout.WGMMA
@@ -128,7 +126,7 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h, jb):
     """One step of w keys (block_k, NARROW for a narrow step, SHARED for a shared window)."""
     acc, m, l = carry
     key_mask = key_bias(j, kind, entry, w)
-    slot = lax.rem(j + jb, jnp.int32(g.stages))
+    slot = lax.rem(j, jnp.int32(g.stages))
     k_tile, v_tile = tiles(slot, kind, w)
     plgpu.barrier_wait(k_full.at[slot])
 
@@ -141,7 +139,7 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h, jb):
     s = masked(kind, s, key_mask, w)
     mx = s.max(axis=1) * c
     if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
-      votes = flags.at[lax.rem(j + jb, 2)]   # two sets: a warp a step ahead never overwrites unread flags
+      votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
       m, acc, l = lax.cond(any_above(mx, m + mi.LAZY_TAU, votes), rescale, lambda a: a[1:],
                            (mx, m, acc, l))
     else:
@@ -176,7 +174,7 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h, jb):
 
   def idle(j):
     """Split mode, the other consumer's list is longer: the step's barriers without the work."""
-    slot = lax.rem(j + jb, jnp.int32(g.stages))
+    slot = lax.rem(j, jnp.int32(g.stages))
     plgpu.barrier_wait(k_full.at[slot])
     sync()
     plgpu.barrier_arrive(k_free.at[slot])
@@ -211,3 +209,4 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h, jb):
     qo_smem, lse_smem = qo_smem.at[pl.ds(0, SPLIT_Q)], lse_smem.at[pl.ds(0, SPLIT_Q)]
   plgpu.copy_smem_to_gmem(qo_smem, r.out.at[b, pl.ds(q_base, g.rows), h])
   plgpu.copy_smem_to_gmem(lse_smem, r.lse.at[b, h, pl.ds(q_base, g.rows)])
+  plgpu.wait_smem_to_gmem(0)

@@ -53,8 +53,6 @@ class Geometry:
   narrow: bool = False   # block_k 128 ranges: a range that fits a 64-key window takes a 64-key step
   split: bool = False    # ranges mode, block_q SPLIT_Q, block_k 64: shared band windows, then a list
                          # per consumer in its half of the slots
-  persistent: int = 0    # > 0: that many CTAs (one per SM), each walking work items (tile, head,
-                         # batch) in the grid's order, strided; 0: one CTA per work item
 
   @property
   def group(self) -> int:
@@ -69,10 +67,6 @@ class Geometry:
   def n_tiles(self) -> int:
     return self.t_padded // (2 * self.rows)   # split: t_padded = 2 n_tiles SPLIT_Q + 8 (the last
                                               # block's 8 computed rows past its own)
-
-  @property
-  def n_items(self) -> int:
-    return self.n_tiles * self.h * self.b
 
   @property
   def slot_rows(self) -> int:
@@ -148,15 +142,6 @@ def _column_chunk(jj, skip_from, skip_to):
   return jnp.where(jj < skip_from, jj, jj + skip_to - skip_from)
 
 
-def tile_steps(g: Geometry, r: _Refs, tile, b, h):
-  """Ring steps of a tile's stream (split mode: shared windows, then the longer own list): the
-  persistent kernel's producer and consumers advance their step count (the ring slot) by it."""
-  if g.split:
-    return sum(split_steps(g, r, tile, b, h)[1:])
-  n_list, _, n_cols = _stream(g, r, tile, b, h)
-  return n_list + n_cols
-
-
 def split_steps(g: Geometry, r: _Refs, tile, b, h):
   """Split mode: (first shared window, shared steps, own steps) of the tile. Both consumers take the
   shared steps, then as many own steps as the longer of their two lists (plus column chunks); the
@@ -174,16 +159,16 @@ def shared_window(g: Geometry, at, n_shared, j):
   return pl.multiple_of(jnp.minimum(lo, jnp.int32(g.s_padded - SHARED)), ALIGN), lo
 
 
-def _producer(g: Geometry, r: _Refs, scoped, tile, b, h, jb):
-  """The producer's part of one tile; jb: ring steps taken before it (persistent kernel)."""
+def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
   plgpu = _plgpu()
   (_, k_smem, v_smem, _, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
+  plgpu.set_max_registers(40, action="decrease")
   kvh = lax.div(h, jnp.int32(g.group))
 
   def load(j, src, rows, w=g.block_k):
-    slot = lax.rem(j + jb, jnp.int32(g.stages))
+    slot = lax.rem(j, jnp.int32(g.stages))
     for x, smem, full, free in ((src[0], k_smem, k_full, k_free), (src[1], v_smem, v_full, v_free)):
-      @pl.when(j + jb >= g.stages)
+      @pl.when(j >= g.stages)
       def _():
         plgpu.barrier_wait(free.at[slot])
       dst = smem.at[slot] if w == g.block_k else smem.at[slot, pl.ds(0, w)]
@@ -194,7 +179,7 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h, jb):
     return pl.multiple_of(_column_chunk(j - n_list, skip_from, skip_to) * g.block_k, g.block_k)
 
   if g.split:
-    _split_producer(g, r, scoped, tile, b, h, jb, kvh, column_rows)
+    _split_producer(g, r, scoped, tile, b, h, kvh, column_rows)
     return
   n_list, _, n_cols = _stream(g, r, tile, b, h)
 
@@ -214,7 +199,7 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h, jb):
                                                                               g.block_k), h)))
 
 
-def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, jb, kvh, column_rows):
+def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows):
   """Split mode: each step fills one slot, by one SHARED-key window (a band step) or by one 64-key
   window per consumer half (its range, or its column chunk). The slot's full barrier takes two
   arrivals a phase: two copies, or a copy and a bare arrival (a shared window, a half with nothing)."""
@@ -226,10 +211,10 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, jb, kvh, column_r
 
   @pl.loop(0, n_shared + n_own)
   def _(j):
-    slot = lax.rem(j + jb, jnp.int32(g.stages))
+    slot = lax.rem(j, jnp.int32(g.stages))
     jl = j - n_shared
     for x, xc, smem, full, free in ring:
-      @pl.when(j + jb >= g.stages)
+      @pl.when(j >= g.stages)
       def _():
         plgpu.barrier_wait(free.at[slot])
 
@@ -253,58 +238,29 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, jb, kvh, column_r
         pl.when((j >= n_shared) & ~in_list & ~in_cols)(lambda: plgpu.barrier_arrive(full.at[slot]))
 
 
-def _work_item(g: Geometry, w):
-  """(tile, batch, head) of work item w, in the grid order (heaviest causal tiles first)."""
-  if g.heads_fastest:
-    h, rest = lax.rem(w, jnp.int32(g.h)), lax.div(w, jnp.int32(g.h))
-    t_idx, b = lax.rem(rest, jnp.int32(g.n_tiles)), lax.div(rest, jnp.int32(g.n_tiles))
-  else:
-    t_idx, rest = lax.rem(w, jnp.int32(g.n_tiles)), lax.div(w, jnp.int32(g.n_tiles))
-    h, b = lax.rem(rest, jnp.int32(g.h)), lax.div(rest, jnp.int32(g.h))
-  return jnp.int32(g.n_tiles - 1) - t_idx, b, h
-
-
-def _walk(g: Geometry, r: _Refs, part):
-  """Runs part(tile, b, h, jb) (a warpgroup's share of a tile) on the CTA's work items: its grid
-  cell, or (persistent) items cta, cta + n, cta + 2n, ... of the n CTAs; jb counts the ring steps
-  of the items before, so that ring slots and barrier phases run on across items."""
-  if not g.persistent:
-    if g.heads_fastest:
-      h, t_idx = lax.axis_index("head"), lax.axis_index("tile")
-    else:
-      t_idx, h = lax.axis_index("tile"), lax.axis_index("head")
-    part(jnp.int32(g.n_tiles - 1) - t_idx, lax.axis_index("batch"), h, jnp.int32(0))
-    return
-  cta = lax.axis_index("cta")
-  n_local = lax.div(jnp.int32(g.n_items - 1) - cta, jnp.int32(g.persistent)) + 1   # cta < n_items
-
-  def item(i, jb):
-    tile, b, h = _work_item(g, cta + i * g.persistent)
-    part(tile, b, h, jb)
-    return jb + tile_steps(g, r, tile, b, h)
-  lax.fori_loop(0, n_local, item, jnp.int32(0))
-
-
 def call_kernel(g: Geometry, args, interpret=None):
   plgpu = _plgpu()
   d = g.d
 
   def body(*refs):
     r = _Refs(*refs)
+    if g.heads_fastest:
+      h, t_idx = lax.axis_index("head"), lax.axis_index("tile")
+    else:
+      t_idx, h = lax.axis_index("tile"), lax.axis_index("head")
+    tile = jnp.int32(g.n_tiles - 1) - t_idx  # heaviest (causal) tiles first
+    b = lax.axis_index("batch")
     wg = lax.axis_index("wg")
 
     def scoped(*scoped):
       @pl.when(wg < 2)
       def _():
         from lcinfer.pallas_kernels.flash_mgpu_consumer import consumer  # it imports this module
-        plgpu.set_max_registers(232, action="increase")
-        _walk(g, r, lambda tile, b, h, jb: consumer(g, r, scoped, wg, tile, b, h, jb))
-        plgpu.wait_smem_to_gmem(0)   # the last tile's output
+        consumer(g, r, scoped, wg, tile, b, h)
 
       @pl.when(wg == 2)
       def _():
-        plgpu.set_max_registers(40, action="decrease")
-        _walk(g, r, lambda tile, b, h, jb: _producer(g, r, scoped, tile, b, h, jb))
+        _producer(g, r, scoped, tile, b, h)
 
     itemsize = jnp.dtype(g.dtype).itemsize
     swz = min(128, d * itemsize)
@@ -329,8 +285,6 @@ def call_kernel(g: Geometry, args, interpret=None):
   grid, names = (g.n_tiles, g.h, g.b), ("tile", "head", "batch")
   if g.heads_fastest:  # the CTAs in flight: a few tiles of every head
     grid, names = (g.h, g.n_tiles, g.b), ("head", "tile", "batch")
-  if g.persistent:
-    grid, names = (g.persistent,), ("cta",)
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names, num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name="lcinfer_flash_mgpu",

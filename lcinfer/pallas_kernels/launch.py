@@ -42,10 +42,3 @@ def hopper_device():
   """The default device if it is a Hopper GPU (sm_90: wgmma, TMA), else None."""
   dev = gpu_device()
   return dev if dev is not None and getattr(dev, "compute_capability", "") == "9.0" else None
-
-
-def sm_count(default: int = 132) -> int:
-  """Streaming multiprocessors of the default GPU (`default`, an H100 SXM's, without one: e.g. when
-  lowering for CUDA on a CPU machine)."""
-  dev = gpu_device()
-  return int(getattr(dev, "core_count", 0) or default) if dev is not None else default
