@@ -1,6 +1,8 @@
 """KeyRanges (pallas_kernels/vertical_slash.py): the MInference-style index built on device, and the
 block-sparse kernel over unaligned ranges, against numpy models and the float32 oracle."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,9 @@ import pytest
 from helpers import assert_matches_oracle
 from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
 from lcinfer.pallas_kernels.reference import block_sparse_reference
-from lcinfer.pallas_kernels.sparse_index import Columns
-from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges
+from lcinfer.pallas_kernels.sparse_index import Columns, stable_partition
+from lcinfer.pallas_kernels.vertical_slash import (KeyRanges, ascending_ranges, canonicalize_ranges,
+                                                   vertical_slash_to_ranges)
 
 NAN = float("nan")
 
@@ -112,6 +115,39 @@ def test_index_equals_brute_force_with_truncation(t, bq, bk, max_ranges):
       # saturated: the list is full, which every block that lost pieces is (and no other block is
       # unless it holds exactly max_ranges)
       assert saturated[0, hh, qb] == (len(whole[qb]) >= max_ranges), (hh, qb)
+
+
+@pytest.mark.parametrize("t,bq,bk,max_ranges,align", [(300, 56, 64, 6, 8), (250, 16, 32, 3, 1), (333, 128, 128, 40, 8),
+                                                      (200, 64, 64, 2, 4)])
+def test_builder_keeps_its_canonical_promise(t, bq, bk, max_ranges, align):
+  """The builder's lists are marked canonical, so the kernels take them without sorting: they must
+  be exactly what the sorting path makes of them (ascending, disjoint, clipped, each piece inside
+  one aligned window: the second halves of the aligned split stay empty), truncated lists and a
+  short last block included; the whole-first order is the same either way."""
+  rng = np.random.default_rng(t + bk)
+  vert, slash = _pattern(rng, 2, 3, t, 9, 12)
+  ranges, cols = vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, bq, bk, max_ranges, 16)
+  assert ranges.canonical and bool(jnp.any(ranges.saturated())) == (max_ranges < 10)
+  sorted_ = dataclasses.replace(ranges, canonical=False)
+  for causal in (True, False):
+    fast, slow = (ascending_ranges(r, cols, t, t, causal, align) for r in (ranges, sorted_))
+    m = ranges.max_ranges
+    np.testing.assert_array_equal(fast[2], slow[2])                                  # counts
+    for f, s in zip((fast[0], fast[1], fast[3]), (slow[0], slow[1], slow[3])):       # lo, hi, whole
+      np.testing.assert_array_equal(f, s[..., :m])
+      assert not np.asarray(s[..., m:]).any()
+    fast, slow = (canonicalize_ranges(r, cols, t, t, causal, align) for r in (ranges, sorted_))
+    for f, s in zip(fast[:4], slow[:4]):
+      np.testing.assert_array_equal(f, s[..., :m] if f.ndim == 4 else s)
+
+
+def test_stable_partition_is_a_stable_sort_by_class():
+  rng = np.random.default_rng(3)
+  cls = rng.integers(0, 4, (5, 7, 33))
+  x = rng.integers(-100, 100, cls.shape)
+  got, = stable_partition(jnp.asarray(cls), jnp.asarray(x))
+  order = np.argsort(cls, axis=-1, kind="stable")
+  np.testing.assert_array_equal(got, np.take_along_axis(x, order, -1))
 
 
 def test_truncation_keeps_the_ranges_nearest_the_diagonal():

@@ -72,7 +72,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
@@ -81,6 +80,8 @@ from lcinfer.pallas_kernels.flash_mgpu_kernel import (
     M_SHARED_N, M_SKIP_FROM, M_SKIP_TO, M_WHOLE, N_META, SHARED, SPLIT_Q, TILE_Q, Geometry, call_kernel)
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
+from lcinfer.pallas_kernels.sparse_index import stable_partition
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, ascending_ranges
 
 __all__ = ["flash_attention_mgpu", "block_sparse_attention_mgpu", "TILE_Q", "SPLIT_Q", "LAYOUT_BLOCKS"]
 
@@ -97,18 +98,17 @@ def _pad_to(x, n, axis):
   return jnp.pad(x, pads)
 
 
-def _band(lo, hi, count, s):
-  """Per query tile, the key interval [ea, eb) of its run of touching ranges that ends at its
-  highest range (for vertical-slash tiles: the near band up to the diagonal); empty without ranges.
-  lo, hi [..., M] canonical (disjoint, the first `count` valid, in any order)."""
+def _band(lo, hi, count):
+  """Per query block, the key interval [ea, eb) of its run of touching ranges that ends at its
+  highest range (for vertical-slash blocks: the near band up to the diagonal); empty without ranges.
+  lo, hi [..., M] canonical and ascending (the first `count` valid)."""
   valid = jnp.arange(lo.shape[-1]) < count[..., None]
-  lo_s, hi_s = lax.sort((jnp.where(valid, lo, s), jnp.where(valid, hi, s)), dimension=lo.ndim - 1, num_keys=1)
   slots = jnp.arange(lo.shape[-1])
-  touches = jnp.concatenate([jnp.zeros_like(valid[..., :1]), lo_s[..., 1:] == hi_s[..., :-1]], axis=-1)
+  touches = jnp.concatenate([jnp.zeros_like(valid[..., :1]), lo[..., 1:] == hi[..., :-1]], axis=-1)
   first = jnp.max(jnp.where(valid & ~touches, slots, 0), axis=-1, keepdims=True)   # the run's first slot
   last = jnp.maximum(count - 1, 0)[..., None]
-  ea = jnp.take_along_axis(lo_s, first, axis=-1)[..., 0]
-  eb = jnp.take_along_axis(hi_s, last, axis=-1)[..., 0]
+  ea = jnp.take_along_axis(lo, first, axis=-1)[..., 0]
+  eb = jnp.take_along_axis(hi, last, axis=-1)[..., 0]
   return jnp.where(count > 0, ea, 0), jnp.where(count > 0, eb, 0)
 
 
@@ -130,20 +130,20 @@ def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp):
   live = jnp.arange(n) < jnp.max(ccount, axis=-1, keepdims=True)          # entries a block takes
   cp = pl.cdiv(n, bk) * bk
   srt = jnp.pad(jnp.where(live, cols, s), ((0, 0), (0, 0), (0, cp - n)), constant_values=s)
-  flat = lambda x: x.reshape(b * h, -1)                                   # noqa: E731
-  search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="right"))
-  left = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="left"))
-  rows = jnp.arange(tp, dtype=jnp.int32)
-  thr = search(flat(srt), jnp.broadcast_to(rows, (b * h, tp))).reshape(b, h, tp)
-  thr = jnp.minimum(thr, ccount[:, :, jnp.minimum(rows // bq, nq - 1)]).astype(jnp.int32)
-  last = jnp.where(ccount > 0, jnp.take_along_axis(srt, jnp.maximum(ccount - 1, 0), axis=-1), -1)
   bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
   colmap = jnp.zeros((b, h, sp), jnp.int32).at[bi, hi_, jnp.where(srt < s, srt, sp)].set(1, mode="drop")
-  sa = jnp.minimum(left(flat(srt), flat(ea)).reshape(ea.shape), ccount)
-  sb = jnp.minimum(left(flat(srt), flat(eb)).reshape(eb.shape), ccount)
+  # below[x]: list entries < x, a prefix sum of the map (the list is ascending and distinct), so that
+  # every count below is a gather, not a binary search per element
+  below = jnp.pad(jnp.cumsum(colmap, axis=-1, dtype=jnp.int32), ((0, 0), (0, 0), (1, 0)))
+  at = lambda x: jnp.take_along_axis(                                     # noqa: E731
+      below, jnp.clip(x, 0, sp).reshape(b, h, -1), axis=-1).reshape(x.shape)
+  rows = jnp.arange(tp, dtype=jnp.int32)
+  thr = at(jnp.broadcast_to(rows + 1, (b, h, tp)))                        # entries <= the row
+  thr = jnp.minimum(thr, ccount[:, :, jnp.minimum(rows // bq, nq - 1)]).astype(jnp.int32)
+  last = jnp.where(ccount > 0, jnp.take_along_axis(srt, jnp.maximum(ccount - 1, 0), axis=-1), -1)
+  sa, sb = jnp.minimum(at(ea), ccount), jnp.minimum(at(eb), ccount)
   # a range outside the band holding a block column (in [lo, min(hi, last + 1))) needs colmap
-  n1 = left(flat(srt), flat(lo)).reshape(lo.shape)
-  n2 = left(flat(srt), flat(jnp.minimum(hi, last[..., None] + 1))).reshape(lo.shape)
+  n1, n2 = at(lo), at(jnp.minimum(hi, last[..., None] + 1))
   valid = jnp.arange(lo.shape[-1]) < count[..., None]
   colmasked = valid & (n2 > n1) & ~_in_band(lo, hi, ea, eb)
   # column chunks of bk slots: those wholly inside [sa, sb) are skipped
@@ -175,14 +175,15 @@ def _shared_band(lo, hi, count, ea, eb):
   return in_band & per_block(share)[..., None], per_block(at), per_block(n)
 
 
-def _classify(lo, hi, count, n_whole, colmasked, drop):
+def _classify(lo, hi, count, whole, colmasked, drop):
   """The kernel's list order (it walks lists backwards): unmasked (0), masked (1), masked with the
-  column map (2), then dropped and unused entries (3). Returns (lo, hi, count, n_whole, n_colmasked)."""
+  column map (2), then dropped and unused entries (3); whole [..., M]: entries every row sees whole.
+  Returns (lo, hi, count, n_whole, n_colmasked)."""
   slots = jnp.arange(lo.shape[-1])
   keep = (slots < count[..., None]) & ~drop
-  whole = (slots < n_whole[..., None]) & ~colmasked
+  whole = whole & ~colmasked
   order = jnp.where(keep, jnp.where(whole, 0, jnp.where(colmasked, 2, 1)), 3)
-  _, lo, hi = lax.sort((order, lo, hi), dimension=lo.ndim - 1, num_keys=1, is_stable=True)
+  lo, hi = stable_partition(order, lo, hi)
   total = lambda x: jnp.sum(keep & x, axis=-1)   # noqa: E731
   return lo, hi, total(True), total(whole), total(colmasked)
 
@@ -214,12 +215,16 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
   without columns thr and colmap are `unread` placeholders and srt None) from any layout + columns."""
   from lcinfer.pallas_kernels.block_sparse import prepare_ranges
   bq, nq, tp = _query_blocks(t, split)
-  lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal, align=ALIGN)
-  lo, hi, count, n_whole = _pad_blocks(nq, lo.astype(jnp.int32), hi.astype(jnp.int32), count, n_whole)
+  if isinstance(layout, KeyRanges):   # ascending (the builders' lists: as they are, no sort)
+    lo, hi, count, whole, cols = ascending_ranges(layout, columns, t, s, causal, align=ALIGN)
+  else:                               # ascending blocks, the whole ones a prefix
+    lo, hi, count, n_whole, cols = prepare_ranges(layout, columns, t, s, causal)
+    whole = jnp.arange(lo.shape[-1]) < n_whole[..., None]
+  lo, hi, count, whole = _pad_blocks(nq, lo.astype(jnp.int32), hi.astype(jnp.int32), count, whole)
   zero = jnp.zeros_like(count)
-  ea = eb = zero   # the band: only columns and split mode use it (a sort of every list)
+  ea = eb = zero   # the band: only columns and split mode use it
   if split or columns is not None:
-    ea, eb = _band(lo, hi, count, s)
+    ea, eb = _band(lo, hi, count)
   drop, at, n_shared = jnp.zeros(lo.shape, bool), zero, zero
   if split:
     drop, at, n_shared = _shared_band(lo, hi, count, ea, eb)
@@ -231,7 +236,7 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
     cols = dataclasses.replace(cols, count=_pad_blocks(nq, cols.count)[0])
     colmasked, col_fields, thr, colmap, srt = _column_inputs(cols, k, lo, hi, count, ea, eb, t=t, s=s, h=h,
                                                              bk=block_k, bq=bq, tp=tp)
-  lo, hi, count, n_whole, n_colmasked = _classify(lo, hi, count, n_whole, colmasked, drop)
+  lo, hi, count, n_whole, n_colmasked = _classify(lo, hi, count, whole, colmasked, drop)
   n_steps, last, sa, sb, skip_from, skip_to = col_fields
   fields = [None] * N_META
   for i, x in ((M_COUNT, count), (M_WHOLE, n_whole), (M_NCOLS, n_steps), (M_LAST, last),

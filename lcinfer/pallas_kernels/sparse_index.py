@@ -139,6 +139,17 @@ def canonicalize(layout: BlockSparse, columns: Columns | None, t: int, s: int, c
   return new_layout, canonical_columns(columns, last, s, causal)
 
 
+def stable_partition(cls, *xs):
+  """xs [..., M] reordered along the last axis by class cls [..., M] (small ints >= 0, order kept
+  within a class): one sort of single int32 keys class * M + slot, then a gather per array. A
+  stable multi-operand sort of the lists themselves costs ~5x more (CPU, measured). Returns the
+  reordered xs (a list)."""
+  m = cls.shape[-1]
+  key = lax.sort(cls.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32), dimension=cls.ndim - 1)
+  slot = lax.rem(key, jnp.int32(m))
+  return [jnp.take_along_axis(x, slot, axis=-1) for x in xs]
+
+
 def canonical_columns(columns: Columns, last, s: int, causal: bool) -> Columns:
   """The kernel's column form, same key sets. A per-query-block list ([B, H, nq, n]) is sorted,
   duplicate-free and in [0, s), its count causally clipped at the block's last row `last` [nq, 1].

@@ -30,7 +30,8 @@ from jax import lax
 
 from lcinfer.pallas_kernels.sparse_index import (Columns, _check_int, _last_q_row, canonical_columns,
                                                  merge_into_pieces, shared_vertical_columns,
-                                                 sorted_slash_offsets, check_vertical_slash_args)
+                                                 sorted_slash_offsets, check_vertical_slash_args,
+                                                 stable_partition)
 
 
 PIECE_ALIGN = 8  # pieces of a run are cut at multiples of 8 keys: TMA loads of tiled (8-row) tiles
@@ -45,6 +46,11 @@ class KeyRanges:
   end: jax.Array     # [B, H, nq, max_ranges] int32
   block_q: int = dataclasses.field(metadata=dict(static=True), default=64)
   block_k: int = dataclasses.field(metadata=dict(static=True), default=64)
+  # True promises that every list is already the kernels' form: ascending, disjoint, non-empty
+  # ranges in [0, S), none starting above the block's last row, each inside one PIECE_ALIGN-aligned
+  # window of block_k keys. The builder sets it (its pieces are made so); the kernels' input
+  # preparation then takes the lists as they are instead of sorting them. False for anything else.
+  canonical: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
   @property
   def max_ranges(self) -> int:
@@ -94,44 +100,56 @@ def ranges_key_mask(ranges: KeyRanges, columns: Columns | None, t: int, s: int, 
   return mask
 
 
-def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool,
-                        align: int = 1):
-  """The kernel's form, same key set: (lo, hi, count, n_whole, columns) with ranges clipped, sorted,
-  disjoint (each minus what earlier ones cover), empty ones dropped, and ordered so that the n_whole
-  ranges every row of the query block sees whole (block_k keys at or before its first row) come
-  first; columns as `sparse_index.canonical_columns` (the kernel masks those inside a range).
-  align > 1: each range is first split at the end of its `align`-aligned window of block_k keys
-  [lo - lo % align, + block_k), so that every range lies in one such window (lists twice as long;
-  the builders' pieces already do, so the second halves are empty and dropped). Cost: sorts of each
-  list."""
+def ascending_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool,
+                     align: int = 1):
+  """The kernels' form, same key set, in ascending order: (lo, hi [B, H, nq, M'], count, whole
+  [B, H, nq, M'] bool, columns) with ranges clipped, sorted, disjoint (each minus what earlier ones
+  cover), empty ones dropped (entries past count are 0); `whole` marks the ranges every row of the
+  query block sees whole (block_k keys at or before its first row); columns as
+  `sparse_index.canonical_columns` (the kernel masks those inside a range). align > 1: each range
+  is first split at the end of its `align`-aligned window of block_k keys [lo - lo % align,
+  + block_k), so that every range lies in one such window (M' = 2M; the builders' pieces already
+  do, so the second halves are empty). Cost: two sorts of each list, none when `ranges.canonical`
+  (and align divides PIECE_ALIGN): such lists are taken as they are (M' = M)."""
   bq, bk = ranges.block_q, ranges.block_k
   nq = ranges.count.shape[-1]
   last = _last_q_row(nq, bq, t)[:, None]
   first = (jnp.arange(nq, dtype=jnp.int32) * bq)[:, None]
-  lo, hi, ok = _clipped(ranges, s)
-  if align > 1:
-    cut = jnp.minimum(lo - lo % align + bk, hi)
-    lo, hi, ok = (jnp.concatenate(x, axis=-1) for x in ((lo, cut), (cut, hi), (ok, ok)))
-  ok = ok & (lo < hi)
-  if causal:
-    ok = ok & (lo <= last)
-  lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
-  prev = lax.cummax(hi, axis=hi.ndim - 1)
-  prev = jnp.concatenate([jnp.zeros_like(prev[..., :1]), prev[..., :-1]], axis=-1)
-  lo = jnp.maximum(lo, prev)                                   # minus what earlier ranges cover
-  ok = lo < hi
-  count = jnp.sum(ok, axis=-1).astype(jnp.int32)
-  lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
+  if ranges.canonical and PIECE_ALIGN % align == 0:
+    lo, hi = ranges.start.astype(jnp.int32), ranges.end.astype(jnp.int32)
+    count = jnp.clip(ranges.count, 0, lo.shape[-1]).astype(jnp.int32)
+  else:
+    lo, hi, ok = _clipped(ranges, s)
+    if align > 1:
+      cut = jnp.minimum(lo - lo % align + bk, hi)
+      lo, hi, ok = (jnp.concatenate(x, axis=-1) for x in ((lo, cut), (cut, hi), (ok, ok)))
+    ok = ok & (lo < hi)
+    if causal:
+      ok = ok & (lo <= last)
+    lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
+    prev = lax.cummax(hi, axis=hi.ndim - 1)
+    prev = jnp.concatenate([jnp.zeros_like(prev[..., :1]), prev[..., :-1]], axis=-1)
+    lo = jnp.maximum(lo, prev)                                   # minus what earlier ranges cover
+    ok = lo < hi
+    count = jnp.sum(ok, axis=-1).astype(jnp.int32)
+    lo, hi = lax.sort((jnp.where(ok, lo, s), jnp.where(ok, hi, s)), dimension=lo.ndim - 1, num_keys=1)
   new_cols = None if columns is None else canonical_columns(columns, last, s, causal)
   valid = jnp.arange(lo.shape[-1]) < count[..., None]
+  lo, hi = jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)
   whole = valid & (hi - lo == bk)
   if causal:
     whole = whole & (hi - 1 <= first)
-  key = jnp.where(whole, 0, jnp.where(valid, 1, 2))
-  _, lo, hi = lax.sort((key, lo, hi), dimension=lo.ndim - 1, num_keys=1, is_stable=True)
+  return lo, hi, count, whole, new_cols
+
+
+def canonicalize_ranges(ranges: KeyRanges, columns: Columns | None, t: int, s: int, causal: bool,
+                        align: int = 1):
+  """`ascending_ranges`, reordered so that the n_whole ranges every row of the query block sees
+  whole come first (each part still ascending): (lo, hi, count, n_whole, columns)."""
+  lo, hi, count, whole, new_cols = ascending_ranges(ranges, columns, t, s, causal, align)
   valid = jnp.arange(lo.shape[-1]) < count[..., None]
-  return (jnp.where(valid, lo, 0), jnp.where(valid, hi, 0), count,
-          jnp.sum(whole, axis=-1).astype(jnp.int32), new_cols)
+  lo, hi = stable_partition(jnp.where(whole, 0, jnp.where(valid, 1, 2)), lo, hi)
+  return lo, hi, count, jnp.sum(whole, axis=-1).astype(jnp.int32), new_cols
 
 
 def _offset_runs(o_desc, gap: int, n_runs: int, invalid: int):
@@ -208,6 +226,6 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
     parts.append(merge_into_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk,
                                    max_ranges, PIECE_ALIGN))
   count, start, stop = (jnp.concatenate(x, axis=2) for x in zip(*parts))
-  ranges = KeyRanges(count, start, stop, block_q, block_k)
+  ranges = KeyRanges(count, start, stop, block_q, block_k, canonical=True)   # merge_into_pieces' pieces
   return ranges, shared_vertical_columns(vertical_idx, t, q1, max_cols)
 
