@@ -240,9 +240,13 @@ def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1):
   end = jnp.cumsum(pieces, axis=-1)
   total = end[..., -1:]
   count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
-  rank = jnp.maximum(total - max_ranges, 0) + jnp.arange(max_ranges, dtype=jnp.int32)
-  seg = jax.vmap(lambda e, r: jnp.searchsorted(e, r, side="right"))(
-      end.reshape(-1, end.shape[-1]), rank.reshape(-1, max_ranges)).reshape(rank.shape)
+  skipped = jnp.maximum(total - max_ranges, 0)                # the lowest pieces, dropped
+  rank = skipped + jnp.arange(max_ranges, dtype=jnp.int32)
+  # seg[r]: the entry whose run holds piece rank[r] = how many runs end (cumulative pieces) at or
+  # before it: a histogram of the ends, then a prefix sum (no binary search per piece)
+  ends = jnp.clip(end - skipped, -1, max_ranges).reshape(-1, end.shape[-1]) + 1
+  hist = jax.vmap(lambda e: jnp.zeros(max_ranges + 2, jnp.int32).at[e].add(1))(ends)
+  seg = jnp.cumsum(hist, axis=-1)[:, 1:max_ranges + 1].reshape(rank.shape)
   seg = jnp.minimum(seg, lo.shape[-1] - 1)
   first_piece = jnp.take_along_axis(end - pieces, seg, axis=-1)
   window = jnp.take_along_axis(run_al, seg, axis=-1) + (rank - first_piece) * bk
