@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call made of steps, run in the order given (each under its own time limit, so that a
+# hang cannot eat the rest; the call's output tail keeps the tables). Usage (the device tool):
+#   bash benchmarks/probes/device_call.sh STEP...
+# Steps:
+#   tests[=EXPR]     gpu tests of the Hopper kernels (flash_mgpu, decode_quant_mgpu), pytest -k EXPR
+#   vs[=VARIANTS]    vertical-slash benchmark, H = 32 (default: both Hopper layouts, 56x64 and 128x128)
+#   kernels=SECTIONS benchmarks/kernels.py --only SECTIONS (e.g. dense / block_sparse / copy,decode),
+#                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
+#   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
+#   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
+# Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+tables() { grep -E "^\||^fit|rror" | grep -vE "^\|---" | tail -"$1"; }
+for step in "$@"; do
+  name=${step%%=*}; arg=""; [[ $step == *=* ]] && arg=${step#*=}
+  echo "== $step"
+  case $name in
+    tests) timeout 300 python3 -m pytest -q -m gpu tests/test_flash_mgpu.py tests/test_decode_quant_mgpu.py \
+             ${arg:+-k "$arg"} -p timeout --timeout 120 --timeout-method=thread -rf 2>&1 | tail -6 \
+             | tee -a "$out/tests.log" ;;
+    vs) timeout 200 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
+          --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x128}" 2>&1 | tables 12 ;;
+    kernels) timeout 240 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
+    prep) timeout 150 python3 benchmarks/probes/vs_prep_probe.py 2>&1 | tables 12 ;;
+    cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
+    *) echo "unknown step: $step (tests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta)"; exit 2 ;;
+  esac
+done
