@@ -28,12 +28,12 @@ A tile's stream:
     clipped; those that every row of the tile sees whole need no mask), each split to lie in one
     8-aligned window of block_k keys (the tiled shared-memory layout needs TMA row offsets that are
     multiples of 8; the vertical-slash builder cuts its pieces that way and marks its lists
-    canonical, so they are taken without any sort); the window is loaded, keys outside [lo, hi) and above the diagonal masked. With
-    block_k 128, a range that fits the 8-aligned 64-key window at its start takes a narrow step
-    (a 64-row TMA into the slot, [64, 64] products): a far slash spans 128 keys at an unaligned
-    offset, one 128-key step plus a narrow one for its last < 8 keys, where two full steps were
-    needed (measured on the H100: 5-9% faster on every vertical-slash set than either 128x64 or
-    128x128 without narrow steps);
+    canonical, so they are taken without any sort); the window is loaded, keys outside [lo, hi)
+    and above the diagonal masked. With block_k 128, a range that fits the 8-aligned 64-key
+    window at its start takes a narrow step (a 64-row TMA into the slot, [64, 64] products): a far
+    slash spans 128 keys at an unaligned offset, one 128-key step plus a narrow one for its last
+    < 8 keys, where two full steps were needed (measured on the H100: 5-9% faster on every
+    vertical-slash set than either 128x64 or 128x128 without narrow steps);
   * then, with gathered columns (one ascending list per head, MInference's verticals), chunks of
     block_k of them: their K/V rows gathered per query head beforehand (contiguous, so TMA loads
     them like any block), row i attending the first thr[i] of the list (those <= i within the
