@@ -228,6 +228,10 @@ def test_bad_ranges_raise():
                 jnp.zeros((1, 2, 2, 3), jnp.int32), 16, 16)
   with pytest.raises(ValueError, match="ranges.start must be an integer array"):
     block_sparse_attention(q, q, q, r, scale=0.1, interpret=True)
+  r = KeyRanges(jnp.ones((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 3), jnp.int32),
+                jnp.ones((1, 2, 2, 3), jnp.int32), 16, 16, canonical="yes")
+  with pytest.raises(ValueError, match="ranges.canonical must be a static bool"):
+    block_sparse_attention(q, q, q, r, scale=0.1, interpret=True)
   with pytest.raises(ValueError, match="max_ranges must be a static int"):
     vertical_slash_to_ranges(jnp.ones((1, 1, 2), jnp.int32), jnp.ones((1, 1, 2), jnp.int32), 64, 16, 16, 0, 4)
 

@@ -69,6 +69,8 @@ def check_ranges(ranges: KeyRanges, b: int, h: int, t: int) -> None:
     v = getattr(ranges, name)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
       raise ValueError(f"ranges.{name} must be a positive static int, got {v!r}")
+  if not isinstance(ranges.canonical, bool):
+    raise ValueError(f"ranges.canonical must be a static bool, got {ranges.canonical!r}")
   nq = -(-t // ranges.block_q)
   _check_int("ranges.count", ranges.count, (b, h, nq))
   if ranges.start.ndim != 4:
