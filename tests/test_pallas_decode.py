@@ -184,7 +184,7 @@ def test_kernel_gpu_default_config_long():
 
 # -- dispatcher and errors ------------------------------------------------------------------------
 def test_dispatch_registered_and_falls_back():
-  assert dispatch.implementations("decode_attention")[:2] == ("triton", "xla")
+  assert dispatch.implementations("decode_attention") == ("triton", "tpu", "xla")
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((1, 1, 2, 32)), jnp.float32)  # head_dim 32: not in the kernel
   k = jnp.asarray(rng.standard_normal((1, 1, 9, 32)), jnp.float32)
@@ -247,13 +247,13 @@ def test_method_registration_and_supports():
   assert "head_dim" in FlashDecode(interpret=True).supports(tiny_llm().config, None, "decode")  # head_dim 16
 
 
-def _model_decode_matches_dense(interpret):
+def _model_decode_matches_dense(interpret, impls=("triton",)):
   llm = tiny_llm(num_attention_heads=4, num_key_value_heads=2, hidden_size=256)
   assert llm.config.head_dim == 64
   rng = np.random.default_rng(0)
   toks = np.asarray(rng.integers(3, 128, (2, 21)), np.int32)
   lens = np.array([21, 13])
-  method = FlashDecode(interpret=interpret, implementations=("triton",), num_splits=2, block_k=16)
+  method = FlashDecode(interpret=interpret, implementations=impls, num_splits=2, block_k=16)
   caches = []
   for _ in range(2):
     cache = llm.init_cache(2, 48)
@@ -272,6 +272,11 @@ def _model_decode_matches_dense(interpret):
 
 def test_method_in_tiny_model_matches_dense():
   _model_decode_matches_dense(interpret=True)
+
+
+def test_method_in_tiny_model_matches_dense_on_the_tpu_kernel():
+  """The method through the TPU flash-decoding kernel (TPU interpret mode)."""
+  _model_decode_matches_dense(interpret=True, impls=("tpu",))
 
 
 @pytest.mark.gpu

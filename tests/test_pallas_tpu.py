@@ -113,3 +113,54 @@ def test_bad_blocks_raise():
   q, k, v, _ = _qkv(0, 1, 32, 2, 1, 64, "float32")
   with pytest.raises(ValueError, match="block_q must be a power of two >= 8"):
     tpu_flash_attention(q, k, v, scale=0.1, block_q=12, block_k=16, interpret=True)
+
+
+# -- flash-decoding (pallas_kernels/tpu_decode.py) -------------------------------------------------
+from test_pallas_decode import CASES as DECODE_CASES, _inputs as decode_inputs  # noqa: E402
+from lcinfer.pallas_kernels import tpu_decode  # noqa: E402
+from lcinfer.pallas_kernels.decode import decode_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_decode_matches_oracle(case):
+  """The GPU kernel's cases (cache layouts with holes and shuffled slots, windows, GQA 1/4/8, T 1
+  and 3, short last splits, capacities that need padding), partials NaN-poisoned."""
+  name, b, t, c, h, kh, d, dtype, kw = case
+  kw = dict(kw)
+  q, k, v, pos, q_pos = decode_inputs(zlib.crc32(name.encode()), b, t, c, h, kh, d, jnp.dtype(dtype),
+                                      kw.pop("layout"))
+  out, lse = tpu_decode.tpu_decode_attention(q, k, v, pos, q_pos, scale=d ** -0.5, interpret=True,
+                                             _poison=NAN, **kw)
+  ref, ref_lse = decode_reference(q, k, v, pos, q_pos, scale=d ** -0.5, window=kw.get("window"),
+                                  out_dtype=jnp.float32)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_matches_oracle(name, out, lse, ref, ref_lse, dtype)
+
+
+def test_decode_poison_exposes_unwritten_outputs(monkeypatch):
+  monkeypatch.setattr(tpu_decode, "_kernel", lambda *refs, **kw: None)
+  q = jnp.ones((1, 1, 2, 64), jnp.float32)   # a shape no other test uses: a fresh trace
+  k = jnp.ones((1, 1, 19, 64), jnp.float32)
+  pos = jnp.arange(19, dtype=jnp.int32)[None, None]
+  out, lse = tpu_decode.tpu_decode_attention(q, k, k, pos, jnp.asarray([[18]]), scale=0.1, num_splits=2,
+                                             block_k=16, interpret=True, _poison=NAN)
+  assert np.isnan(np.asarray(out)).all() and np.isnan(np.asarray(lse)).all()
+
+
+def test_decode_dispatch_and_unsupported_calls():
+  assert dispatch.implementations("decode_attention") == ("triton", "tpu", "xla")
+  q = jnp.ones((1, 2, 4, 64), jnp.float32)
+  k = jnp.ones((1, 2, 9, 64), jnp.float32)
+  pos, q_pos = jnp.zeros((1, 2, 9), jnp.int32), jnp.asarray([[3, 8]], jnp.int32)
+  with pytest.raises(dispatch.DispatchError, match="tpu: the TPU flash-decoding kernel needs a TPU"):
+    dispatch.call("decode_attention", ("tpu",), q, k, k, pos, q_pos, scale=0.1)
+  with pytest.raises(dispatch.DispatchError, match=r"tpu: Triton-only options \['num_warps'\]"):
+    dispatch.call("decode_attention", ("tpu",), q, k, k, pos, q_pos, scale=0.1, num_warps=4, interpret=True)
+  with pytest.raises(ValueError, match="window must be a positive int"):  # malformed: no fallback
+    dispatch.call("decode_attention", ("tpu", "xla"), q, k, k, pos, q_pos, scale=0.1, window=0, interpret=True)
+  big = jnp.ones((1, 9, 256, 64), jnp.float32)   # G*T = 128 * 9 rows per kv head
+  with pytest.raises(dispatch.Unsupported, match="query rows per kv head"):
+    tpu_decode.tpu_decode_attention(big, k, k, pos, jnp.zeros((1, 9), jnp.int32), scale=0.1, interpret=True)
+  out, lse = dispatch.call("decode_attention", ("tpu", "xla"), q, k, k, pos, q_pos, scale=0.1, interpret=True)
+  ref, ref_lse = decode_reference(q, k, k, pos, q_pos, scale=0.1, out_dtype=jnp.float32)
+  assert_matches_oracle("dispatch", out, lse, ref, ref_lse, "float32")

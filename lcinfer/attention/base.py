@@ -109,6 +109,15 @@ def gpu_available() -> bool:
     return False
 
 
+@functools.cache
+def tpu_available() -> bool:
+  """Whether JAX sees a TPU."""
+  try:
+    return any(d.platform == "tpu" for d in jax.devices())
+  except RuntimeError:
+    return False
+
+
 # -- masks ---------------------------------------------------------------------------------------
 def visible(q_pos, kv_pos, window: int | None):
   """Boolean visibility from broadcastable query and key positions (see module docstring)."""

@@ -1,6 +1,6 @@
-"""Flash-decoding (Dao et al. 2023): decode over a long cache through lcinfer's Pallas/Triton
-split-K kernel (`lcinfer.pallas_kernels.decode`), called through the kernel dispatcher so that
-calls the kernel does not cover fall back to the float32 reference ("xla").
+"""Flash-decoding (Dao et al. 2023): decode over a long cache through lcinfer's Pallas split-K
+kernels (`lcinfer.pallas_kernels.decode` on GPUs, `tpu_decode` on TPUs), called through the kernel
+dispatcher so that calls the kernels do not cover fall back to the float32 reference ("xla").
 
 Prefill defers to the dense XLA method. Not an "auto" choice: ask for it by name, or build
 `FlashDecode(interpret=True)` to run the same kernel on CPU in tests. Masks come from the cache
@@ -25,7 +25,7 @@ class FlashDecode:
 
   name: str = "flash_decode"
   interpret: bool | None = None
-  implementations: tuple[str, ...] | None = ("triton", "xla")
+  implementations: tuple[str, ...] | None = ("triton", "tpu", "xla")
   num_splits: int | None = None
   block_k: int | None = None
 
@@ -36,8 +36,8 @@ class FlashDecode:
   def supports(self, config, mesh, phase):
     if phase not in base.PHASES:
       return f"unknown phase {phase!r}"
-    if not self._interpret and not base.gpu_available():
-      return ("needs a GPU (use interpret mode in tests: FlashDecode(interpret=True) or "
+    if not self._interpret and not (base.gpu_available() or base.tpu_available()):
+      return ("needs a GPU or a TPU (use interpret mode in tests: FlashDecode(interpret=True) or "
               "LCINFER_PALLAS_INTERPRET=1)")
     if mesh is not None and mesh.size > 1:
       return "not wired for a multi-device mesh yet"

@@ -1,0 +1,183 @@
+"""Flash-decoding for TPUs (Pallas Mosaic TPU): the GPU kernel's split-K scheme (Dao, Haziza, Massa,
+Sizov 2023, "Flash-Decoding for long-context inference") over lcinfer's cache layout, with the
+pipelined BlockSpec loads of Mosaic TPU instead of a loop over a whole-cache ref.
+
+    out_BTHD, lse_BTH = tpu_decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale=d ** -0.5,
+                                             window=None, num_splits=None, block_k=None, interpret=False)
+
+Semantics as `decode.decode_attention` (masks from positions only: a key at pos p is visible to a
+query at q iff p >= 0, q >= 0, p <= q and, with a window, q - p < window). Design:
+  * grid (B, K, num_splits, blocks per split); the last axis walks a split's blocks ("arbitrary": a
+    reduction with VMEM scratch m, l, acc carried across it), the others are "parallel". Block j of
+    split s is cache block s * bps + j; steps past a short last split repeat its last block index
+    (no new DMA) and skip their compute with pl.when.
+  * GQA without repeats: the G = H / K query heads of a kv head and the T queries form the rows of
+    one [R, D] query tile (R = G * T padded to a multiple of 8 sublanes; padded rows have position
+    -1 and see nothing) that shares every K/V block.
+  * Online softmax in float32 (FlashAttention-2, Algorithm 1, natural log); each split writes a
+    partial (out, lse), combined exactly by lse in jnp (`decode.combine_splits`).
+  * TPU tiles: block_k is a multiple of 128 on hardware (the positions' lane dimension); any power of
+    two >= 16 in interpret mode. A capacity that block_k does not divide is padded (a copy).
+Tested in TPU interpret mode on CPU (`interpret=True` selects `pltpu.InterpretParams()`); no TPU
+has run it yet.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.decode import _check_args, combine_splits, from_kv_head_rows, kv_head_rows
+from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu
+
+NEG_INF = float("-inf")
+MAX_ROWS = 1024   # G * T rows of one query tile (its f32 accumulator lives in VMEM)
+TPU_BLOCK_K = 512
+
+
+def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *refs, scale, window, blocks_per_split, num_blocks,
+            aliased):
+  if aliased:
+    refs = refs[2:]  # the poisoned buffers aliased to the outputs; never read
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+  split, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(split * blocks_per_split + j < num_blocks)   # the last split may be short
+  def _step():
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]          # [R, D], [bk, D], [bk, D]
+    f32 = q.dtype == jnp.float32
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST if f32 else None) * scale
+    k_pos = pos_ref[...]                                  # [1, bk]; -1: an empty slot
+    k_pos = jnp.where(k_pos >= 0, k_pos, jnp.iinfo(jnp.int32).max)
+    q_pos = qpos_ref[...]                                 # [R, 1]; -1: a padded row, sees nothing
+    mask = k_pos <= q_pos
+    if window is not None:
+      mask = mask & (q_pos - k_pos < window)
+    s = jnp.where(mask, s, NEG_INF)
+    m_prev = m_sc[...]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next)
+    alpha = jnp.exp(m_prev - m_safe)
+    p = jnp.exp(s - m_safe)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = alpha * acc_sc[...] + lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+        precision=lax.Precision.HIGHEST if f32 else None)
+    m_sc[...] = m_next
+
+  @pl.when(j == blocks_per_split - 1)
+  def _finish():
+    l = l_sc[...]
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = acc_sc[...] / l_safe
+    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "num_splits", "block_k", "interpret", "poison"))
+def _tpu_decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_splits, block_k, interpret,
+                poison):
+  b, t, h, d = q_BTHD.shape
+  kh, c = k_BKCD.shape[1], k_BKCD.shape[2]
+  rows = (h // kh) * t
+  r = pl.cdiv(rows, 8) * 8
+  cp = pl.cdiv(c, block_k) * block_k
+  nb = cp // block_k
+  bps = pl.cdiv(nb, num_splits)          # blocks per split; the last split takes the remainder
+  num_splits = pl.cdiv(nb, bps)          # no empty splits
+  q, qpos = kv_head_rows(q_BTHD, q_pos_BT, kh, r)                      # [B, K, R, D], [B, R]
+  k, v, pos = k_BKCD, v_BKCD, pos_BKC.astype(jnp.int32)
+  if cp != c:  # a copy of the whole cache: only for capacities that block_k does not divide
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
+    pos = jnp.pad(pos, ((0, 0), (0, 0), (0, cp - c)), constant_values=-1)
+  pos = pos[:, :, None, :]                                              # [B, K, 1, C]: lanes = slots
+  qpos = qpos[:, :, None]                                               # [B, R, 1]
+
+  def block(bi, ki, si, j):  # steps past a short last split: its last block again (no new DMA)
+    return jnp.minimum(si * bps + j, nb - 1)
+
+  in_specs = [pl.BlockSpec((None, None, r, d), lambda bi, ki, si, j: (bi, ki, 0, 0)),
+              pl.BlockSpec((None, r, 1), lambda bi, ki, si, j: (bi, 0, 0)),
+              pl.BlockSpec((None, None, block_k, d), lambda bi, ki, si, j: (bi, ki, block(bi, ki, si, j), 0)),
+              pl.BlockSpec((None, None, block_k, d), lambda bi, ki, si, j: (bi, ki, block(bi, ki, si, j), 0)),
+              pl.BlockSpec((None, None, 1, block_k), lambda bi, ki, si, j: (bi, ki, 0, block(bi, ki, si, j)))]
+  out_specs = [pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si, j: (bi, ki, si, 0, 0)),
+               pl.BlockSpec((None, None, None, r, 1), lambda bi, ki, si, j: (bi, ki, si, 0, 0))]
+  out_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, r, d), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, num_splits, r, 1), jnp.float32)]
+  args = [q, qpos, k, v, pos]
+  aliases = {}
+  if poison is not None:  # testing hook: the partials start poisoned; an unwritten element keeps it
+    aliases = {len(args): 0, len(args) + 1: 1}
+    args += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
+    in_specs += out_specs
+  kernel = functools.partial(_kernel, scale=scale, window=window, blocks_per_split=bps, num_blocks=nb,
+                             aliased=poison is not None)
+  o_part, lse_part = pl.pallas_call(
+      kernel, grid=(b, kh, num_splits, bps), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32),
+                      pltpu.VMEM((r, d), jnp.float32)],
+      input_output_aliases=aliases,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=pltpu.InterpretParams() if interpret else False,
+      name="lcinfer_tpu_flash_decode")(*args)
+  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part[..., 0], rows), t)
+  return out.astype(q_BTHD.dtype), lse
+
+
+def _default_block_k(c: int, interpret: bool) -> int:
+  """TPU_BLOCK_K, or for a shorter cache the smallest allowed power of two covering it (>= 128 on
+  hardware, >= 16 in interpret mode, as `decode_attention` takes)."""
+  floor = 16 if interpret else 128
+  return max(floor, min(TPU_BLOCK_K, 1 << (max(c, 1) - 1).bit_length()))
+
+
+def tpu_decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale: float,
+                         window: int | None = None, num_splits: int | None = None,
+                         block_k: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None, interpret: bool = False,
+                         _poison: float | None = None):
+  """Flash-decoding on a TPU (or in TPU interpret mode on CPU). Returns (out [B, T, H, D] in q's
+  dtype, lse [B, T, H] float32). ValueError for malformed calls (as `decode_attention`);
+  `dispatch.Unsupported` for calls it does not serve (no TPU without interpret, the Triton kernel's
+  knobs num_warps / num_stages when set, block_k not a multiple of 128 on hardware, G*T > MAX_ROWS
+  rows, an empty input). num_splits None: one split per (row, kv head) when there are at least
+  two of those, else 2 (the cores of a megacore chip)."""
+  dispatch.triton_only(num_warps=num_warps, num_stages=num_stages)
+  _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
+  b, t, h, _ = q_BTHD.shape
+  kh, c = k_BKCD.shape[1], k_BKCD.shape[2]
+  if not interpret and not _on_tpu():
+    raise dispatch.Unsupported("the TPU flash-decoding kernel needs a TPU; pass interpret=True to run "
+                               "it in TPU interpret mode on CPU")
+  if t == 0 or c == 0 or b == 0:
+    raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
+  if (h // kh) * t > MAX_ROWS:
+    raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}; "
+                               "use a prefill kernel for long query chunks")
+  block_k = _default_block_k(c, interpret) if block_k is None else block_k
+  if not interpret and block_k % 128:
+    raise dispatch.Unsupported(f"block_k = {block_k}: TPU tiles need multiples of 128 (use 128 or more)")
+  if num_splits is None:
+    num_splits = 1 if b * kh >= 2 else 2
+  return _tpu_decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale=float(scale), window=window,
+                     num_splits=min(num_splits, pl.cdiv(c, block_k)), block_k=block_k,
+                     interpret=bool(interpret), poison=_poison)
+
+
+dispatch.register("decode_attention", "tpu", tpu_decode_attention)
