@@ -164,3 +164,42 @@ def test_decode_dispatch_and_unsupported_calls():
   out, lse = dispatch.call("decode_attention", ("tpu", "xla"), q, k, k, pos, q_pos, scale=0.1, interpret=True)
   ref, ref_lse = decode_reference(q, k, k, pos, q_pos, scale=0.1, out_dtype=jnp.float32)
   assert_matches_oracle("dispatch", out, lse, ref, ref_lse, "float32")
+
+
+# -- flash-decoding over quantized caches ---------------------------------------------------------------
+from test_pallas_decode_quant import CASES as QUANT_CASES, _inputs as quant_inputs  # noqa: E402
+from lcinfer.pallas_kernels.decode_quant import quantized_decode_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("case", QUANT_CASES, ids=[c[0] for c in QUANT_CASES])
+def test_quantized_decode_matches_oracle(case):
+  """The GPU kernel's cases (int8 / int4 / int2, per token and per channel, token groups shorter and
+  longer than a block, residual windows, holes and shuffled slots), partials NaN-poisoned."""
+  name, dtype = case[0], case[7]
+  q, k_q, v_q, pos, q_pos, kw = quant_inputs(case, zlib.crc32(case[0].encode()))
+  scale = q.shape[-1] ** -0.5
+  out, lse = tpu_decode.tpu_quantized_decode_attention(q, k_q, v_q, pos, q_pos, scale=scale, interpret=True,
+                                                       _poison=NAN, **kw)
+  ref_kw = {key: val for key, val in kw.items() if key in ("window", "residual")}
+  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=scale, **ref_kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_matches_oracle(name, out, lse, ref.astype(jnp.float32), ref_lse, dtype)
+
+
+def test_quantized_decode_unsupported_blocks():
+  from lcinfer.pallas_kernels import quant
+  q, k_q, v_q, pos, q_pos, _ = quant_inputs(QUANT_CASES[1], 3)       # C = 96, values per token
+  k24 = quant.quantize(quant.dequantize(k_q), bits=4, axis="channel", group=24)   # groups of 24 keys
+  for bk, why in ((16, "nest with the token groups"), (64, "must divide C = 96")):
+    with pytest.raises(dispatch.Unsupported, match=why):
+      tpu_decode.tpu_quantized_decode_attention(q, k24, v_q, pos, q_pos, scale=0.1, block_k=bk, interpret=True)
+  with pytest.raises(dispatch.Unsupported, match="no block of keys divides C = 96 and nests"):
+    tpu_decode.tpu_quantized_decode_attention(q, k24, v_q, pos, q_pos, scale=0.1, interpret=True)
+  with pytest.raises(dispatch.Unsupported, match="Triton-only"):
+    tpu_decode.tpu_quantized_decode_attention(q, k_q, v_q, pos, q_pos, scale=0.1, num_stages=2, interpret=True)
+  with pytest.raises(dispatch.Unsupported, match="needs a TPU"):
+    tpu_decode.tpu_quantized_decode_attention(q, k_q, v_q, pos, q_pos, scale=0.1)
+  out, _ = dispatch.call("quantized_decode_attention", ("tpu", "xla"), q, k24, v_q, pos, q_pos, scale=0.1,
+                         interpret=True)   # falls through to the reference
+  ref, _ = quantized_decode_reference(q, k24, v_q, pos, q_pos, scale=0.1)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))

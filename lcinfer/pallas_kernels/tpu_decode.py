@@ -1,9 +1,13 @@
 """Flash-decoding for TPUs (Pallas Mosaic TPU): the GPU kernel's split-K scheme (Dao, Haziza, Massa,
 Sizov 2023, "Flash-Decoding for long-context inference") over lcinfer's cache layout, with the
-pipelined BlockSpec loads of Mosaic TPU instead of a loop over a whole-cache ref.
+pipelined BlockSpec loads of Mosaic TPU instead of a loop over a whole-cache ref; over bf16 caches
+and over the quantized layouts of `quant.py` (KIVI, Liu et al. 2024: int8 / int4 / int2 codes, per
+token or per channel scales, plus the full-precision residual window merged by lse).
 
     out_BTHD, lse_BTH = tpu_decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale=d ** -0.5,
                                              window=None, num_splits=None, block_k=None, interpret=False)
+    out_BTHD, lse_BTH = tpu_quantized_decode_attention(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=...,
+                                                       window=None, residual=None, interpret=False)
 
 Semantics as `decode.decode_attention` (masks from positions only: a key at pos p is visible to a
 query at q iff p >= 0, q >= 0, p <= q and, with a window, q - p < window). Design:
@@ -16,6 +20,10 @@ query at q iff p >= 0, q >= 0, p <= q and, with a window, q - p < window). Desig
     -1 and see nothing) that shares every K/V block.
   * Online softmax in float32 (FlashAttention-2, Algorithm 1, natural log); each split writes a
     partial (out, lse), combined exactly by lse in jnp (`decode.combine_splits`).
+  * Quantized caches: a block's packed codes (bits / 16 of the bf16 bytes) and the scale / zero rows
+    its keys use are the block's loads; the block is unpacked plane by plane and dequantized
+    elementwise in VMEM (code * scale + zero, VPU work), then attended as a bf16 block (the MXU
+    products as above). Per-channel token groups must nest with block_k (one divides the other).
   * TPU tiles: block_k is a multiple of 128 on hardware (the positions' lane dimension); any power of
     two >= 16 in interpret mode. A capacity that block_k does not divide is padded (a copy).
 Tested in TPU interpret mode on CPU (`interpret=True` selects `pltpu.InterpretParams()`); no TPU
@@ -34,6 +42,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.decode import _check_args, combine_splits, from_kv_head_rows, kv_head_rows
+from lcinfer.pallas_kernels.quant import QuantizedTensor
 from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu
 
 NEG_INF = float("-inf")
@@ -41,8 +50,28 @@ MAX_ROWS = 1024   # G * T rows of one query tile (its f32 accumulator lives in V
 TPU_BLOCK_K = 512
 
 
-def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *refs, scale, window, blocks_per_split, num_blocks,
-            aliased):
+def _dequantized(refs, layout, dtype):
+  """A K or V block [bk, D] in `dtype` from its refs: the block itself, or (layout = (bits, axis,
+  group, block_k)) its packed codes [bk, D * bits / 8] with their scales and zeros, unpacked plane
+  by plane (plane i holds channels i * D / f + j: the planes side by side are the channels in
+  order) and dequantized elementwise, code * scale + zero (quant.py)."""
+  if layout is None:
+    return refs[0][...]
+  codes_ref, scale_ref, zero_ref = refs
+  bits, axis, group, bk = layout
+  raw = codes_ref[...].astype(jnp.int32)
+  mask = (1 << bits) - 1
+  codes = jnp.concatenate([(raw >> (i * bits)) & mask for i in range(8 // bits)], axis=1).astype(jnp.float32)
+  scale, zero = scale_ref[...].astype(jnp.float32), zero_ref[...].astype(jnp.float32)
+  reps = group if axis == "token" else min(group, bk)   # channel groups nest with blocks (wrapper)
+  scale, zero = (jnp.repeat(x, reps, axis=1 if axis == "token" else 0) for x in (scale, zero))
+  return (codes * scale + zero).astype(dtype)
+
+
+def _kernel(q_ref, qpos_ref, *refs, scale, window, blocks_per_split, num_blocks, layouts, aliased):
+  n_k = 1 if layouts[0] is None else 3
+  n_v = 1 if layouts[1] is None else 3
+  k_refs, v_refs, (pos_ref, *refs) = refs[:n_k], refs[n_k:n_k + n_v], refs[n_k + n_v:]
   if aliased:
     refs = refs[2:]  # the poisoned buffers aliased to the outputs; never read
   o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -56,7 +85,8 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *refs, scale, window, blocks
 
   @pl.when(split * blocks_per_split + j < num_blocks)   # the last split may be short
   def _step():
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]          # [R, D], [bk, D], [bk, D]
+    q = q_ref[...]                                        # [R, D]
+    k, v = _dequantized(k_refs, layouts[0], q.dtype), _dequantized(v_refs, layouts[1], q.dtype)
     f32 = q.dtype == jnp.float32
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=lax.Precision.HIGHEST if f32 else None) * scale
@@ -87,11 +117,30 @@ def _kernel(q_ref, qpos_ref, k_ref, v_ref, pos_ref, *refs, scale, window, blocks
     lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
 
 
+def _cache_specs(x, block_k, block):
+  """(arrays, BlockSpecs, layout) of a K or V cache: a [B, K, C, D] array in blocks of block_k
+  keys, or a QuantizedTensor's codes in the same blocks plus the scale / zero rows those keys use
+  (per token: [bk, D / group]; per channel: [max(1, bk / group), D], one token group's row when
+  the block lies in one group)."""
+  if not isinstance(x, QuantizedTensor):
+    return [x], [pl.BlockSpec((None, None, block_k, x.shape[-1]), lambda bi, ki, si, j: (bi, ki, block(si, j), 0))], None
+  codes_spec = pl.BlockSpec((None, None, block_k, x.codes.shape[-1]), lambda bi, ki, si, j: (bi, ki, block(si, j), 0))
+  if x.axis == "token":
+    spec = pl.BlockSpec((None, None, block_k, x.scale.shape[-1]), lambda bi, ki, si, j: (bi, ki, block(si, j), 0))
+  elif x.group >= block_k:   # rows of block_k keys lie in one token group
+    spec = pl.BlockSpec((None, None, 1, x.scale.shape[-1]),
+                        lambda bi, ki, si, j: (bi, ki, block(si, j) * block_k // x.group, 0))
+  else:
+    spec = pl.BlockSpec((None, None, block_k // x.group, x.scale.shape[-1]),
+                        lambda bi, ki, si, j: (bi, ki, block(si, j), 0))
+  return [x.codes, x.scale, x.zero], [codes_spec, spec, spec], (x.bits, x.axis, x.group, block_k)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "window", "num_splits", "block_k", "interpret", "poison"))
-def _tpu_decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_splits, block_k, interpret,
-                poison):
+def _tpu_decode(q_BTHD, k, v, pos_BKC, q_pos_BT, *, scale, window, num_splits, block_k, interpret, poison):
+  """k, v: [B, K, C, D] arrays, or QuantizedTensors of that logical shape (C a multiple of block_k)."""
   b, t, h, d = q_BTHD.shape
-  kh, c = k_BKCD.shape[1], k_BKCD.shape[2]
+  kh, c = k.shape[1], k.shape[2]
   rows = (h // kh) * t
   r = pl.cdiv(rows, 8) * 8
   cp = pl.cdiv(c, block_k) * block_k
@@ -99,34 +148,35 @@ def _tpu_decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num
   bps = pl.cdiv(nb, num_splits)          # blocks per split; the last split takes the remainder
   num_splits = pl.cdiv(nb, bps)          # no empty splits
   q, qpos = kv_head_rows(q_BTHD, q_pos_BT, kh, r)                      # [B, K, R, D], [B, R]
-  k, v, pos = k_BKCD, v_BKCD, pos_BKC.astype(jnp.int32)
-  if cp != c:  # a copy of the whole cache: only for capacities that block_k does not divide
+  pos = pos_BKC.astype(jnp.int32)
+  if cp != c:  # a copy of the whole cache: only for (unquantized) capacities block_k does not divide
     k = jnp.pad(k, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, 0), (0, cp - c), (0, 0)))
     pos = jnp.pad(pos, ((0, 0), (0, 0), (0, cp - c)), constant_values=-1)
   pos = pos[:, :, None, :]                                              # [B, K, 1, C]: lanes = slots
   qpos = qpos[:, :, None]                                               # [B, R, 1]
 
-  def block(bi, ki, si, j):  # steps past a short last split: its last block again (no new DMA)
+  def block(si, j):  # steps past a short last split: its last block again (no new DMA)
     return jnp.minimum(si * bps + j, nb - 1)
 
+  k_args, k_specs, k_layout = _cache_specs(k, block_k, block)
+  v_args, v_specs, v_layout = _cache_specs(v, block_k, block)
   in_specs = [pl.BlockSpec((None, None, r, d), lambda bi, ki, si, j: (bi, ki, 0, 0)),
               pl.BlockSpec((None, r, 1), lambda bi, ki, si, j: (bi, 0, 0)),
-              pl.BlockSpec((None, None, block_k, d), lambda bi, ki, si, j: (bi, ki, block(bi, ki, si, j), 0)),
-              pl.BlockSpec((None, None, block_k, d), lambda bi, ki, si, j: (bi, ki, block(bi, ki, si, j), 0)),
-              pl.BlockSpec((None, None, 1, block_k), lambda bi, ki, si, j: (bi, ki, 0, block(bi, ki, si, j)))]
+              *k_specs, *v_specs,
+              pl.BlockSpec((None, None, 1, block_k), lambda bi, ki, si, j: (bi, ki, 0, block(si, j)))]
   out_specs = [pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si, j: (bi, ki, si, 0, 0)),
                pl.BlockSpec((None, None, None, r, 1), lambda bi, ki, si, j: (bi, ki, si, 0, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, r, d), jnp.float32),
                jax.ShapeDtypeStruct((b, kh, num_splits, r, 1), jnp.float32)]
-  args = [q, qpos, k, v, pos]
+  args = [q, qpos, *k_args, *v_args, pos]
   aliases = {}
   if poison is not None:  # testing hook: the partials start poisoned; an unwritten element keeps it
     aliases = {len(args): 0, len(args) + 1: 1}
     args += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
     in_specs += out_specs
   kernel = functools.partial(_kernel, scale=scale, window=window, blocks_per_split=bps, num_blocks=nb,
-                             aliased=poison is not None)
+                             layouts=(k_layout, v_layout), aliased=poison is not None)
   o_part, lse_part = pl.pallas_call(
       kernel, grid=(b, kh, num_splits, bps), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       scratch_shapes=[pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32),
@@ -180,4 +230,66 @@ def tpu_decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale: fl
                      interpret=bool(interpret), poison=_poison)
 
 
+def _quantized_block_k(c: int, groups: list[int], interpret: bool) -> int | None:
+  """The largest power of two <= TPU_BLOCK_K (>= 128 on hardware, >= 16 in interpret mode) that
+  divides C and nests with every per-channel token group (one divides the other); None if none."""
+  bk = TPU_BLOCK_K
+  while bk >= (16 if interpret else 128):
+    if c % bk == 0 and all(g % bk == 0 or bk % g == 0 for g in groups):
+      return bk
+    bk //= 2
+  return None
+
+
+def tpu_quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, pos_BKC, q_pos_BT, *,
+                                   scale: float, window: int | None = None, residual=None,
+                                   num_splits: int | None = None, block_k: int | None = None,
+                                   num_warps: int | None = None, num_stages: int | None = None,
+                                   interpret: bool = False, _poison: float | None = None,
+                                   _unpack: str | None = None):
+  """Flash-decoding over quantized K/V (`quant.py` layouts: bits 8 / 4 / 2, per token or per
+  channel) on a TPU, dequantized per block in VMEM, plus the optional full-precision residual window
+  (k_BKRD, v_BKRD, pos_BKR) through `tpu_decode_attention`, merged by lse. Returns (out [B, T, H,
+  D] in q's dtype, lse [B, T, H] float32). ValueError for malformed calls (as the GPU kernel);
+  `dispatch.Unsupported` for the Triton knobs, no TPU without interpret, rows > MAX_ROWS, an empty
+  input, or a block_k that does not divide C or nest with the per-channel token groups."""
+  from lcinfer.pallas_kernels.decode_quant import _check
+  dispatch.triton_only(num_warps=num_warps, num_stages=num_stages, _unpack=_unpack)
+  _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual)
+  _check_args(q_BTHD, jax.ShapeDtypeStruct(k_q.shape, q_BTHD.dtype), jax.ShapeDtypeStruct(k_q.shape, q_BTHD.dtype),
+              pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
+  b, t, h, _ = q_BTHD.shape
+  _, kh, c, _ = k_q.shape
+  if not interpret and not _on_tpu():
+    raise dispatch.Unsupported("the TPU flash-decoding kernel needs a TPU; pass interpret=True to run "
+                               "it in TPU interpret mode on CPU")
+  if t == 0 or c == 0 or b == 0:
+    raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
+  if (h // kh) * t > MAX_ROWS:
+    raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}")
+  groups = [x.group for x in (k_q, v_q) if x.axis == "channel"]
+  if block_k is None:
+    block_k = _quantized_block_k(c, groups, interpret)
+    if block_k is None:
+      raise dispatch.Unsupported(f"no block of keys divides C = {c} and nests with the token groups {groups}")
+  if c % block_k or any(g % block_k and block_k % g for g in groups):
+    raise dispatch.Unsupported(f"block_k {block_k} must divide C = {c} and nest with the token groups {groups}")
+  if not interpret and (block_k % 128 or any(g < block_k and (block_k // g) % 8 for g in groups)):
+    raise dispatch.Unsupported(f"block_k = {block_k}: TPU tiles need multiples of 128 keys (and of 8 "
+                               f"scale rows for token groups {groups})")
+  if num_splits is None:
+    num_splits = 1 if b * kh >= 2 else 2
+  out = _tpu_decode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=float(scale), window=window,
+                    num_splits=min(num_splits, c // block_k), block_k=block_k, interpret=bool(interpret),
+                    poison=_poison)
+  if residual is None:
+    return out
+  rk, rv, rp = residual
+  res = tpu_decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window, interpret=interpret,
+                             _poison=_poison)
+  from lcinfer.attention.base import merge_attention  # the one merge (ARCHITECTURE.md principle 3)
+  return merge_attention([out, res])
+
+
 dispatch.register("decode_attention", "tpu", tpu_decode_attention)
+dispatch.register("quantized_decode_attention", "tpu", tpu_quantized_decode_attention)
