@@ -234,7 +234,7 @@ def test_flash_method_registration_and_supports():
   assert isinstance(m, FlashAttention) and isinstance(m, attention.AttentionMethod)
   hash(FlashAttention(interpret=True))  # a static jit argument
   if not any(dev.platform == "gpu" for dev in jax.devices()):
-    assert "needs a GPU (use interpret mode in tests" in m.supports(cfg, None, "prefill")
+    assert "needs a GPU or a TPU (use interpret mode in tests" in m.supports(cfg, None, "prefill")
     assert attention.resolve("auto", cfg, None, "prefill").name == "dense"  # flash is never auto
   assert FlashAttention(interpret=True).supports(cfg, None, "prefill") is None
   assert "prefill only" in FlashAttention(interpret=True).supports(cfg, None, "decode")
@@ -250,7 +250,7 @@ _TINY64 = dict(model_type="llama", vocab_size=128, hidden_size=128, intermediate
                eos_token_id=2)
 
 
-def _model_logits_match(interpret):
+def _model_logits_match(interpret, impls=("triton",)):
   # head_dim 64 (the kernel's smallest), GQA 2:1, two right-padded rows.
   over = {key: val for key, val in _TINY64.items() if key not in ("model_type",)}
   llm = tiny_llm(**over)
@@ -260,7 +260,7 @@ def _model_logits_match(interpret):
   tokens = jnp.asarray(rng.integers(3, 128, (2, t)), jnp.int32)
   lengths = np.array([t, 13])
   positions = jnp.asarray(np.where(np.arange(t)[None] < lengths[:, None], np.arange(t)[None], -1), jnp.int32)
-  flash = FlashAttention(interpret=interpret, implementations=("triton",))  # kernel or error, no fallback
+  flash = FlashAttention(interpret=interpret, implementations=impls)  # kernel or error, no fallback
   got = forward_logits(llm.graphdef, llm.params, tokens, positions, attention=flash)
   want = forward_logits(llm.graphdef, llm.params, tokens, positions, attention=attention.get("dense"))
   valid = np.asarray(positions) >= 0
@@ -271,6 +271,11 @@ def _model_logits_match(interpret):
 
 def test_flash_method_in_tiny_model_matches_dense():
   _model_logits_match(interpret=True)
+
+
+def test_flash_method_in_tiny_model_matches_dense_on_the_tpu_kernel():
+  """Right-padded rows reach the TPU kernel as segment ids that never match (TPU interpret mode)."""
+  _model_logits_match(interpret=True, impls=("tpu",))
 
 
 @pytest.mark.gpu

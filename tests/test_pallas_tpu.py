@@ -102,8 +102,8 @@ def test_unsupported_calls_fall_through_with_reasons():
                          interpret=True)
   ref, _ = block_sparse_reference(q, k, v, layout, scale=0.1, columns=cols)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
-  with pytest.raises(dispatch.DispatchError, match="tpu: the TPU flash kernel does not take window"):
-    dispatch.call("flash_attention", ("tpu",), q, k, v, scale=0.1, window=4, interpret=True)
+  with pytest.raises(dispatch.DispatchError, match="tpu: layout.block_q must be a power of two"):
+    dispatch.call("flash_attention", ("tpu",), q, k, v, scale=0.1, block_q=24, interpret=True)
   with pytest.raises(dispatch.DispatchError, match="needs a TPU; pass interpret=True"):
     dispatch.call("flash_attention", ("tpu",), q, k, v, scale=0.1)
   assert dispatch.implementations("flash_attention")[-1] == "xla"  # the reference is the last resort
@@ -209,3 +209,31 @@ def test_quantized_decode_unsupported_blocks():
                          interpret=True)   # falls through to the reference
   ref, _ = quantized_decode_reference(q, k24, v_q, pos, q_pos, scale=0.1)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+# -- flash attention: every mask feature ------------------------------------------------------------
+from test_pallas_flash import CASES as FLASH_CASES, _inputs as flash_inputs  # noqa: E402
+
+
+@pytest.mark.parametrize("case", FLASH_CASES, ids=[c[0] for c in FLASH_CASES])
+def test_flash_mask_features_match_oracle(case):
+  """The Triton kernel's cases: odd lengths, GQA 1/4/8, head_dim 64/128, full attention, kv_offset
+  (chunked prefill), sliding windows, segment ids, per-row lengths; outputs NaN-poisoned."""
+  name, b, t, s, h, kh, d, dtype, kw = case
+  q, k, v, kw = flash_inputs(zlib.crc32(name.encode()), b, t, s, h, kh, d, jnp.dtype(dtype), kw)
+  out, lse = tpu_flash_attention(q, k, v, scale=d ** -0.5, interpret=True, _poison=NAN, **kw)
+  ref_kw = {key: val for key, val in kw.items() if key not in ("block_q", "block_k")}
+  ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, out_dtype=jnp.float32, **ref_kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_matches_oracle(name, out, lse, ref, ref_lse, dtype)
+
+
+def test_flash_window_skips_blocks_outside_it():
+  """The flash layout lists only the blocks a query block can see: the causal diagonal shifted by
+  kv_offset, from the window's start."""
+  from lcinfer.pallas_kernels.tpu_block_sparse import causal_layout
+  lay = causal_layout(1, 1, 64, 100, 16, 16, True, kv_offset=36, window=7)
+  q0 = np.arange(4) * 16
+  first, last = (36 + q0 - 6) // 16, np.minimum((36 + q0 + 15) // 16, 6)
+  np.testing.assert_array_equal(np.asarray(lay.count)[0, 0], last - first + 1)
+  np.testing.assert_array_equal(np.asarray(lay.kv_block_idx)[0, 0, :, 0], first)

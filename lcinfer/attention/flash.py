@@ -1,6 +1,7 @@
-"""Flash attention (Dao 2023, FlashAttention-2) through lcinfer's own Pallas/Triton kernel
-(`lcinfer.pallas_kernels.flash_triton`), called through the kernel dispatcher so that calls the
-kernel does not cover fall back to the float32 reference ("xla").
+"""Flash attention (Dao 2023, FlashAttention-2) through lcinfer's own Pallas kernels
+(`lcinfer.pallas_kernels.flash_triton` on GPUs, `tpu_block_sparse.tpu_flash_attention` on TPUs),
+called through the kernel dispatcher so that calls the kernels do not cover fall back to the
+float32 reference ("xla").
 
 Not an "auto" choice (cuDNN stays the default prefill on GPU): ask for it by name, or build
 `FlashAttention(interpret=True)` to run the same kernel on CPU in tests.
@@ -36,7 +37,7 @@ class FlashAttention:
 
   name: str = "flash"
   interpret: bool | None = None
-  implementations: tuple[str, ...] | None = ("triton", "xla")
+  implementations: tuple[str, ...] | None = ("triton", "tpu", "xla")
   block_q: int | None = None
   block_k: int | None = None
 
@@ -47,8 +48,8 @@ class FlashAttention:
   def supports(self, config, mesh, phase):
     if phase != "prefill":
       return "flash (Pallas) serves prefill only; decode over a cache uses another method"
-    if not self._interpret and not base.gpu_available():
-      return ("needs a GPU (use interpret mode in tests: FlashAttention(interpret=True) or "
+    if not self._interpret and not (base.gpu_available() or base.tpu_available()):
+      return ("needs a GPU or a TPU (use interpret mode in tests: FlashAttention(interpret=True) or "
               "LCINFER_PALLAS_INTERPRET=1)")
     if mesh is not None and mesh.size > 1:
       return "not wired for a multi-device mesh yet"

@@ -1,6 +1,8 @@
 """Block-sparse attention forward for TPUs (Pallas Mosaic TPU), with the block lists scalar-prefetched
 into SMEM so that they drive the K/V DMAs (the splash-attention scheme, Pallas TPU docs "Scalar
-prefetch"), plus a dense causal flash forward built on it.
+prefetch"), plus the flash forward built on it: the blocks each query block may see (causal
+diagonal shifted by kv_offset, window start), with every mask of the Triton kernel (causal,
+sliding window, segment ids, kv_offset, per-row lengths).
 
     out_BTHD, lse_BTH = tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale=...,
                                                    causal=True, interpret=False)
@@ -42,8 +44,10 @@ from lcinfer.pallas_kernels.vertical_slash import canonicalize_ranges
 NEG_INF = float("-inf")
 
 
-def _kernel(count_ref, ld_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q,
-            max_blocks, aliased):
+def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q,
+            max_blocks, aliased, kv_offset, window, segments, lengths):
+  if segments:
+    qseg_ref, kvseg_ref, *refs = refs
   if aliased:
     refs = refs[2:]  # the poisoned buffers aliased to the outputs; never read
   o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -65,9 +69,16 @@ def _kernel(count_ref, ld_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, scale
                         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None) * scale
     k_pos = ld + lax.broadcasted_iota(jnp.int32, s.shape, 1)   # the loaded keys; [lo, hi) are listed
     mask = (k_pos >= lo) & (k_pos < hi)
+    q_row = qi * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    q_pos = kv_offset + q_row                            # chunked prefill: queries after the cache
     if causal:
-      q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
       mask = mask & (k_pos <= q_pos)
+    if window is not None:
+      mask = mask & (q_pos - window < k_pos)
+    if segments:                                         # packed prompts: [bq, 1] against [1, bk]
+      mask = mask & (qseg_ref[...] == kvseg_ref[...])
+    if lengths:
+      mask = mask & (q_row < len_ref[b, 0]) & (k_pos < len_ref[b, 1])
     s = jnp.where(mask, s, NEG_INF)
     m_prev = m_sc[...]                                   # [bq, 1]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -90,16 +101,20 @@ def _kernel(count_ref, ld_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, scale
     lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "poison"))
-def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, *, scale, causal, interpret, poison):
+@functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "poison", "kv_offset", "window"))
+def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, lens=None, *, scale, causal,
+                      interpret, poison, kv_offset=0, window=None):
+  """The kernel over a layout. The flash path's extras: kv_offset (static; queries at positions
+  kv_offset + row), window (static), segment ids q_seg [B, T] / kv_seg [B, S] (aligned layouts),
+  lens [B, 2] int32 (valid query rows, valid keys)."""
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
   bq, bk = layout.block_q, layout.block_k
   nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
   aligned = isinstance(layout, BlockSparse)
-  if aligned:
-    layout, _ = canonicalize(layout, None, t, s, causal)
+  if aligned:   # (the causal clip of the lists assumes kv_offset 0; the kernel masks either way)
+    layout, _ = canonicalize(layout, None, t, s, causal and kv_offset == 0)
     count, lo = layout.count, layout.kv_block_idx * bk
     hi = jnp.minimum(lo + bk, s)
   else:  # key ranges at any offset: loaded through element-offset block specs
@@ -127,6 +142,11 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, *, scale, causal, interpre
     def kv_map(bi, hh, qi, j, count_ref, ld_ref, *_):
       return (bi, hh // g, ld_ref[bi, hh, qi, j], 0)
 
+  segments = q_seg is not None
+  if segments and not aligned:
+    raise ValueError("segment ids go with grid-aligned (BlockSparse) layouts")
+  lengths = lens is not None
+  lens = jnp.asarray(lens if lengths else jnp.zeros((b, 2)), jnp.int32)
   out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
                pl.BlockSpec((None, None, bq, 1), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0))]
   out_shape = [jax.ShapeDtypeStruct((b, h, nq * bq, d), q.dtype),
@@ -134,18 +154,25 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, *, scale, causal, interpre
   in_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
               pl.BlockSpec(kv_block, kv_map),
               pl.BlockSpec(kv_block, kv_map)]
-  args = [count, ld, lo.astype(jnp.int32), hi.astype(jnp.int32), q, k, v]
+  args = [count, ld, lo.astype(jnp.int32), hi.astype(jnp.int32), lens, q, k, v]
+  if segments:  # query ids as [rows, 1] blocks, key ids as [1, keys] blocks (lanes), padding never matches
+    args += [jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, nq * bq - t)), constant_values=-1)[:, :, None],
+             jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, nk * bk - s)), constant_values=-2)[:, None, :]]
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, qi, j, *_: (bi, qi, 0)),
+                 pl.BlockSpec((None, 1, bk), lambda bi, hi, qi, j, count_ref, ld_ref, *_:
+                              (bi, 0, ld_ref[bi, hi, qi, j] // bk))]
   aliases = {}
   if poison is not None:  # testing hook: outputs start poisoned; an unwritten element keeps it
     aliases = {len(args): 0, len(args) + 1: 1}
     args += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
     in_specs += out_specs
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4, grid=(b, h, nq, mb), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=5, grid=(b, h, nq, mb), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)])
   kernel = functools.partial(_kernel, scale=scale, causal=causal, block_q=bq, max_blocks=mb,
-                             aliased=poison is not None)
+                             aliased=poison is not None, kv_offset=kv_offset, window=window,
+                             segments=segments, lengths=lengths)
   out, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=pltpu.CompilerParams(
@@ -191,13 +218,20 @@ def tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, s
                            interpret=bool(interpret), poison=_poison)
 
 
-def causal_layout(b: int, h: int, t: int, s: int, block_q: int, block_k: int, causal: bool) -> BlockSparse:
-  """Every KV block a query block may see (all of them, or those up to the diagonal)."""
+def causal_layout(b: int, h: int, t: int, s: int, block_q: int, block_k: int, causal: bool,
+                  kv_offset: int = 0, window: int | None = None) -> BlockSparse:
+  """Every KV block a query block may see: up to its last query's position (kv_offset + row) when
+  causal, from its first query's window start with a window, all of them otherwise."""
   nq, nk = pl.cdiv(t, block_q), pl.cdiv(s, block_k)
-  kb = jnp.arange(nk, dtype=jnp.int32)
-  count = (jnp.minimum((jnp.arange(nq, dtype=jnp.int32) * block_q + block_q - 1) // block_k + 1, nk)
-           if causal else jnp.full((nq,), nk, jnp.int32))
-  return BlockSparse(jnp.broadcast_to(count, (b, h, nq)), jnp.broadcast_to(kb, (b, h, nq, nk)),
+  q0 = jnp.arange(nq, dtype=jnp.int32) * block_q
+  q1 = jnp.minimum(q0 + block_q, t) - 1
+  last = jnp.minimum((kv_offset + q1) // block_k, nk - 1) if causal else jnp.full((nq,), nk - 1, jnp.int32)
+  first = jnp.zeros((nq,), jnp.int32)
+  if window is not None:
+    first = jnp.maximum(kv_offset + q0 - window + 1, 0) // block_k
+  count = jnp.where(causal & (kv_offset + q1 < 0), 0, jnp.maximum(last - first + 1, 0))
+  idx = jnp.minimum(first[:, None] + jnp.arange(nk, dtype=jnp.int32), nk - 1)
+  return BlockSparse(jnp.broadcast_to(count, (b, h, nq)), jnp.broadcast_to(idx, (b, h, nq, nk)),
                      block_q, block_k)
 
 
@@ -205,26 +239,35 @@ def tpu_flash_attention(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = 
                         q_segment_ids=None, kv_segment_ids=None, kv_offset: int = 0, q_lengths=None,
                         kv_lengths=None, block_q: int | None = None, block_k: int | None = None,
                         interpret: bool = False, _poison: float | None = None, **unused):
-  """Dense flash forward on TPU: the block-sparse kernel over the full (causal) block list.
-  Covers causal or full self-attention; windows, segments, offsets and lengths are Unsupported
-  (the dispatcher falls through)."""
+  """Dense flash forward on TPU: the block-sparse kernel over the blocks each query block may see
+  (`causal_layout`: the causal diagonal shifted by kv_offset, and the window's start, so blocks
+  outside them are never loaded), with every mask of the Triton kernel: causal, sliding window,
+  segment ids (packed prompts), kv_offset (chunked prefill against a cache: query row i sits at
+  position kv_offset + i), q_lengths / kv_lengths (masked tails per batch row). A row that sees
+  nothing gets out 0, lse -inf."""
   del unused
   check_attention_args(q_BTHD, k_BSKD, v_BSKD, scale=scale, causal=causal, window=window,
                        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_offset=kv_offset,
                        q_lengths=q_lengths, kv_lengths=kv_lengths)
-  extras = {"window": window, "q_segment_ids": q_segment_ids, "q_lengths": q_lengths, "kv_lengths": kv_lengths}
-  used = [n for n, x in extras.items() if x is not None] + (["kv_offset"] if kv_offset else [])
-  if used:
-    raise dispatch.Unsupported(f"the TPU flash kernel does not take {', '.join(used)} yet")
   b, t, h, _ = q_BTHD.shape
   s = k_BSKD.shape[1]
-  if causal and s != t:
-    raise dispatch.Unsupported("the TPU flash kernel is self-attention when causal (S == T)")
+  if not interpret and not _on_tpu():
+    raise dispatch.Unsupported("the TPU flash kernel needs a TPU; pass interpret=True to run it in TPU "
+                               "interpret mode on CPU")
+  if t == 0 or s == 0:
+    raise dispatch.Unsupported("empty sequence")
   bq = block_q or (128 if t >= 128 or not interpret else max(8, 1 << (max(t, 1) - 1).bit_length()))
   bk = block_k or (128 if s >= 128 or not interpret else max(8, 1 << (max(s, 1) - 1).bit_length()))
-  layout = causal_layout(b, h, t, s, bq, bk, causal)
-  return tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout, scale=scale, causal=causal,
-                                    interpret=interpret, _poison=_poison)
+  _check_blocks(bq, bk, interpret)
+  layout = causal_layout(b, h, t, s, bq, bk, causal, int(kv_offset), window)
+  lens = None
+  if q_lengths is not None or kv_lengths is not None:
+    lens = jnp.stack([jnp.full((b,), t, jnp.int32) if q_lengths is None else jnp.asarray(q_lengths, jnp.int32),
+                      jnp.full((b,), s, jnp.int32) if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32)],
+                     axis=-1)
+  return _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_segment_ids, kv_segment_ids, lens,
+                           scale=float(scale), causal=bool(causal), interpret=bool(interpret), poison=_poison,
+                           kv_offset=int(kv_offset), window=window)
 
 
 dispatch.register("block_sparse_attention", "tpu", tpu_block_sparse_attention)
