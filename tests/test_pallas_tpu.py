@@ -215,10 +215,15 @@ def test_quantized_decode_unsupported_blocks():
 from test_pallas_flash import CASES as FLASH_CASES, _inputs as flash_inputs  # noqa: E402
 
 
-@pytest.mark.parametrize("case", FLASH_CASES, ids=[c[0] for c in FLASH_CASES])
+# the Triton kernel's cases with a mask feature (the plain causal / full ones: test_flash_matches_oracle)
+FLASH_TPU = [c for c in FLASH_CASES if {"kv_offset", "window", "segments", "lengths"} & set(c[-1])
+             or c[0] == "noncausal_odd"]
+
+
+@pytest.mark.parametrize("case", FLASH_TPU, ids=[c[0] for c in FLASH_TPU])
 def test_flash_mask_features_match_oracle(case):
-  """The Triton kernel's cases: odd lengths, GQA 1/4/8, head_dim 64/128, full attention, kv_offset
-  (chunked prefill), sliding windows, segment ids, per-row lengths; outputs NaN-poisoned."""
+  """kv_offset (chunked prefill, T != S), sliding windows, segment ids, per-row lengths, full
+  attention with S != T, GQA 1/4/8, head_dim 64/128; outputs NaN-poisoned."""
   name, b, t, s, h, kh, d, dtype, kw = case
   q, k, v, kw = flash_inputs(zlib.crc32(name.encode()), b, t, s, h, kh, d, jnp.dtype(dtype), kw)
   out, lse = tpu_flash_attention(q, k, v, scale=d ** -0.5, interpret=True, _poison=NAN, **kw)
