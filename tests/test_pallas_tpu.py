@@ -242,3 +242,4 @@ def test_flash_window_skips_blocks_outside_it():
   first, last = (36 + q0 - 6) // 16, np.minimum((36 + q0 + 15) // 16, 6)
   np.testing.assert_array_equal(np.asarray(lay.count)[0, 0], last - first + 1)
   np.testing.assert_array_equal(np.asarray(lay.kv_block_idx)[0, 0, :, 0], first)
+  assert lay.max_blocks == 3   # 16 rows + a 7-key window span 22 keys: at most 3 of the 7 blocks

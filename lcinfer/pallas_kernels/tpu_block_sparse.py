@@ -230,9 +230,11 @@ def causal_layout(b: int, h: int, t: int, s: int, block_q: int, block_k: int, ca
   if window is not None:
     first = jnp.maximum(kv_offset + q0 - window + 1, 0) // block_k
   count = jnp.where(causal & (kv_offset + q1 < 0), 0, jnp.maximum(last - first + 1, 0))
-  idx = jnp.minimum(first[:, None] + jnp.arange(nk, dtype=jnp.int32), nk - 1)
-  return BlockSparse(jnp.broadcast_to(count, (b, h, nq)), jnp.broadcast_to(idx, (b, h, nq, nk)),
-                     block_q, block_k)
+  # list width = grid steps per query block: a window of w keys spans at most block_q + w - 1 keys
+  width = nk if window is None else min(nk, pl.cdiv(block_q + window - 1, block_k) + 1)
+  idx = jnp.minimum(first[:, None] + jnp.arange(width, dtype=jnp.int32), nk - 1)
+  return BlockSparse(jnp.minimum(jnp.broadcast_to(count, (b, h, nq)), width),
+                     jnp.broadcast_to(idx, (b, h, nq, width)), block_q, block_k)
 
 
 def tpu_flash_attention(q_BTHD, k_BSKD, v_BSKD, *, scale: float, causal: bool = True, window=None,
