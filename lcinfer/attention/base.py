@@ -101,21 +101,21 @@ def pallas_interpret(override: bool | None) -> bool:
 
 
 @functools.cache
+def _sees(platform: str) -> bool:
+  try:
+    return any(d.platform == platform for d in jax.devices())
+  except RuntimeError:
+    return False
+
+
 def gpu_available() -> bool:
   """Whether JAX sees a CUDA GPU (methods that need one say so in `supports`)."""
-  try:
-    return any(d.platform == "gpu" for d in jax.devices())
-  except RuntimeError:
-    return False
+  return _sees("gpu")
 
 
-@functools.cache
 def tpu_available() -> bool:
   """Whether JAX sees a TPU."""
-  try:
-    return any(d.platform == "tpu" for d in jax.devices())
-  except RuntimeError:
-    return False
+  return _sees("tpu")
 
 
 # -- masks ---------------------------------------------------------------------------------------

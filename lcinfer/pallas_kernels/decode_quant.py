@@ -318,14 +318,16 @@ def quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTenso
                         poison=_poison)
 
 
-def merge_residual(out, q_BTHD, q_pos_BT, residual, *, scale, window, interpret=False, poison=None):
-  """(out, lse) of the quantized part merged by lse with flash-decoding over the full-precision
-  residual window (k_BKRD, v_BKRD, pos_BKR); `out` itself when residual is None."""
+def merge_residual(out, q_BTHD, q_pos_BT, residual, *, scale, window, interpret=False, poison=None,
+                   decode=decode_attention):
+  """(out, lse) of the quantized part merged by lse with flash-decoding (`decode`: the GPU kernel,
+  or the TPU one) over the full-precision residual window (k_BKRD, v_BKRD, pos_BKR); `out` itself
+  when residual is None."""
   if residual is None:
     return out
   rk, rv, rp = residual
-  res = decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window, interpret=interpret,
-                         _poison=poison)
+  res = decode(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window, interpret=interpret,
+               _poison=poison)
   from lcinfer.attention.base import merge_attention  # the one merge (ARCHITECTURE.md principle 3)
   return merge_attention([out, res])
 

@@ -44,6 +44,42 @@ from lcinfer.pallas_kernels.vertical_slash import canonicalize_ranges
 NEG_INF = float("-inf")
 
 
+# -- the online softmax of the TPU kernels (FlashAttention-2, Algorithm 1, natural log), carried in
+# VMEM scratch m, l [rows, 1] and acc [rows, D] across the grid's last ("arbitrary") axis ---------
+def init_scratch(m_sc, l_sc, acc_sc):
+  m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+  l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+  acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def qk_logits(q, k, scale):
+  """q [R, D] . k [N, D]^T * scale in float32."""
+  return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None) * scale
+
+
+def online_update(s, v, m_sc, l_sc, acc_sc):
+  """Folds masked logits s [R, N] (-inf: not attended) and values v [N, D] into the scratch."""
+  m_prev = m_sc[...]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next)
+  alpha = jnp.exp(m_prev - m_safe)
+  p = jnp.exp(s - m_safe)
+  l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+  acc_sc[...] = alpha * acc_sc[...] + lax.dot_general(
+      p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+      precision=lax.Precision.HIGHEST if v.dtype == jnp.float32 else None)
+  m_sc[...] = m_next
+
+
+def finish_scratch(m_sc, l_sc, acc_sc):
+  """(out [R, D] float32, lse [R, 1]): out 0 and lse -inf for a row that saw nothing."""
+  l = l_sc[...]
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  return acc_sc[...] / l_safe, jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
+
+
 def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q,
             max_blocks, aliased, kv_offset, window, segments, lengths):
   if segments:
@@ -54,19 +90,12 @@ def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, *re
   b, h, qi, j = (pl.program_id(i) for i in range(4))
   n = count_ref[b, h, qi]
 
-  @pl.when(j == 0)
-  def _init():
-    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+  pl.when(j == 0)(lambda: init_scratch(m_sc, l_sc, acc_sc))
 
   @pl.when(j < n)
   def _step():
     ld, lo, hi = ld_ref[b, h, qi, j], lo_ref[b, h, qi, j], hi_ref[b, h, qi, j]
-    q = q_ref[...]
-    k = k_ref[...]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None) * scale
+    s = qk_logits(q_ref[...], k_ref[...], scale)
     k_pos = ld + lax.broadcasted_iota(jnp.int32, s.shape, 1)   # the loaded keys; [lo, hi) are listed
     mask = (k_pos >= lo) & (k_pos < hi)
     q_row = qi * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
@@ -79,26 +108,12 @@ def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, *re
       mask = mask & (qseg_ref[...] == kvseg_ref[...])
     if lengths:
       mask = mask & (q_row < len_ref[b, 0]) & (k_pos < len_ref[b, 1])
-    s = jnp.where(mask, s, NEG_INF)
-    m_prev = m_sc[...]                                   # [bq, 1]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next)
-    alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - m_safe)
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    v = v_ref[...]
-    acc_sc[...] = alpha * acc_sc[...] + lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-        precision=lax.Precision.HIGHEST if v.dtype == jnp.float32 else None)
-    m_sc[...] = m_next
+    online_update(jnp.where(mask, s, NEG_INF), v_ref[...], m_sc, l_sc, acc_sc)
 
   @pl.when(j == max_blocks - 1)
   def _finish():
-    l = l_sc[...]
-    seen = l > 0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc_sc[...] / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
+    out, lse_ref[...] = finish_scratch(m_sc, l_sc, acc_sc)
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "poison", "kv_offset", "window"))

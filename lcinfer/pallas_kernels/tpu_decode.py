@@ -36,14 +36,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.decode import _check_args, combine_splits, from_kv_head_rows, kv_head_rows
 from lcinfer.pallas_kernels.quant import QuantizedTensor
-from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu
+from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu, finish_scratch, init_scratch, online_update, qk_logits
 
 NEG_INF = float("-inf")
 MAX_ROWS = 1024   # G * T rows of one query tile (its f32 accumulator lives in VMEM)
@@ -77,44 +76,24 @@ def _kernel(q_ref, qpos_ref, *refs, scale, window, blocks_per_split, num_blocks,
   o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
   split, j = pl.program_id(2), pl.program_id(3)
 
-  @pl.when(j == 0)
-  def _init():
-    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+  pl.when(j == 0)(lambda: init_scratch(m_sc, l_sc, acc_sc))
 
   @pl.when(split * blocks_per_split + j < num_blocks)   # the last split may be short
   def _step():
     q = q_ref[...]                                        # [R, D]
     k, v = _dequantized(k_refs, layouts[0], q.dtype), _dequantized(v_refs, layouts[1], q.dtype)
-    f32 = q.dtype == jnp.float32
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                        precision=lax.Precision.HIGHEST if f32 else None) * scale
+    s = qk_logits(q, k, scale)
     k_pos = pos_ref[...]                                  # [1, bk]; -1: an empty slot
     k_pos = jnp.where(k_pos >= 0, k_pos, jnp.iinfo(jnp.int32).max)
     q_pos = qpos_ref[...]                                 # [R, 1]; -1: a padded row, sees nothing
     mask = k_pos <= q_pos
     if window is not None:
       mask = mask & (q_pos - k_pos < window)
-    s = jnp.where(mask, s, NEG_INF)
-    m_prev = m_sc[...]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next)
-    alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - m_safe)
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-        precision=lax.Precision.HIGHEST if f32 else None)
-    m_sc[...] = m_next
+    online_update(jnp.where(mask, s, NEG_INF), v, m_sc, l_sc, acc_sc)
 
   @pl.when(j == blocks_per_split - 1)
   def _finish():
-    l = l_sc[...]
-    seen = l > 0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = acc_sc[...] / l_safe
-    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
+    o_ref[...], lse_ref[...] = finish_scratch(m_sc, l_sc, acc_sc)
 
 
 def _cache_specs(x, block_k, block):
@@ -190,6 +169,18 @@ def _tpu_decode(q_BTHD, k, v, pos_BKC, q_pos_BT, *, scale, window, num_splits, b
   return out.astype(q_BTHD.dtype), lse
 
 
+def _check_served(b: int, t: int, c: int, rows: int, interpret: bool) -> None:
+  """`dispatch.Unsupported` for the calls neither TPU decode kernel serves."""
+  if not interpret and not _on_tpu():
+    raise dispatch.Unsupported("the TPU flash-decoding kernel needs a TPU; pass interpret=True to run "
+                               "it in TPU interpret mode on CPU")
+  if t == 0 or c == 0 or b == 0:
+    raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
+  if rows > MAX_ROWS:
+    raise dispatch.Unsupported(f"G*T = {rows} query rows per kv head exceeds {MAX_ROWS}; "
+                               "use a prefill kernel for long query chunks")
+
+
 def _default_block_k(c: int, interpret: bool) -> int:
   """TPU_BLOCK_K, or for a shorter cache the smallest allowed power of two covering it (>= 128 on
   hardware, >= 16 in interpret mode, as `decode_attention` takes)."""
@@ -212,14 +203,7 @@ def tpu_decode_attention(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale: fl
   _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
   b, t, h, _ = q_BTHD.shape
   kh, c = k_BKCD.shape[1], k_BKCD.shape[2]
-  if not interpret and not _on_tpu():
-    raise dispatch.Unsupported("the TPU flash-decoding kernel needs a TPU; pass interpret=True to run "
-                               "it in TPU interpret mode on CPU")
-  if t == 0 or c == 0 or b == 0:
-    raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
-  if (h // kh) * t > MAX_ROWS:
-    raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}; "
-                               "use a prefill kernel for long query chunks")
+  _check_served(b, t, c, (h // kh) * t, interpret)
   block_k = _default_block_k(c, interpret) if block_k is None else block_k
   if not interpret and block_k % 128:
     raise dispatch.Unsupported(f"block_k = {block_k}: TPU tiles need multiples of 128 (use 128 or more)")
@@ -253,20 +237,14 @@ def tpu_quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedT
   D] in q's dtype, lse [B, T, H] float32). ValueError for malformed calls (as the GPU kernel);
   `dispatch.Unsupported` for the Triton knobs, no TPU without interpret, rows > MAX_ROWS, an empty
   input, or a block_k that does not divide C or nest with the per-channel token groups."""
-  from lcinfer.pallas_kernels.decode_quant import _check
+  from lcinfer.pallas_kernels.decode_quant import _check, merge_residual
   dispatch.triton_only(num_warps=num_warps, num_stages=num_stages, _unpack=_unpack)
   _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual)
   _check_args(q_BTHD, jax.ShapeDtypeStruct(k_q.shape, q_BTHD.dtype), jax.ShapeDtypeStruct(k_q.shape, q_BTHD.dtype),
               pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
-  if not interpret and not _on_tpu():
-    raise dispatch.Unsupported("the TPU flash-decoding kernel needs a TPU; pass interpret=True to run "
-                               "it in TPU interpret mode on CPU")
-  if t == 0 or c == 0 or b == 0:
-    raise dispatch.Unsupported(f"empty input (B={b}, T={t}, C={c})")
-  if (h // kh) * t > MAX_ROWS:
-    raise dispatch.Unsupported(f"G*T = {(h // kh) * t} query rows per kv head exceeds {MAX_ROWS}")
+  _check_served(b, t, c, (h // kh) * t, interpret)
   groups = [x.group for x in (k_q, v_q) if x.axis == "channel"]
   if block_k is None:
     block_k = _quantized_block_k(c, groups, interpret)
@@ -282,13 +260,8 @@ def tpu_quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedT
   out = _tpu_decode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale=float(scale), window=window,
                     num_splits=min(num_splits, c // block_k), block_k=block_k, interpret=bool(interpret),
                     poison=_poison)
-  if residual is None:
-    return out
-  rk, rv, rp = residual
-  res = tpu_decode_attention(q_BTHD, rk, rv, rp, q_pos_BT, scale=scale, window=window, interpret=interpret,
-                             _poison=_poison)
-  from lcinfer.attention.base import merge_attention  # the one merge (ARCHITECTURE.md principle 3)
-  return merge_attention([out, res])
+  return merge_residual(out, q_BTHD, q_pos_BT, residual, scale=scale, window=window, interpret=interpret,
+                        poison=_poison, decode=tpu_decode_attention)
 
 
 dispatch.register("decode_attention", "tpu", tpu_decode_attention)
