@@ -46,6 +46,55 @@ def test_unpacking_ptx_makes_the_dequantized_values(with_scale):
   np.testing.assert_array_equal(got, want)
 
 
+def _layout_cells(layout, shape):
+  """A model of a Mosaic GPU tiled layout, from its own tiling arithmetic (tile strides, register
+  shape): {(register index, warp, lane, vector element): (row, col)}."""
+  from jax.experimental.mosaic.gpu import utils as mu
+  contig = mu.get_contiguous_strides(shape)
+  strides = layout.tiling.tile_strides(contig)
+  tts = layout.tiled_tiling_shape
+  tail = strides[-len(tts):]
+
+  def split(i, dims):  # a warp or lane id over its layout dims, the first the most significant
+    sizes = [tts[d] for d in dims]
+    out = [0] * len(tts)
+    for d, st, n in zip(dims, mu.get_contiguous_strides(tuple(sizes)), sizes):
+      out[d] = (i // st) % n
+    return out
+
+  cells = {}
+  for w in range(4):
+    for lane in range(32):
+      base = sum(a * s for a, s in zip(split(w, layout.warp_dims), tail))
+      base += sum(a * s for a, s in zip(split(lane, layout.lane_dims), tail))
+      for reg in np.ndindex(layout.registers_shape(shape)):
+        lin = base + sum(i * s for i, s in zip(reg, strides))
+        for v in range(layout.vector_length):
+          cells[(reg, w, lane, v)] = tuple(np.unravel_index(lin + v * tail[layout.vector_dim], shape))
+  return cells
+
+
+def test_register_key_tile_column_order_matches_the_layouts():
+  """The key tile built in wgmma's A registers: code register (j, i) of the 8-bit layout unpacks to
+  pairs p = low 01, low 23, high 01, high 23, placed in A register (a_column_tile(j, p), i). For every thread,
+  the element at A column kappa must be channel key_channel_order[kappa] of the same key row, so
+  that q[..., order] makes the product exact. Checked on both layouts' own tiling arithmetic."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from lcinfer.pallas_kernels.mgpu_inline import a_column_tile, key_channel_order
+  order = key_channel_order(64)
+  assert sorted(order.tolist()) == list(range(128))
+  codes = _layout_cells(fa.WGMMA_LAYOUT_8BIT, (64, 64))
+  a_regs = _layout_cells(fa.WGMMA_LAYOUT, (64, 128))
+  checked = 0
+  for (reg, w, lane, v), (row, byte) in codes.items():
+    for p, channel in ((v // 2, byte), (2 + v // 2, byte + 64)):   # low nibble, high nibble
+      a_reg = (reg[0], a_column_tile(reg[1], p), *reg[2:])
+      a_row, kappa = a_regs[(a_reg, w, lane, v % 2)]
+      assert a_row == row and order[kappa] == channel, (reg, w, lane, v, p)
+      checked += 1
+  assert checked == 64 * 128
+
+
 def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False, trend=None):
   rng = np.random.default_rng(seed)
   d = 128
@@ -69,10 +118,10 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
 
 
 @pytest.mark.parametrize("t,h,kh,window,stages,lazy", [(1, 32, 8, None, 2, True), (2, 32, 2, 100, 3, True),
-                                                        (1, 64, 1, None, 2, False)])
+                                                        (1, 64, 1, None, 2, False), (2, 16, 2, None, 2, True)])
 def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy):
-  """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 16, 32 and 64,
-  the lazy and the every-block maximum."""
+  """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 8 (P stored
+  transposed), 16, 32 and 64, the lazy and the every-block maximum."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):

@@ -9,6 +9,8 @@
 #                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
+#   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
+#   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -26,6 +28,9 @@ for step in "$@"; do
     kernels) timeout 240 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
     prep) timeout 150 python3 benchmarks/probes/vs_prep_probe.py 2>&1 | tables 12 ;;
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
-    *) echo "unknown step: $step (tests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta)"; exit 2 ;;
+    qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
+               | grep -E "^check|^int4|^bf16|rror" | tee -a "$out/qdecode.log" | tail -40 ;;
+    qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
+    *) echo "unknown step: $step (tests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qsass)"; exit 2 ;;
   esac
 done

@@ -15,9 +15,12 @@ layout conversions through shared memory), and int4 stayed at 0.8-1.2x the bf16 
 
 Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
   * The products are transposed, S^T = K Q^T and O^T = V^T P^T: the block's 64 keys fill the
-    wgmma's 64-row M side and the G*T query rows its N side (padded to 16), so the softmax works
-    on [64, 16] tiles (8 values per thread) instead of the [64 queries, 64 keys] of a prefill tile
-    whose rows would be 4 real out of 64. The sums are kept per thread and reduced once at the end.
+    wgmma's 64-row M side and the G*T query rows its N side (padded to 8, 16, 32 or 64), so the
+    softmax works on [64, N] tiles instead of the [64 queries, 64 keys] of a prefill tile whose
+    rows would be 4 real out of 64. The sums are kept per thread and reduced once at the end.
+  * N = 8 when G * T <= 8 (Llama-3-8B's G = 4 at T = 1): the softmax and its sums touch 4 values
+    per thread, not 8, and O^T holds half the registers. P is then kept as [8, bk] (a [bk, 8]
+    tile would need 16-byte rows, which cannot be swizzled) and fed to P V transposed.
   * Lazy maximum (the conditional rescaling of FlashAttention-4's kernels): a block recomputes
     the running max (a cross-warp reduction) and rescales O^T and the sums only if some logit
     exceeds the max by more than LAZY_TAU = 8 (base 2: P <= 256, exact in bf16 and float32).
@@ -25,23 +28,25 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     0.122-0.129 with the max recomputed every block, in the same runs.
   * TMA brings block j + stages - 1 (codes, the block's key-scale row, per-token value scales,
     positions) into a ring slot while block j is computed; one barrier per slot.
-  * Dequantization in registers, from the packed bytes to the bf16 tiles that wgmma reads from
-    shared memory: a thread loads 4 bytes of a row (byte j holds channel j in its low nibble and
-    channel j + D/2 in its high one) and one inline PTX block makes 8 bf16 values: prmt spreads the
-    bytes into 16-bit lanes, lop3 ORs a nibble into the mantissa of 128.0 (the "magic number" of
-    fast int4 GEMMs: Kim et al. 2022, Sec. 4), so x = 128 + c exactly.
-      keys:   sub.bf16x2 and fma.bf16x2 make c * s + z (per-channel scale row; one rounding);
-      values: the tile keeps x = 128 + c. The per-token scale goes into P^T's rows
-              (p' = bf16(p s_t)), and the rest is per query: out = (O^T - 128 sum_t p'_t
-              + sum_t p_t z_t) / l. The bias sum uses the same rounded p' as the MMA, so it
-              cancels up to float32 accumulation error.
+  * Dequantization in registers: a thread loads 4 bytes of a row (byte j holds channel j in its
+    low nibble and channel j + D/2 in its high one) and one inline PTX block makes 8 bf16 values:
+    prmt spreads the bytes into 16-bit lanes, lop3 ORs a nibble into the mantissa of 128.0 (the
+    "magic number" of fast int4 GEMMs: Kim et al. 2022, Sec. 4), so x = 128 + c exactly.
+      keys:   sub.bf16x2 and fma.bf16x2 make c * s + z (per-channel scale row; one rounding),
+              straight into wgmma's A registers: no shared-memory tile, no store, no fence. Each
+              thread's pairs land in A columns other than their channels, a fixed permutation
+              (`mgpu_inline.key_channel_order`) that the queries (the B side) take too.
+      values: a shared-memory tile of x = 128 + c (V^T is wgmma's A, read transposed). The
+              per-token scale goes into P's rows (p' = bf16(p s_t)), and the rest is per query:
+              out = (O^T + sum_t (p_t z_t - 128 p'_t)) / l, one per-thread sum. It uses the same
+              rounded p' as the MMA, so the 128 offset cancels up to float32 accumulation error.
   * The value tile is dequantized while the QK^T wgmma runs.
   * Splits are combined by lse outside (`decode.combine_splits`).
-Measured (H100, B=1, H=32, K=8, D=128, 128K, benchmarks/NOTES.md): 0.107-0.120 ms with the
-lazy maximum at 48-49 splits and 2 stages (three CTAs per SM), 0.53-0.61x the bf16 kernel; the
-Triton int4 kernel took 0.17-0.175 ms in the same runs. ncu (before the lazy maximum; 64 splits,
-4 stages: two CTAs per SM): 47.6M warp instructions, issue slots 43% busy, 166 registers. Per
-warp and block, ~250 instructions dequantize and ~190 are the softmax.
+Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md): H200, 49 splits, 2 stages (three
+CTAs per SM): 0.092-0.094 ms, 0.58-0.60x the bf16 kernel (0.108-0.115 before N = 8 and the
+register key tile, same runs); the Triton int4 kernel 0.164-0.173 ms. ncu (H200, N = 8, key tile
+still in shared memory): 42.7M warp instructions, ~650 per warp and block, of which ~115 issue
+the block's 7 TMA copies (each with a warpgroup barrier) and ~310 dequantize.
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 """
 
@@ -88,16 +93,20 @@ class Geometry:
     return self.c // self.block_k
 
   @property
-  def n_q(self) -> int:  # the wgmma N side: query rows padded to 16, 32 or 64
-    return next(n for n in (16, 32, 64) if n >= self.rows)
+  def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
+    return next(n for n in (8, 16, 32, 64) if n >= self.rows)
 
   @property
-  def p_swizzle(self) -> int:  # P^T [bk, n_q] rows, and the value tile read beside it (one swizzle)
-    return 2 * self.n_q
+  def p_transposed(self) -> bool:  # N = 8: P is kept as [n_q, bk] (16-byte rows cannot be swizzled)
+    return self.n_q == 8
+
+  @property
+  def p_swizzle(self) -> int:  # the P tile's rows, and the value tile read beside it (one swizzle)
+    return 2 * self.block_k if self.p_transposed else 2 * self.n_q
 
 
 def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
-          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, kd_smem, vd_smem,
+          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, vd_smem,
           p_smem, o_smem, lse_smem, flags, full, q_bar):
   plgpu = mi.plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
@@ -123,8 +132,8 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   wgmma_layout = plgpu.Layout.WGMMA
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
-  dequant_k = mi.int4_dequant_fn(True, 128, half)
-  dequant_v = mi.int4_dequant_fn(False, g.p_swizzle, half)
+  dequant_k = mi.int4_dequant_regs_fn(half, bk)
+  dequant_v = mi.int4_dequant_fn(g.p_swizzle, half)
   any_above = mi.any_above_fn() if g.lazy_max else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
@@ -137,7 +146,7 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   plgpu.barrier_wait(q_bar)
 
   def step(j, carry):
-    acc, m, l_part, z_part, b_part = carry
+    acc, m, l_part, zb_part = carry
 
     @pl.when(j + stages - 1 < n)
     def _():
@@ -147,15 +156,15 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     plgpu.barrier_wait(full.at[slot])
     kscales = tuple(plgpu.load(r.at[slot, 0, pl.ds(p * half, half)], layout=scol, optimized=False)
                     for r in (ks_smem, kz_smem) for p in (0, 1))
-    dequant_k(kc_smem.at[slot], kscales, kd_smem)
+    kd = dequant_k(kc_smem.at[slot], kscales)    # wgmma A registers, columns in key_channel_order
     vs = bkey(plgpu.load(vs_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
     vz = bkey(plgpu.load(vz_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
     kpos = plgpu.load(pos_smem.at[slot], layout=key_layout, optimized=False)
     plgpu.commit_smem()
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
-      plgpu.wgmma(acc_ref, kd_smem, q_smem.transpose((1, 0)))
-      dequant_v(vc_smem.at[slot], (), vd_smem)  # overlaps the product
+      plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
+      dequant_v(vc_smem.at[slot], vd_smem)  # overlaps the product
       return acc_ref[...]
     s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
 
@@ -166,37 +175,40 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     s = jnp.where(keep, s * c, -jnp.inf)
 
     def rescale(args):  # the running max moves: P, the sums and O^T in its new units
-      s, m, acc, l_part, z_part, b_part = args
+      s, m, acc, l_part, zb_part = args
       m_new = jnp.maximum(m, s.max(axis=0))
       alpha = jnp.exp2(m - mi.finite(m_new))
       a2 = bq(alpha)
-      return (m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, z_part * a2, b_part * a2)
+      return (m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, zb_part * a2)
 
-    carry = (s, m, acc, l_part, z_part, b_part)
+    carry = (s, m, acc, l_part, zb_part)
     if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
       above = any_above(s, bq(m + mi.LAZY_TAU), flags)
-      m, acc, l_part, z_part, b_part = lax.cond(above, rescale, lambda a: a[1:], carry)
+      m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], carry)
     else:
-      m, acc, l_part, z_part, b_part = rescale(carry)
+      m, acc, l_part, zb_part = rescale(carry)
     p = jnp.exp2(s - bq(mi.finite(m)))
     p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
     l_part = l_part + p
-    z_part = z_part + p * vz
-    b_part = b_part + p16.astype(jnp.float32)   # the rounded P, for the exact 128 bias
-    p_smem[...] = p16
+    # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
+    zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
+    if g.p_transposed:
+      p_smem.transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
+    else:
+      p_smem[...] = p16
     plgpu.commit_smem()
 
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code)
-      plgpu.wgmma(acc_ref, vd_smem.transpose((1, 0)), p_smem)
+      plgpu.wgmma(acc_ref, vd_smem.transpose((1, 0)), p_smem.transpose((1, 0)) if g.p_transposed else p_smem)
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-    return acc, m, l_part, z_part, b_part
+    return acc, m, l_part, zb_part
 
-  acc, m, l_part, z_part, b_part = lax.fori_loop(0, n, step, (acc, m, zeros, zeros, zeros))
-  l, zsum, bsum = l_part.sum(axis=0), z_part.sum(axis=0), b_part.sum(axis=0)
+  acc, m, l_part, zb_part = lax.fori_loop(0, n, step, (acc, m, zeros, zeros))
+  l, zb = l_part.sum(axis=0), zb_part.sum(axis=0)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
   bc = lambda x: lax.broadcast_in_dim(x, acc.shape, [1])
-  o_smem[...] = (acc + bc(zsum - float(1 << 7) * bsum)) * bc(1.0 / l_safe)
+  o_smem[...] = (acc + bc(zb)) * bc(1.0 / l_safe)
   lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split])
@@ -218,9 +230,8 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((st, bk), jnp.bfloat16),                             # value scales
       plgpu.SMEM((st, bk), jnp.bfloat16),                             # value zeros
       plgpu.SMEM((st, bk), jnp.int32),                                # positions
-      plgpu.SMEM((bk, d), jnp.bfloat16, transforms=t128),             # dequantized keys
       plgpu.SMEM((bk, d), jnp.bfloat16, transforms=tp),               # value tile, 128 + code
-      plgpu.SMEM((bk, nq), jnp.bfloat16, transforms=tp),              # P^T
+      plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp),  # P or P^T
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
       plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
@@ -238,6 +249,7 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
 @functools.partial(jax.jit, static_argnames=("g",))
 def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT):
   q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
+  q = q[..., mi.key_channel_order(HEAD_DIM // 2)]   # the register key tile's column order
   o_part, lse_part = _call(g, q.astype(jnp.bfloat16), qpos, k_q.codes, k_q.scale, k_q.zero, v_q.codes,
                            v_q.scale[..., 0], v_q.zero[..., 0], pos_BKC.astype(jnp.int32))
   out, lse = from_kv_head_rows(*combine_splits(jnp.swapaxes(o_part, -1, -2), lse_part, g.rows),

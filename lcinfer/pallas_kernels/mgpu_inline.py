@@ -4,7 +4,9 @@ work that Pallas does not express. Used by `decode_quant_mgpu.py` and `flash_mgp
   * int4 unpacking: one PTX block turns 4 packed code bytes (bit planes over channel halves, as
     `quant.py` packs them) into 8 bf16 values, by the "magic number" of fast int4 GEMMs (Kim et
     al. 2022, Sec. 4). lop3 ORs a nibble into the mantissa of 128.0 (x = 128 + c exactly), then
-    optionally sub + fma make c * s + z with one rounding.
+    optionally sub + fma make c * s + z with one rounding. The result goes either to a swizzled
+    shared-memory tile (`int4_dequant_fn`) or straight into wgmma's A registers with a fixed
+    column permutation (`int4_dequant_regs_fn`, `key_channel_order`).
   * a warpgroup-wide "any element above its bound": a warp vote plus one flag per warp in shared
     memory, read back as one uniform scalar. With LAZY_TAU and `finite`, the lazy maximum that both
     Hopper attention kernels use (FlashAttention-4's conditional rescaling).
@@ -48,45 +50,28 @@ def int4_unpack_asm(with_scale: bool) -> str:
   return "\n".join(lines + ["}"])
 
 
-def int4_dequant_fn(with_scale: bool, out_swizzle: int, code_bytes: int):
+def int4_dequant_fn(out_swizzle: int, code_bytes: int):
   """inline Mosaic GPU: codes smem [bk, code_bytes] uint8 (D = 2 code_bytes) -> out smem [bk, D] bf16
-  (tiled, swizzled);
-  with_scale: x = c * s + z with per-channel (s, z) given as [D/2] halves; else x = 128 + c."""
+  (tiled, swizzled) holding x = 128 + c (the value tile; its scales are applied outside)."""
   pg = plgpu()
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import fragmented_array as fa
   from jax.experimental.mosaic.gpu import utils as mu
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm
 
   layout = fa.WGMMA_LAYOUT_8BIT
   code_t = pg.RefType(tiled(code_bytes, jnp.uint8))
   out_t = pg.RefType(tiled(out_swizzle, jnp.bfloat16))
-  scale_types = (pg.Layout.WGMMA_8BIT.reduce(0),) * (4 if with_scale else 0)
-  asm = int4_unpack_asm(with_scale)
 
-  @pg.inline_mgpu(arg_types=(code_t, scale_types, out_t))
-  def dequant(ctx, codes_ref, scales, out_ref):
+  @pg.inline_mgpu(arg_types=(code_t, out_t))
+  def dequant(ctx, codes_ref, out_ref):
     del ctx
-    i32 = ir.IntegerType.get_signless(32)
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
     codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=code_bytes, is_signed=False, layout=layout)
-    bk, half = codes.shape
-    scales = [x.broadcast_in_dim((bk, half), (1,), layout) for x in scales]
-
-    def words(v):  # vector<4xbf16> -> two i32 (pairs 01, 23)
-      return [mu.bitcast(mu.vector_slice(v, slice(i, i + 2)), i32) for i in (0, 2)]
-
     lo = np.empty_like(codes.registers)
     hi = np.empty_like(codes.registers)
-    out_ty = llvm.StructType.get_literal([i32] * 4)
-    constraints = "=r,=r,=r,=r," + ",".join(["r"] * (9 if with_scale else 1))
-    for idx in np.ndindex(codes.registers.shape):
-      ins = [mu.bitcast(codes.registers[idx], i32)]
-      for x in scales:
-        ins += words(x.registers[idx])
-      res = llvm.inline_asm(out_ty, ins, asm, constraints)
-      outs = [mu.bitcast(llvm.extractvalue(i32, res, [i]), pair) for i in range(4)]
+    for idx, outs in _unpack_registers(codes, (), False):
+      outs = [mu.bitcast(o, pair) for o in outs]
       lo[idx] = mu.vector_concat(outs[:2])
       hi[idx] = mu.vector_concat(outs[2:])
     tiles = ir.MemRefType(out_ref.type).shape[1]   # [bk/8, D/w, 8, w]
@@ -94,6 +79,78 @@ def int4_dequant_fn(with_scale: bool, out_swizzle: int, code_bytes: int):
       arr = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
       cols = slice(part * tiles // 2, (part + 1) * tiles // 2)
       arr.store_tiled(mu.memref_slice(out_ref, (slice(None), cols)), swizzle=out_swizzle)
+
+  return dequant
+
+
+def a_column_tile(j: int, p: int) -> int:
+  """Where `int4_dequant_regs_fn` puts pair p (low nibbles 01, 23, high 01, 23) of code column tile j
+  (16 code bytes): wgmma A column tile 4 j + p (8 columns; the same rows)."""
+  return 4 * j + p
+
+
+def key_channel_order(code_bytes: int = 64) -> np.ndarray:
+  """order[kappa]: the channel that wgmma's K index kappa holds when `int4_dequant_regs_fn` builds
+  the key tile straight in A registers (D = 2 code_bytes). The B side (the queries) is permuted the
+  same way, q[..., order], so the product is unchanged. Thread t = lane % 4 of a row holds code
+  bytes 16 j + 4 t .. + 3 (WGMMA_LAYOUT_8BIT; byte b holds channels b and b + D/2) and A columns
+  8 J + 2 t + {0, 1} (WGMMA_LAYOUT), with J = a_column_tile(j, p)."""
+  order = np.empty(2 * code_bytes, np.int64)
+  for j, p, t, e in np.ndindex(code_bytes // 16, 4, 4, 2):
+    order[8 * a_column_tile(j, p) + 2 * t + e] = code_bytes * (p >= 2) + 16 * j + 4 * t + 2 * (p % 2) + e
+  return order
+
+
+def _unpack_registers(codes, scales, with_scale):
+  """Per code register of `codes` (WGMMA_LAYOUT_8BIT, [bk, D/2] uint8): the four bf16x2 pairs of
+  `int4_unpack_asm` (low 01, low 23, high 01, high 23) as i32 values."""
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+  i32 = ir.IntegerType.get_signless(32)
+  scales = [x.broadcast_in_dim(codes.shape, (1,), codes.layout) for x in scales]
+
+  def words(v):  # vector<4xbf16> -> two i32 (pairs 01, 23)
+    return [mu.bitcast(mu.vector_slice(v, slice(i, i + 2)), i32) for i in (0, 2)]
+
+  asm = int4_unpack_asm(with_scale)
+  out_ty = llvm.StructType.get_literal([i32] * 4)
+  constraints = "=r,=r,=r,=r," + ",".join(["r"] * (9 if with_scale else 1))
+  for idx in np.ndindex(codes.registers.shape):
+    ins = [mu.bitcast(codes.registers[idx], i32)]
+    for x in scales:
+      ins += words(x.registers[idx])
+    res = llvm.inline_asm(out_ty, ins, asm, constraints)
+    yield idx, [llvm.extractvalue(i32, res, [i]) for i in range(4)]
+
+
+def int4_dequant_regs_fn(code_bytes: int, bk: int):
+  """inline Mosaic GPU: codes smem [bk, code_bytes] uint8 and the per-channel (s, s, z, z) halves ->
+  x = c * s + z as a [bk, 2 code_bytes] bf16 array in WGMMA layout (wgmma's A registers), its
+  columns in `key_channel_order`. No shared-memory tile, no store, no fence before the product."""
+  pg = plgpu()
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+
+  if code_bytes != 64:
+    raise ValueError(f"register key tiles need head_dim 128 (code_bytes 64), got {code_bytes}")
+  code_t = pg.RefType(tiled(code_bytes, jnp.uint8))
+  scale_types = (pg.Layout.WGMMA_8BIT.reduce(0),) * 4
+
+  @pg.inline_mgpu(arg_types=(code_t, scale_types),
+                  return_type=pg.ShapeDtypeStruct((bk, 2 * code_bytes), jnp.bfloat16, layout=pg.Layout.WGMMA))
+  def dequant(ctx, codes_ref, scales):
+    del ctx
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=code_bytes, is_signed=False,
+                                            layout=fa.WGMMA_LAYOUT_8BIT)
+    out = np.empty(fa.WGMMA_LAYOUT.registers_shape((bk, 2 * code_bytes)), dtype=object)
+    for idx, outs in _unpack_registers(codes, scales, True):
+      for p in range(4):   # code column tile j = idx[1] -> A column tile a_column_tile(j, p), same rows
+        out[(idx[0], a_column_tile(idx[1], p), *idx[2:])] = mu.bitcast(outs[p], pair)
+    return mgpu.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
   return dequant
 
