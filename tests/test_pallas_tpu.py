@@ -61,6 +61,39 @@ def test_unaligned_key_ranges_match_oracle(bq, bk, dtype):
     assert_matches_oracle(name, out, lse, ref, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("shared,causal,dtype", [(True, True, "float32"), (False, False, "bfloat16")])
+def test_gathered_columns_match_oracle(shared, causal, dtype):
+  """Block lists plus gathered columns (the vertical part): a list per head (a prefix per query
+  block) or per query block, with out-of-range entries, repeats, columns inside listed blocks and
+  above the diagonal, GQA 2, a short last block."""
+  q, k, v, rng = _qkv(int(shared) + 2 * int(causal), 1, 100, 4, 2, 64, dtype)
+  bq = bk = 16
+  nq = nk = 7
+  layout = blocks_from_mask(jnp.asarray(rng.random((1, 4, nq, nk)) < 0.3), nk, block_q=bq, block_k=bk)
+  idx = rng.integers(-3, 105, (1, 4, 1 if shared else nq, 21)).astype(np.int32)
+  cols = Columns(jnp.asarray(rng.integers(0, 24, (1, 4, nq)), jnp.int32), jnp.asarray(idx))
+  out, lse = tpu_block_sparse_attention(q, k, v, layout, scale=0.125, causal=causal, columns=cols,
+                                        interpret=True, _poison=NAN)
+  ref, ref_lse = block_sparse_reference(q, k, v, layout, scale=0.125, causal=causal, columns=cols,
+                                        out_dtype=jnp.float32)
+  assert_matches_oracle(f"columns shared={shared}", out, lse, ref, ref_lse, dtype)
+
+
+def test_vertical_slash_index_runs_whole_on_tpu_kernel():
+  """MInference's vertical-slash index (vertical_slash_to_ranges: key ranges + one column list per
+  head) through the dispatcher's "tpu" entry, against the oracle of the same index."""
+  from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
+  q, k, v, rng = _qkv(11, 1, 120, 2, 1, 64, "float32")
+  vertical = jnp.asarray(np.concatenate([np.zeros((1, 2, 1)), rng.integers(1, 120, (1, 2, 9))], -1), jnp.int32)
+  slash = jnp.asarray(np.concatenate([np.arange(3)[None, None].repeat(2, 1), rng.integers(3, 120, (1, 2, 4))],
+                                     -1), jnp.int32)
+  ranges, cols = vertical_slash_to_ranges(vertical, slash, 120, 16, 16, 12, 10)
+  out, lse = dispatch.call("block_sparse_attention", ("tpu",), q, k, v, ranges, scale=0.125, columns=cols,
+                           interpret=True)
+  ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=0.125, columns=cols, out_dtype=jnp.float32)
+  assert_matches_oracle("vertical-slash", out, lse, ref, ref_lse, "float32")
+
+
 def test_garbage_entries_follow_union_semantics():
   """Duplicates, out-of-range and beyond-count entries: the canonicalized lists the kernel reads."""
   q, k, v, _ = _qkv(3, 1, 48, 2, 1, 64, "float32")
@@ -95,13 +128,11 @@ def test_poison_exposes_unwritten_outputs(monkeypatch):
 def test_unsupported_calls_fall_through_with_reasons():
   q, k, v, _ = _qkv(0, 1, 32, 2, 1, 64, "float32")
   layout = blocks_from_mask(jnp.ones((1, 2, 2, 2), bool), 2, block_q=16, block_k=16)
-  cols = Columns(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 4), jnp.int32))
-  with pytest.raises(dispatch.DispatchError, match="tpu: the TPU block-sparse kernel takes no gathered columns"):
-    dispatch.call("block_sparse_attention", ("tpu",), q, k, v, layout, scale=0.1, columns=cols, interpret=True)
-  out, _ = dispatch.call("block_sparse_attention", ("tpu", "xla"), q, k, v, layout, scale=0.1, columns=cols,
-                         interpret=True)
-  ref, _ = block_sparse_reference(q, k, v, layout, scale=0.1, columns=cols)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
+  with pytest.raises(dispatch.DispatchError, match="needs a TPU; pass interpret=True"):
+    dispatch.call("block_sparse_attention", ("tpu",), q, k, v, layout, scale=0.1)
+  out, _ = dispatch.call("block_sparse_attention", ("tpu", "xla"), q, k, v, layout, scale=0.1)
+  ref, _ = block_sparse_reference(q, k, v, layout, scale=0.1)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)   # fell through to the reference
   with pytest.raises(dispatch.DispatchError, match="tpu: layout.block_q must be a power of two"):
     dispatch.call("flash_attention", ("tpu",), q, k, v, scale=0.1, block_q=24, interpret=True)
   with pytest.raises(dispatch.DispatchError, match="needs a TPU; pass interpret=True"):

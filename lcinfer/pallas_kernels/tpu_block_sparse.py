@@ -9,8 +9,8 @@ sliding window, segment ids, kv_offset, per-row lengths).
     out_BTHD, lse_BTH = tpu_flash_attention(q_BTHD, k_BSKD, v_BSKD, scale=..., causal=True)
 
 Same semantics as the GPU kernel (`sparse_index.py` / `vertical_slash.py`: union of listed blocks
-or key ranges, causal, out-of-range and repeated entries ignored after canonicalization); no
-gathered columns here (a call with columns falls through to another implementation). Design:
+or key ranges and gathered columns, causal, out-of-range and repeated entries ignored after
+canonicalization). Design:
   * grid (B, H, nq, max_blocks); the last axis walks the query block's list ("arbitrary": a
     reduction with VMEM scratch m, l, acc carried across it), the others are "parallel".
   * The K/V index_map reads the prefetched list: step j loads KV block list[j] of kv head h // G
@@ -18,6 +18,12 @@ gathered columns here (a call with columns falls through to another implementati
     issued, and their compute is skipped with pl.when. `KeyRanges` (unaligned, MInference-style)
     load block_k keys from an element offset (`pl.Element`) and mask keys outside [lo, hi);
     unaligned DMAs are untested on TPU hardware.
+  * Gathered columns (MInference's vertical lines): their K/V rows are gathered once per call in
+    XLA into [B, H, 1 or nq, n, D] (a list shared by a head's query blocks, or one per query
+    block: nq times the bytes), and walked block_k at a time in grid steps after the block list.
+    A column's step masks entries past the query block's column count, dropped entries (-1),
+    columns above the diagonal, and columns inside a listed block or range (counted there: a loop
+    over the query block's list, read from SMEM).
   * Online softmax in float32 (FlashAttention-2, Algorithm 1); lse in natural log, -inf and out 0
     for a row that sees nothing.
   * TPU tiles: arrays are moved to [B, H, T, D] so that a block's last two dims are (rows, D);
@@ -80,10 +86,12 @@ def finish_scratch(m_sc, l_sc, acc_sc):
   return acc_sc[...] / l_safe, jnp.where(seen, m_sc[...] + jnp.log(l_safe), NEG_INF)
 
 
-def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, *refs, scale, causal, block_q,
-            max_blocks, aliased, kv_offset, window, segments, lengths):
+def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, ccount_ref, q_ref, k_ref, v_ref, *refs, scale, causal,
+            block_q, max_blocks, steps, aliased, kv_offset, window, segments, lengths, has_cols):
   if segments:
     qseg_ref, kvseg_ref, *refs = refs
+  if has_cols:
+    kc_ref, vc_ref, cpos_ref, *refs = refs
   if aliased:
     refs = refs[2:]  # the poisoned buffers aliased to the outputs; never read
   o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -110,18 +118,38 @@ def _kernel(count_ref, ld_ref, lo_ref, hi_ref, len_ref, q_ref, k_ref, v_ref, *re
       mask = mask & (q_row < len_ref[b, 0]) & (k_pos < len_ref[b, 1])
     online_update(jnp.where(mask, s, NEG_INF), v_ref[...], m_sc, l_sc, acc_sc)
 
-  @pl.when(j == max_blocks - 1)
+  if has_cols:  # steps past the block list: chunks of gathered columns (the vertical part)
+    c = j - max_blocks
+    chunk = kc_ref.shape[0]
+
+    @pl.when((c >= 0) & (c * chunk < ccount_ref[b, h, qi]))
+    def _columns():
+      cpos = cpos_ref[...]                                                    # [1, chunk] key positions
+      slot = c * chunk + lax.broadcasted_iota(jnp.int32, cpos.shape, 1)
+      ok = (slot < ccount_ref[b, h, qi]) & (cpos >= 0)                        # -1: dropped entries
+
+      def inside(m, hit):  # a column inside a listed block or range is counted there already
+        return hit | ((cpos >= lo_ref[b, h, qi, m]) & (cpos < hi_ref[b, h, qi, m]))
+      ok = ok & ~lax.fori_loop(0, n, inside, jnp.zeros(cpos.shape, jnp.bool_))
+      s = qk_logits(q_ref[...], kc_ref[...], scale)
+      mask = jnp.broadcast_to(ok, s.shape)
+      if causal:
+        q_pos = kv_offset + qi * block_q + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        mask = mask & (cpos <= q_pos)
+      online_update(jnp.where(mask, s, NEG_INF), vc_ref[...], m_sc, l_sc, acc_sc)
+
+  @pl.when(j == steps - 1)
   def _finish():
     out, lse_ref[...] = finish_scratch(m_sc, l_sc, acc_sc)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "interpret", "poison", "kv_offset", "window"))
-def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, lens=None, *, scale, causal,
-                      interpret, poison, kv_offset=0, window=None):
+def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, lens=None, columns=None, *,
+                      scale, causal, interpret, poison, kv_offset=0, window=None):
   """The kernel over a layout. The flash path's extras: kv_offset (static; queries at positions
   kv_offset + row), window (static), segment ids q_seg [B, T] / kv_seg [B, S] (aligned layouts),
-  lens [B, 2] int32 (valid query rows, valid keys)."""
+  lens [B, 2] int32 (valid query rows, valid keys). The block-sparse path's: gathered columns."""
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
@@ -129,11 +157,11 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, l
   nq, nk = pl.cdiv(t, bq), pl.cdiv(s, bk)
   aligned = isinstance(layout, BlockSparse)
   if aligned:   # (the causal clip of the lists assumes kv_offset 0; the kernel masks either way)
-    layout, _ = canonicalize(layout, None, t, s, causal and kv_offset == 0)
+    layout, columns = canonicalize(layout, columns, t, s, causal and kv_offset == 0)
     count, lo = layout.count, layout.kv_block_idx * bk
     hi = jnp.minimum(lo + bk, s)
   else:  # key ranges at any offset: loaded through element-offset block specs
-    lo, hi, count, _, _ = canonicalize_ranges(layout, None, t, s, causal)
+    lo, hi, count, _, columns = canonicalize_ranges(layout, columns, t, s, causal)
   mb = max(1, lo.shape[-1])
   q = jnp.pad(jnp.transpose(q_BTHD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nq * bq - t), (0, 0)))
   k = jnp.pad(jnp.transpose(k_BSKD, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, nk * bk - s), (0, 0)))
@@ -146,16 +174,17 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, l
   last = jnp.take_along_axis(ld, jnp.maximum(count - 1, 0)[..., None], axis=-1)
   ld = jnp.where(jnp.arange(mb) < count[..., None], ld, last)
 
+  last_step = lambda j: jnp.minimum(j, mb - 1)  # noqa: E731  (column steps keep the last block: no DMA)
   if aligned:
     kv_block = (None, None, bk, d)
 
     def kv_map(bi, hh, qi, j, count_ref, ld_ref, *_):
-      return (bi, hh // g, ld_ref[bi, hh, qi, j] // bk, 0)
+      return (bi, hh // g, ld_ref[bi, hh, qi, last_step(j)] // bk, 0)
   else:
     kv_block = (None, None, pl.Element(bk), d)
 
     def kv_map(bi, hh, qi, j, count_ref, ld_ref, *_):
-      return (bi, hh // g, ld_ref[bi, hh, qi, j], 0)
+      return (bi, hh // g, ld_ref[bi, hh, qi, last_step(j)], 0)
 
   segments = q_seg is not None
   if segments and not aligned:
@@ -169,25 +198,45 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, l
   in_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, j, *_: (bi, hi, qi, 0)),
               pl.BlockSpec(kv_block, kv_map),
               pl.BlockSpec(kv_block, kv_map)]
-  args = [count, ld, lo.astype(jnp.int32), hi.astype(jnp.int32), lens, q, k, v]
+  has_cols = columns is not None
+  ccount = columns.count.astype(jnp.int32) if has_cols else jnp.zeros_like(count)
+  args = [count, ld, lo.astype(jnp.int32), hi.astype(jnp.int32), lens, ccount, q, k, v]
   if segments:  # query ids as [rows, 1] blocks, key ids as [1, keys] blocks (lanes), padding never matches
     args += [jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, nq * bq - t)), constant_values=-1)[:, :, None],
              jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, nk * bk - s)), constant_values=-2)[:, None, :]]
     in_specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, qi, j, *_: (bi, qi, 0)),
                  pl.BlockSpec((None, 1, bk), lambda bi, hi, qi, j, count_ref, ld_ref, *_:
-                              (bi, 0, ld_ref[bi, hi, qi, j] // bk))]
+                              (bi, 0, ld_ref[bi, hi, qi, last_step(j)] // bk))]
+  nc = 0
+  if has_cols:  # K/V rows of the columns gathered once per call (per head, or per query block)
+    cols = columns.index.astype(jnp.int32)                       # [B, H, 1 or nq, n]; -1: dropped
+    nc = max(1, pl.cdiv(cols.shape[-1], bk))
+    cols = jnp.pad(cols, ((0, 0), (0, 0), (0, 0), (0, nc * bk - cols.shape[-1])), constant_values=-1)
+    shared = cols.shape[2] == 1
+    bidx, kvh = jnp.arange(b)[:, None, None, None], (jnp.arange(h) // g)[None, :, None, None]
+    safe = jnp.where(cols >= 0, cols, 0)
+    args += [k[bidx, kvh, safe], v[bidx, kvh, safe], cols[:, :, :, None, :]]   # [B, H, Nq, n, D], positions
+
+    def chunk(bi, hh, qi, j, *prefetch):  # steps before the columns load chunk 0; past the count, the last
+      ccount_ref = prefetch[5]
+      last = jnp.maximum(pl.cdiv(ccount_ref[bi, hh, qi], bk) - 1, 0)
+      return jnp.clip(j - mb, 0, last)
+    in_specs += [pl.BlockSpec((None, None, None, bk, d), lambda bi, hh, qi, j, *pf:
+                              (bi, hh, 0 if shared else qi, chunk(bi, hh, qi, j, *pf), 0))] * 2
+    in_specs.append(pl.BlockSpec((None, None, None, 1, bk), lambda bi, hh, qi, j, *pf:
+                                 (bi, hh, 0 if shared else qi, 0, chunk(bi, hh, qi, j, *pf))))
   aliases = {}
   if poison is not None:  # testing hook: outputs start poisoned; an unwritten element keeps it
     aliases = {len(args): 0, len(args) + 1: 1}
     args += [jnp.full(o.shape, poison, o.dtype) for o in out_shape]
     in_specs += out_specs
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=5, grid=(b, h, nq, mb), in_specs=in_specs, out_specs=out_specs,
+      num_scalar_prefetch=6, grid=(b, h, nq, mb + nc), in_specs=in_specs, out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)])
-  kernel = functools.partial(_kernel, scale=scale, causal=causal, block_q=bq, max_blocks=mb,
+  kernel = functools.partial(_kernel, scale=scale, causal=causal, block_q=bq, max_blocks=mb, steps=mb + nc,
                              aliased=poison is not None, kv_offset=kv_offset, window=window,
-                             segments=segments, lengths=lengths)
+                             segments=segments, lengths=lengths, has_cols=has_cols)
   out, lse = pl.pallas_call(
       kernel, grid_spec=grid_spec, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=pltpu.CompilerParams(
@@ -217,20 +266,19 @@ def _check_blocks(bq, bk, interpret):
 def tpu_block_sparse_attention(q_BTHD, k_BSKD, v_BSKD, layout: BlockSparse, *, scale: float,
                                causal: bool = True, columns=None, interpret: bool = False,
                                _poison: float | None = None, **unused):
-  """Block-sparse attention on a TPU (or in TPU interpret mode on CPU). Returns (out [B,T,H,D],
-  lse [B,T,H] float32). Gathered columns are not supported here (Unsupported: falls through)."""
+  """Block-sparse attention on a TPU (or in TPU interpret mode on CPU), over a `BlockSparse` or
+  `KeyRanges` layout plus optional gathered `Columns` (module docstring). Returns (out [B,T,H,D],
+  lse [B,T,H] float32)."""
   del unused
   check_block_sparse_args(q_BTHD, k_BSKD, v_BSKD, layout, columns, scale=scale, causal=causal)
-  if columns is not None:
-    raise dispatch.Unsupported("the TPU block-sparse kernel takes no gathered columns yet")
   if not interpret and not _on_tpu():
     raise dispatch.Unsupported("the TPU block-sparse kernel needs a TPU; pass interpret=True to run "
                                "it in TPU interpret mode on CPU")
   _check_blocks(layout.block_q, layout.block_k, interpret)
   if q_BTHD.shape[1] == 0 or k_BSKD.shape[1] == 0:
     raise dispatch.Unsupported("empty sequence")
-  return _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, scale=float(scale), causal=bool(causal),
-                           interpret=bool(interpret), poison=_poison)
+  return _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, columns=columns, scale=float(scale),
+                           causal=bool(causal), interpret=bool(interpret), poison=_poison)
 
 
 def causal_layout(b: int, h: int, t: int, s: int, block_q: int, block_k: int, causal: bool,
