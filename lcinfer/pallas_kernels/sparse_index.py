@@ -131,11 +131,6 @@ def canonicalize(layout: BlockSparse, columns: Columns | None, t: int, s: int, c
   new_layout = BlockSparse(count, jnp.where(blocks == nk, 0, blocks), bq, bk)
   if columns is None:
     return new_layout, None
-  cols = columns.index.astype(jnp.int32)
-  jc = jnp.arange(cols.shape[-1], dtype=jnp.int32)
-  okc = (jc < columns.count[..., None]) & (cols >= 0) & (cols < s)
-  if causal:
-    okc = okc & (cols <= last)
   return new_layout, canonical_columns(columns, last, s, causal)
 
 
