@@ -66,12 +66,17 @@ def _check_args(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, scale, window, num_sp
       raise ValueError(f"{name} must be an integer array, got {x.dtype}")
   if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
     raise ValueError(f"window must be a positive int or None, got {window!r}")
+  _check_knobs(num_splits, block_k)
+  if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    raise ValueError(f"scale must be a Python float, got {scale!r}")
+
+
+def _check_knobs(num_splits, block_k):
+  """ValueError for a malformed num_splits / block_k (None: the kernel's default)."""
   if num_splits is not None and (not isinstance(num_splits, int) or num_splits <= 0):
     raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
   if block_k is not None and (not isinstance(block_k, int) or block_k < MIN_BLOCK or block_k & (block_k - 1)):
     raise ValueError(f"block_k must be a power of two >= {MIN_BLOCK} (Triton tile), got {block_k!r}")
-  if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-    raise ValueError(f"scale must be a Python float, got {scale!r}")
 
 
 def decode_reference(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window=None,

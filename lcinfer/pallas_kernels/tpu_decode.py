@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.decode import _check_args, combine_splits, from_kv_head_rows, kv_head_rows
+from lcinfer.pallas_kernels.decode import _check_args, _check_knobs, combine_splits, from_kv_head_rows, kv_head_rows
 from lcinfer.pallas_kernels.quant import QuantizedTensor
 from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu, finish_scratch, init_scratch, online_update, qk_logits
 
@@ -240,8 +240,7 @@ def tpu_quantized_decode_attention(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedT
   from lcinfer.pallas_kernels.decode_quant import _check, merge_residual
   dispatch.triton_only(num_warps=num_warps, num_stages=num_stages, _unpack=_unpack)
   _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual)
-  _check_args(q_BTHD, jax.ShapeDtypeStruct(k_q.shape, q_BTHD.dtype), jax.ShapeDtypeStruct(k_q.shape, q_BTHD.dtype),
-              pos_BKC, q_pos_BT, scale, window, num_splits, block_k)
+  _check_knobs(num_splits, block_k)
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   _check_served(b, t, c, (h // kh) * t, interpret)
