@@ -33,7 +33,7 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     prmt spreads the bytes into 16-bit lanes, lop3 ORs a nibble into the mantissa of 128.0 (the
     "magic number" of fast int4 GEMMs: Kim et al. 2022, Sec. 4), so x = 128 + c exactly.
       keys:   sub.bf16x2 and fma.bf16x2 make c * s + z (per-channel scale row; one rounding),
-              straight into wgmma's A registers: no shared-memory tile, no store, no fence. Each
+              straight into wgmma's A registers: no shared-memory tile and no stores. Each
               thread's pairs land in A columns other than their channels, a fixed permutation
               (`mgpu_inline.key_channel_order`) that the queries (the B side) take too.
       values: a shared-memory tile of x = 128 + c (V^T is wgmma's A, read transposed). The
@@ -160,7 +160,7 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     vs = bkey(plgpu.load(vs_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
     vz = bkey(plgpu.load(vz_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
     kpos = plgpu.load(pos_smem.at[slot], layout=key_layout, optimized=False)
-    plgpu.commit_smem()
+    plgpu.commit_smem()   # fenced the old shared key tile; now only a barrier (untested without it)
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))

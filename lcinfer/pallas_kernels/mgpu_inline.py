@@ -127,7 +127,7 @@ def _unpack_registers(codes, scales, with_scale):
 def int4_dequant_regs_fn(code_bytes: int, bk: int):
   """inline Mosaic GPU: codes smem [bk, code_bytes] uint8 and the per-channel (s, s, z, z) halves ->
   x = c * s + z as a [bk, 2 code_bytes] bf16 array in WGMMA layout (wgmma's A registers), its
-  columns in `key_channel_order`. No shared-memory tile, no store, no fence before the product."""
+  columns in `key_channel_order`: no shared-memory tile and no stores."""
   pg = plgpu()
   import jax.experimental.mosaic.gpu as mgpu
   from jax.experimental.mosaic.gpu import fragmented_array as fa
