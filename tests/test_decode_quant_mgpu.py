@@ -117,18 +117,29 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
   return q, k_q, v_q, jnp.asarray(pos), jnp.asarray(q_pos)
 
 
-@pytest.mark.parametrize("t,h,kh,window,stages,lazy", [(1, 32, 8, None, 2, True), (2, 32, 2, 100, 3, True),
-                                                        (1, 64, 1, None, 2, False), (2, 16, 2, None, 2, True)])
-def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy):
+@pytest.mark.parametrize("t,h,kh,window,stages,lazy,sub", [(1, 32, 8, None, 2, True, 2), (2, 32, 2, 100, 3, True, 2),
+                                                            (1, 64, 1, None, 2, False, 1), (2, 16, 2, None, 2, True, 1)])
+def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub):
   """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 8 (P stored
-  transposed), 16, 32 and 64, the lazy and the every-block maximum."""
+  transposed), 16, 32 and 64, the lazy and the every-block maximum, one or two blocks per stage."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=stages, lazy_max=lazy)
+                            block_k=64, num_stages=stages, lazy_max=lazy, sub=sub)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_stage_blocks_and_splits_hold_whole_stages():
+  """Two blocks per TMA stage only where every split holds whole stages and a stage's key scales are
+  one row or one row per block; an explicit request it cannot meet is a ValueError."""
+  assert mq.stage_blocks(2048, 64, 64) == 2 and mq.stage_blocks(6, 64, 128) == 2
+  assert mq.stage_blocks(3, 64, 64) == 1 and mq.stage_blocks(4, 64, 192) == 1
+  q, k_q, v_q, pos, q_pos = _inputs(1, 1, 8, 2, 192, seed=0)   # 3 blocks
+  with pytest.raises(ValueError, match="allow 1"):
+    mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=None, residual=None, num_splits=2, block_k=64,
+                     num_stages=2, sub=2)
 
 
 @pytest.mark.parametrize("change,why", [

@@ -26,8 +26,10 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     exceeds the max by more than LAZY_TAU = 8 (base 2: P <= 256, exact in bf16 and float32).
     Testing that takes one warp vote and a 4-flag exchange. H100, 128K: 0.107-0.114 ms against
     0.122-0.129 with the max recomputed every block, in the same runs.
-  * TMA brings block j + stages - 1 (codes, the block's key-scale row, per-token value scales,
-    positions) into a ring slot while block j is computed; one barrier per slot.
+  * TMA brings stage j + stages - 1 (codes, the key-scale rows, per-token value scales, positions)
+    into a ring slot while stage j is computed; one barrier per slot. A stage is two 64-key
+    blocks where every split holds whole stages and the key scales allow (`stage_blocks`), so the
+    7 copies and the warpgroup barrier Pallas puts before each are paid once per 128 keys.
   * Dequantization in registers: a thread loads 4 bytes of a row (byte j holds channel j in its
     low nibble and channel j + D/2 in its high one) and one inline PTX block makes 8 bf16 values:
     prmt spreads the bytes into 16-bit lanes, lop3 ORs a nibble into the mantissa of 128.0 (the
@@ -87,6 +89,7 @@ class Geometry:
   scale: float
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
+  sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
 
   @property
   def n_blocks(self) -> int:
@@ -95,6 +98,14 @@ class Geometry:
   @property
   def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
     return next(n for n in (8, 16, 32, 64) if n >= self.rows)
+
+  @property
+  def stage_keys(self) -> int:
+    return self.sub * self.block_k
+
+  @property
+  def scale_rows(self) -> int:  # key-scale rows per stage: 1, or one per block (group = block_k)
+    return 1 if self.group % self.stage_keys == 0 else self.sub
 
   @property
   def p_transposed(self) -> bool:  # N = 8: P is kept as [n_q, bk] (16-byte rows cannot be swizzled)
@@ -112,22 +123,24 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
   first = split * g.blocks_per_split
-  n = jnp.minimum(g.blocks_per_split, g.n_blocks - first)
+  n = jnp.minimum(g.blocks_per_split, g.n_blocks - first)   # blocks of this split (a multiple of sub)
+  n_st = lax.div(n, jnp.int32(g.sub))                          # TMA stages
+  sk, rows = g.stage_keys, g.scale_rows
 
-  def issue(j):  # block `first + j` into slot j % stages
+  def issue(j):  # stage j (blocks first + sub j ..) into slot j % stages
     slot = lax.rem(j, jnp.int32(stages))
-    start = pl.multiple_of((first + j) * bk, bk)
-    keys = pl.ds(start, bk)
+    start = pl.multiple_of(first * bk + j * sk, sk)
+    keys = pl.ds(start, sk)
     grp = lax.div(start, jnp.int32(g.group))
     for src, dst in ((kc_ref.at[b, h, keys], kc_smem), (vc_ref.at[b, h, keys], vc_smem),
-                     (ks_ref.at[b, h, pl.ds(grp, 1)], ks_smem), (kz_ref.at[b, h, pl.ds(grp, 1)], kz_smem),
+                     (ks_ref.at[b, h, pl.ds(grp, rows)], ks_smem), (kz_ref.at[b, h, pl.ds(grp, rows)], kz_smem),
                      (vs_ref.at[b, h, keys], vs_smem), (vz_ref.at[b, h, keys], vz_smem),
                      (pos_ref.at[b, h, keys], pos_smem)):
       plgpu.copy_gmem_to_smem(src, dst.at[slot], full.at[slot])
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar)
   for j in range(stages - 1):
-    pl.when(j < n)(functools.partial(issue, j))
+    pl.when(j < n_st)(functools.partial(issue, j))
 
   wgmma_layout = plgpu.Layout.WGMMA
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
@@ -145,26 +158,21 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
   plgpu.barrier_wait(q_bar)
 
-  def step(j, carry):
+  def block(carry, slot, part):  # the part-th block_k keys of the stage in `slot`
     acc, m, l_part, zb_part = carry
-
-    @pl.when(j + stages - 1 < n)
-    def _():
-      issue(j + stages - 1)
-
-    slot = lax.rem(j, jnp.int32(stages))
-    plgpu.barrier_wait(full.at[slot])
-    kscales = tuple(plgpu.load(r.at[slot, 0, pl.ds(p * half, half)], layout=scol, optimized=False)
+    keys = pl.ds(part * bk, bk)
+    row = 0 if rows == 1 else part
+    kscales = tuple(plgpu.load(r.at[slot, row, pl.ds(p * half, half)], layout=scol, optimized=False)
                     for r in (ks_smem, kz_smem) for p in (0, 1))
-    kd = dequant_k(kc_smem.at[slot], kscales)    # wgmma A registers, columns in key_channel_order
-    vs = bkey(plgpu.load(vs_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
-    vz = bkey(plgpu.load(vz_smem.at[slot], layout=key_layout, optimized=False).astype(jnp.float32))
-    kpos = plgpu.load(pos_smem.at[slot], layout=key_layout, optimized=False)
+    kd = dequant_k(kc_smem.at[slot, keys], kscales)    # wgmma A registers, columns in key_channel_order
+    vs = bkey(plgpu.load(vs_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
+    vz = bkey(plgpu.load(vz_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
+    kpos = plgpu.load(pos_smem.at[slot, keys], layout=key_layout, optimized=False)
     plgpu.commit_smem()   # fenced the old shared key tile; now only a barrier (untested without it)
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
-      dequant_v(vc_smem.at[slot], vd_smem)  # overlaps the product
+      dequant_v(vc_smem.at[slot, keys], vd_smem)  # overlaps the product
       return acc_ref[...]
     s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
 
@@ -203,7 +211,18 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
-  acc, m, l_part, zb_part = lax.fori_loop(0, n, step, (acc, m, zeros, zeros))
+  def stage(j, carry):
+    @pl.when(j + stages - 1 < n_st)
+    def _():
+      issue(j + stages - 1)
+
+    slot = lax.rem(j, jnp.int32(stages))
+    plgpu.barrier_wait(full.at[slot])   # once per arrival: the barrier tracks its phase
+    for part in range(g.sub):
+      carry = block(carry, slot, part)
+    return carry
+
+  acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
   l, zb = l_part.sum(axis=0), zb_part.sum(axis=0)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
@@ -218,18 +237,18 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
 
 def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
   plgpu = mi.plgpu()
-  bk, d, half, st, nq = g.block_k, HEAD_DIM, HEAD_DIM // 2, g.stages, g.n_q
+  bk, d, half, st, nq, sk = g.block_k, HEAD_DIM, HEAD_DIM // 2, g.stages, g.n_q, g.stage_keys
   t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(half, jnp.uint8)
   tp = mi.tiled(g.p_swizzle, jnp.bfloat16)
   scratch = (
       plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),            # queries
-      plgpu.SMEM((st, bk, half), jnp.uint8, transforms=tcode),        # key codes
-      plgpu.SMEM((st, bk, half), jnp.uint8, transforms=tcode),        # value codes
-      plgpu.SMEM((st, 1, d), jnp.bfloat16),                           # key scale row
-      plgpu.SMEM((st, 1, d), jnp.bfloat16),                           # key zero row
-      plgpu.SMEM((st, bk), jnp.bfloat16),                             # value scales
-      plgpu.SMEM((st, bk), jnp.bfloat16),                             # value zeros
-      plgpu.SMEM((st, bk), jnp.int32),                                # positions
+      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # key codes
+      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # value codes
+      plgpu.SMEM((st, g.scale_rows, d), jnp.bfloat16),                # key scale rows
+      plgpu.SMEM((st, g.scale_rows, d), jnp.bfloat16),                # key zero rows
+      plgpu.SMEM((st, sk), jnp.bfloat16),                             # value scales
+      plgpu.SMEM((st, sk), jnp.bfloat16),                             # value zeros
+      plgpu.SMEM((st, sk), jnp.int32),                                # positions
       plgpu.SMEM((bk, d), jnp.bfloat16, transforms=tp),               # value tile, 128 + code
       plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp),  # P or P^T
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
@@ -316,15 +335,27 @@ def quantized_decode_attention_mgpu(q_BTHD, k_q: QuantizedTensor, v_q: Quantized
                        block_k=bk, num_stages=num_stages or 2)
 
 
+def stage_blocks(nb: int, block_k: int, group: int) -> int:
+  """Blocks per TMA stage: 2 when every split can hold whole stages (an even block count) and a
+  stage's key scales are one row or one row per block, else 1."""
+  return 2 if nb % 2 == 0 and (group % (2 * block_k) == 0 or group == block_k) else 1
+
+
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, num_splits, block_k,
-                  num_stages, lazy_max=True):
-  """Builds the geometry and runs (no device checks: the CPU lowering test calls this)."""
+                  num_stages, lazy_max=True, sub=None):
+  """Builds the geometry and runs (no device checks: the CPU lowering test calls this). sub: blocks
+  per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
-  bps = -(-nb // max(1, min(num_splits, nb)))
+  allowed = stage_blocks(nb, block_k, k_q.group)
+  sub = allowed if sub is None else sub
+  if sub not in (1, allowed):
+    raise ValueError(f"{sub} blocks per stage: C = {c} and the key group {k_q.group} allow {allowed}")
+  bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
-               stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max)
+               stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max,
+               sub=sub)
   return merge_residual(_run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT), q_BTHD, q_pos_BT, residual,
                         scale=scale, window=window)
 
