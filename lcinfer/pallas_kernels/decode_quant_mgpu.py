@@ -90,6 +90,8 @@ class Geometry:
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
+  auto_barriers: bool = True  # False: Pallas's automatic barriers off, the kernel's own kept (probe)
+  key_fence: bool = True      # the commit_smem left from the shared key tile (probe: False drops it)
 
   @property
   def n_blocks(self) -> int:
@@ -168,7 +170,8 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     vs = bkey(plgpu.load(vs_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
     vz = bkey(plgpu.load(vz_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
     kpos = plgpu.load(pos_smem.at[slot, keys], layout=key_layout, optimized=False)
-    plgpu.commit_smem()   # fenced the old shared key tile; now only a barrier (untested without it)
+    if g.key_fence:
+      plgpu.commit_smem()   # fenced the old shared key tile; now only a barrier (untested without it)
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
@@ -262,7 +265,8 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
   return plgpu.kernel(
       functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),
       grid_names=("split", "head", "batch"), scratch_types=scratch, kernel_name="lcinfer_qdecode_mgpu",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(q, qpos, kc, ks, kz, vc, vs, vz, pos)
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not g.auto_barriers))(
+          q, qpos, kc, ks, kz, vc, vs, vz, pos)
 
 
 @functools.partial(jax.jit, static_argnames=("g",))
@@ -342,7 +346,7 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, num_splits, block_k,
-                  num_stages, lazy_max=True, sub=None):
+                  num_stages, lazy_max=True, sub=None, auto_barriers=True, key_fence=True):
   """Builds the geometry and runs (no device checks: the CPU lowering test calls this). sub: blocks
   per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
@@ -355,7 +359,7 @@ def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residua
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
                stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max,
-               sub=sub)
+               sub=sub, auto_barriers=auto_barriers, key_fence=key_fence)
   return merge_residual(_run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT), q_BTHD, q_pos_BT, residual,
                         scale=scale, window=window)
 
