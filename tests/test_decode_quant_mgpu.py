@@ -95,6 +95,45 @@ def test_register_key_tile_column_order_matches_the_layouts():
   assert checked == 64 * 128
 
 
+def test_register_value_tile_rows_match_ldmatrix_and_the_layout():
+  """The value tile built in wgmma's A registers (V^T, [128, 64]) by two `ldmatrix.x4.trans` per
+  thread and VALUE_UNPACK_ASM: for every thread, the element at A row R, key column kappa must be
+  128 + the code of channel value_channel_order[R] of key kappa. Models: the 64-byte TMA swizzle
+  of the code tile, ldmatrix's transposed 8x8 b16 fragments (PTX ISA), the unpacking PTX (numpy),
+  and the A layout from Mosaic's own tiling arithmetic."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from lcinfer.pallas_kernels.mgpu_inline import VALUE_UNPACK_ASM, ldmatrix_row_offsets, value_channel_order
+  order = value_channel_order(64)
+  assert sorted(order.tolist()) == list(range(128))
+  rng = np.random.default_rng(3)
+  tile = rng.integers(0, 256, (64, 64), dtype=np.uint8)               # [key, byte]
+  codes = np.concatenate([tile & 0xF, tile >> 4], axis=1)              # [key, channel]
+  smem = np.zeros(64 * 64, np.uint8)                                   # the tile as TMA writes it
+  for key, byte in np.ndindex(64, 64):
+    smem[64 * key + 16 * ((byte // 16) ^ ((key >> 1) & 3)) + byte % 16] = tile[key, byte]
+  offsets = ldmatrix_row_offsets(64)
+  a_regs = _layout_cells(fa.WGMMA_LAYOUT, (128, 64))
+  checked = 0
+  for w in range(4):
+    words = {}   # (x4 load, matrix i, lane) -> the 32-bit register ldmatrix.trans gives the lane
+    for x, i in np.ndindex(2, 4):
+      rows = [offsets[w, 8 * i + r] + 2048 * x for r in range(8)]      # lanes 8 i .. 8 i + 7 supply matrix i
+      mat = np.stack([smem[a:a + 16].view("<u2") for a in rows])       # [8 keys, 8 byte pairs]
+      for lane in range(32):
+        lo, hi = mat[2 * (lane % 4), lane // 4], mat[2 * (lane % 4) + 1, lane // 4]
+        words[(x, i, lane)] = int(lo) | (int(hi) << 16)
+    for (x, i, lane), word in words.items():
+      regs = emulate_ptx(VALUE_UNPACK_ASM, {"$4": np.array([word], np.uint32)}, jnp.bfloat16)
+      for slot, (mt, rh) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        reg = (mt, 4 * x + i, 0, 0, rh, 0, 0, 0, 0)
+        pair = np.array([regs[f"${slot}"][0] & 0xFFFF, regs[f"${slot}"][0] >> 16], np.uint16).view(jnp.bfloat16)
+        for v in range(2):
+          row, key = a_regs[(reg, w, lane, v)]
+          assert float(pair[v]) == 128.0 + codes[key, order[row]], (w, lane, reg, v)
+          checked += 1
+  assert checked == 128 * 64
+
+
 def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False, trend=None):
   rng = np.random.default_rng(seed)
   d = 128

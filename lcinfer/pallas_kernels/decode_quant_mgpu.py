@@ -59,6 +59,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -90,8 +91,9 @@ class Geometry:
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
-  auto_barriers: bool = True  # False: Pallas's automatic barriers off, the kernel's own kept (probe)
-  key_fence: bool = True      # the commit_smem left from the shared key tile (probe: False drops it)
+  auto_barriers: bool = False  # True: Pallas's automatic barriers too (probe); the kernel's own suffice
+  key_fence: bool = False      # a commit_smem after the key dequantization (probe)
+  v_regs: bool = True          # the value tile straight into A registers (False: through shared memory)
 
   @property
   def n_blocks(self) -> int:
@@ -148,7 +150,7 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
   dequant_k = mi.int4_dequant_regs_fn(half, bk)
-  dequant_v = mi.int4_dequant_fn(g.p_swizzle, half)
+  dequant_v = mi.int4_value_regs_fn(half, bk) if g.v_regs else mi.int4_dequant_fn(g.p_swizzle, half)
   any_above = mi.any_above_fn() if g.lazy_max else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
@@ -175,9 +177,12 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
-      dequant_v(vc_smem.at[slot, keys], vd_smem)  # overlaps the product
-      return acc_ref[...]
-    s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+      if g.v_regs:   # overlaps the product
+        return acc_ref[...], dequant_v(vc_smem.at[slot, keys])
+      dequant_v(vc_smem.at[slot, keys], vd_smem)
+      return acc_ref[...], None
+    s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+    vt = vd_smem.transpose((1, 0)) if vt is None else vt
 
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
     keep = kp <= qpos_b
@@ -209,8 +214,8 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
       p_smem[...] = p16
     plgpu.commit_smem()
 
-    def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code)
-      plgpu.wgmma(acc_ref, vd_smem.transpose((1, 0)), p_smem.transpose((1, 0)) if g.p_transposed else p_smem)
+    def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
+      plgpu.wgmma(acc_ref, vt, p_smem.transpose((1, 0)) if g.p_transposed else p_smem)
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
@@ -252,7 +257,7 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((st, sk), jnp.bfloat16),                             # value scales
       plgpu.SMEM((st, sk), jnp.bfloat16),                             # value zeros
       plgpu.SMEM((st, sk), jnp.int32),                                # positions
-      plgpu.SMEM((bk, d), jnp.bfloat16, transforms=tp),               # value tile, 128 + code
+      plgpu.SMEM((bk if not g.v_regs else 8, d), jnp.bfloat16, transforms=tp),  # value tile (v_regs: unused)
       plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp),  # P or P^T
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
@@ -275,7 +280,10 @@ def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT):
   q = q[..., mi.key_channel_order(HEAD_DIM // 2)]   # the register key tile's column order
   o_part, lse_part = _call(g, q.astype(jnp.bfloat16), qpos, k_q.codes, k_q.scale, k_q.zero, v_q.codes,
                            v_q.scale[..., 0], v_q.zero[..., 0], pos_BKC.astype(jnp.int32))
-  out, lse = from_kv_head_rows(*combine_splits(jnp.swapaxes(o_part, -1, -2), lse_part, g.rows),
+  o_part = jnp.swapaxes(o_part, -1, -2)
+  if g.v_regs:   # O^T's rows came in the register value tile's channel order
+    o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
+  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows),
                                q_BTHD.shape[1])
   return out.astype(q_BTHD.dtype), lse
 
@@ -346,7 +354,8 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, num_splits, block_k,
-                  num_stages, lazy_max=True, sub=None, auto_barriers=True, key_fence=True):
+                  num_stages, lazy_max=True, sub=None, auto_barriers=False, key_fence=False,
+                  v_regs=True):
   """Builds the geometry and runs (no device checks: the CPU lowering test calls this). sub: blocks
   per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
@@ -359,7 +368,7 @@ def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residua
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
                stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max,
-               sub=sub, auto_barriers=auto_barriers, key_fence=key_fence)
+               sub=sub, auto_barriers=auto_barriers, key_fence=key_fence, v_regs=v_regs)
   return merge_residual(_run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT), q_BTHD, q_pos_BT, residual,
                         scale=scale, window=window)
 

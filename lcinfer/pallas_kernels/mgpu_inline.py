@@ -155,6 +155,90 @@ def int4_dequant_regs_fn(code_bytes: int, bk: int):
   return dequant
 
 
+VALUE_UNPACK_ASM = "\n".join([
+    "{", ".reg .b32 t;",
+    "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;",
+    "shr.b32 t, $4, 8;", "lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;",
+    "shr.b32 t, $4, 4;", "lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;",
+    "shr.b32 t, $4, 12;", "lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;", "}"])
+"""PTX: $4 = one register of `ldmatrix .trans` over the value codes, bytes (k.2p, k.2p+1, k1.2p, k1.2p+1)
+of keys k, k + 1 -> four bf16x2 pairs (key k low, key k + 1 high) of x = 128 + code: $0 the low nibble
+of byte 2p, $1 of byte 2p + 1, $2 the high nibble of byte 2p, $3 of byte 2p + 1. No prmt: the
+two keys' bytes already sit 16 bits apart."""
+
+
+def value_channel_order(code_bytes: int = 64) -> np.ndarray:
+  """order[R]: the channel that row R of the value tile built by `int4_value_regs_fn` holds (V^T as
+  wgmma's A, [D, bk]); O^T comes out with its rows in this order. A row R = 64 mt + 16 w + 8 rh + j
+  of warp w, lane j * 4 + i holds byte 16 w + 2 j (+1 if rh) of the codes, its low nibble (mt = 0,
+  channel b) or its high one (mt = 1, channel b + D/2)."""
+  if code_bytes != 64:
+    raise ValueError(f"register value tiles need head_dim 128 (code_bytes 64), got {code_bytes}")
+  order = np.empty(2 * code_bytes, np.int64)
+  for mt, w, rh, j in np.ndindex(2, 4, 2, 8):
+    order[64 * mt + 16 * w + 8 * rh + j] = code_bytes * mt + 16 * w + 2 * j + rh
+  return order
+
+
+def ldmatrix_row_offsets(code_bytes: int = 64) -> np.ndarray:
+  """offsets[w, lane]: the byte offset (in a [bk, code_bytes] uint8 tile with a 64-byte TMA
+  swizzle) of the 16-byte row that lane supplies to warp w's first `ldmatrix.x4.trans`: matrix
+  lane // 8 (keys 8 (lane // 8) ..), row lane % 8, and the warp's 16-byte chunk w, moved by the
+  swizzle (chunk ^ bits 7-8 of the address, i.e. (key // 2) % 4). The next x4 is 2048 bytes on."""
+  offsets = np.empty((4, 32), np.int64)
+  for w, lane in np.ndindex(4, 32):
+    key = 8 * (lane // 8) + lane % 8
+    offsets[w, lane] = code_bytes * key + 16 * (w ^ ((key >> 1) & 3))
+  return offsets
+
+
+def int4_value_regs_fn(code_bytes: int, bk: int):
+  """inline Mosaic GPU: value codes smem [bk, code_bytes] uint8 (TMA, 64-byte swizzle) -> V^T as a
+  [2 code_bytes, bk] bf16 array in WGMMA layout (wgmma's A registers) holding x = 128 + code, rows
+  in `value_channel_order`. Each thread reads its codes with two `ldmatrix.x4.trans` (bk = 64) at
+  the addresses of `ldmatrix_row_offsets`: the transposed 8x8 b16 load hands it byte pair p of two
+  consecutive keys in one register, so the unpacking is 3 shifts and 4 lop3 per 8 values, and
+  nothing goes through shared memory."""
+  pg = plgpu()
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+
+  if code_bytes != 64 or bk % 32:
+    raise ValueError(f"register value tiles need code_bytes 64 and bk a multiple of 32, got {code_bytes}, {bk}")
+  code_t = pg.RefType(tiled(code_bytes, jnp.uint8))
+
+  @pg.inline_mgpu(arg_types=(code_t,),
+                  return_type=pg.ShapeDtypeStruct((2 * code_bytes, bk), jnp.bfloat16, layout=pg.Layout.WGMMA))
+  def load(ctx, codes_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    k = lambda v: arith.constant(i32, v)  # noqa: E731
+    tid = mu.thread_idx()
+    lane, warp = arith.andi(tid, k(31)), arith.andi(arith.shrui(tid, k(5)), k(3))
+    key = lane   # 8 (lane // 8) + lane % 8: the row this lane supplies (ldmatrix_row_offsets)
+    chunk = arith.xori(warp, arith.andi(arith.shrui(key, k(1)), k(3)))
+    off = arith.addi(arith.muli(key, k(code_bytes)), arith.muli(chunk, k(16)))
+    base = arith.addi(llvm.ptrtoint(i32, mu.memref_ptr(codes_ref)), off)
+    out = np.empty(fa.WGMMA_LAYOUT.registers_shape((2 * code_bytes, bk)), dtype=object)
+    quad = llvm.StructType.get_literal([i32] * 4)
+    for x in range(bk // 32):
+      loaded = llvm.inline_asm(quad, [arith.addi(base, k(32 * code_bytes * x))],
+                               "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4];",
+                               "=r,=r,=r,=r,r", has_side_effects=True)
+      for i in range(4):
+        g = 4 * x + i   # keys 8 g ..: A column tile g
+        res = llvm.inline_asm(quad, [llvm.extractvalue(i32, loaded, [i])], VALUE_UNPACK_ASM, "=r,=r,=r,=r,r")
+        for slot, (mt, rh) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+          out[(mt, g, 0, 0, rh, 0, 0, 0, 0)] = mu.bitcast(llvm.extractvalue(i32, res, [slot]), pair)
+    return mgpu.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+  return load
+
+
 def any_above_fn(layout=None):
   """any_above(s, bound, flags) -> a warpgroup-uniform bool scalar: does any element of s exceed
   bound (same shape, both in `layout`, default WGMMA)? Inline Mosaic GPU: each thread ORs its
