@@ -26,7 +26,7 @@ if kind == "mgpu":  # the Mosaic GPU int4 kernel
   v = quant.quantize(v, bits=4, axis="token", group=d, scale_dtype=jnp.bfloat16)
   cfg = dict(num_splits=49, num_stages=2)   # knobs as key=int, e.g. num_splits=49 narrow=0 overlap=1
   cfg.update({key: int(val) for key, val in (a.split("=") for a in sys.argv[2:])})
-  cfg = {key: bool(val) if key in ("lazy_max", "auto_barriers", "key_fence") else val for key, val in cfg.items()}
+  cfg = {key: bool(val) if key in ("lazy_max", "auto_barriers", "key_fence", "v_regs") else val for key, val in cfg.items()}
   f = jax.jit(lambda q, k, v, pos, qp: _dispatch_run(q, k, v, pos, qp, scale=d ** -0.5, window=None, residual=None,
                                                      block_k=64, **cfg)[0])
 elif kind == "bf16":
