@@ -10,6 +10,7 @@
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
+#   qparts           probes/qdecode_parts_probe.py (int4 Hopper decode: whole call vs its parts; residual errors)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -30,7 +31,9 @@ for step in "$@"; do
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
     qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
                | grep -E "^check|^int4|^bf16|rror" | tee -a "$out/qdecode.log" | tail -40 ;;
+    qparts) timeout 300 python3 benchmarks/probes/qdecode_parts_probe.py 2>&1 | grep -E "^parts|^bf16|^residual|rror" \
+              | tee -a "$out/qparts.log" ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
-    *) echo "unknown step: $step (tests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qsass)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qsass)"; exit 2 ;;
   esac
 done

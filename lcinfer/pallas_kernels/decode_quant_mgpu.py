@@ -274,18 +274,29 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
           q, qpos, kc, ks, kz, vc, vs, vz, pos)
 
 
+def _prepare(g: Geometry, q_BTHD, q_pos_BT):
+  """Queries as the kernel takes them: one [n_q, D] tile per kv head, columns in the key tile's order."""
+  q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
+  return q[..., mi.key_channel_order(HEAD_DIM // 2)].astype(jnp.bfloat16), qpos
+
+
+def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
+  """The splits' partial O^T (rows in the value tile's order) combined by lse -> (out, lse)."""
+  o_part = jnp.swapaxes(o_part, -1, -2)
+  if g.v_regs:
+    o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
+  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows), t)
+  return out.astype(dtype), lse
+
+
+def _cache_args(k_q, v_q, pos_BKC):
+  return (k_q.codes, k_q.scale, k_q.zero, v_q.codes, v_q.scale[..., 0], v_q.zero[..., 0], pos_BKC.astype(jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("g",))
 def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT):
-  q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
-  q = q[..., mi.key_channel_order(HEAD_DIM // 2)]   # the register key tile's column order
-  o_part, lse_part = _call(g, q.astype(jnp.bfloat16), qpos, k_q.codes, k_q.scale, k_q.zero, v_q.codes,
-                           v_q.scale[..., 0], v_q.zero[..., 0], pos_BKC.astype(jnp.int32))
-  o_part = jnp.swapaxes(o_part, -1, -2)
-  if g.v_regs:   # O^T's rows came in the register value tile's channel order
-    o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
-  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows),
-                               q_BTHD.shape[1])
-  return out.astype(q_BTHD.dtype), lse
+  o_part, lse_part = _call(g, *_prepare(g, q_BTHD, q_pos_BT), *_cache_args(k_q, v_q, pos_BKC))
+  return _finish(g, o_part, lse_part, q_BTHD.shape[1], q_BTHD.dtype)
 
 
 def served(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, block_k: int) -> str | None:
@@ -353,11 +364,9 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
   return 2 if nb % 2 == 0 and (group % (2 * block_k) == 0 or group == block_k) else 1
 
 
-def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, num_splits, block_k,
-                  num_stages, lazy_max=True, sub=None, auto_barriers=False, key_fence=False,
-                  v_regs=True):
-  """Builds the geometry and runs (no device checks: the CPU lowering test calls this). sub: blocks
-  per TMA stage (None: `stage_blocks`)."""
+def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True, sub=None,
+             auto_barriers=False, key_fence=False, v_regs=True) -> Geometry:
+  """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
@@ -366,9 +375,15 @@ def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residua
   if sub not in (1, allowed):
     raise ValueError(f"{sub} blocks per stage: C = {c} and the key group {k_q.group} allow {allowed}")
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
-  g = Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps), blocks_per_split=bps,
-               stages=num_stages, group=k_q.group, scale=float(scale), window=window, lazy_max=lazy_max,
-               sub=sub, auto_barriers=auto_barriers, key_fence=key_fence, v_regs=v_regs)
+  return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
+                  blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
+                  lazy_max=lazy_max, sub=sub, auto_barriers=auto_barriers, key_fence=key_fence, v_regs=v_regs)
+
+
+def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):
+  """Builds the geometry (`geometry`'s knobs) and runs; no device checks (the CPU lowering test
+  calls this)."""
+  g = geometry(q_BTHD, k_q, scale=scale, window=window, **knobs)
   return merge_residual(_run(g, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT), q_BTHD, q_pos_BT, residual,
                         scale=scale, window=window)
 
