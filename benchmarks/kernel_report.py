@@ -13,6 +13,12 @@ import traceback
 
 import jax
 
+def rand(key, shape, dtype=None):
+  """Standard normal inputs in dtype (default bfloat16), drawn in float32."""
+  import jax.numpy as jnp
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype or jnp.bfloat16)
+
+
 def prepare(fn, *args):
   """(compiled, compile seconds, burst): compiled once, warmed up, and a burst length of
   back-to-back calls that lasts ~20 ms (so that short kernels are not timed through Python

@@ -10,6 +10,9 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+# what each notebook must print (its cells assert their own results too)
+EXPECTED = {"quickstart.ipynb": ["| dense |", "score: 1.0"],
+            "kernels.ipynb": ["| flash_attention |", "| block_sparse_attention |", "| quantized_decode_attention |"]}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -22,4 +25,6 @@ def test_notebook_runs(path, tmp_path):
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   text = "".join(o.get("text", "") for o in outputs)
-  assert "| dense |" in text and "score: 1.0" in text
+  assert path.name in EXPECTED, f"add {path.name}'s expected output to EXPECTED"
+  for want in EXPECTED[path.name]:
+    assert want in text, want
