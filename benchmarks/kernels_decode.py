@@ -2,10 +2,12 @@
 quantized kernel's config sweep), split out to keep that file small. Run through kernels.py."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from kernel_report import attempt, bench, rand
+from kernel_report import attempt, bench, bench_in_jit, rand
 from lcinfer.pallas_kernels import quant
 from lcinfer.pallas_kernels.decode import decode_attention
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention
@@ -34,7 +36,8 @@ def run_decode(args, rows, copy_gbs, configs=None):
         *a, scale=d ** -0.5, interpret=args.smoke, **cfg)[0])(cfg)
   bf16_ms = None
   for name, f in impls.items():
-    r = attempt(rows, f"decode {name} C={c} bf16", lambda: bench(f, q, k, v, pos, qp, reps=max(args.reps, 20)))
+    timer = bench if configs else functools.partial(bench_in_jit, copies=2 if args.smoke else 8)
+    r = attempt(rows, f"decode {name} C={c} bf16", lambda: timer(f, q, k, v, pos, qp, reps=max(args.reps, 20)))
     r.update(section="tune_decode" if configs else "decode", impl=name, C=c, cache="bf16", kv_heads=kh)
     if "ms" in r:
       r["GB/s"] = nbytes / (r["ms"] * 1e-3) / 1e9
@@ -56,7 +59,9 @@ def run_decode(args, rows, copy_gbs, configs=None):
     for name, fn in impls.items():
       def fq(q, kq, vq, pos, qp, fn=fn):
         return fn(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke)[0]
-      r = attempt(rows, f"decode {name} int{bits} C={c}", lambda: bench(fq, q, kq, vq, pos, qp, reps=max(args.reps, 20)))
+      r = attempt(rows, f"decode {name} int{bits} C={c}",
+                  lambda: bench_in_jit(fq, q, kq, vq, pos, qp, copies=2 if args.smoke else 8,
+                                      reps=max(args.reps, 20)))
       r.update(section="decode", impl=name, C=c, cache=f"int{bits} (K per-channel g64, V per-token; bf16 scales)",
                kv_heads=kh, bytes=qbytes)
       if "ms" in r:
