@@ -26,7 +26,7 @@ for step in "$@"; do
              | tee -a "$out/tests.log" ;;
     vs) timeout 200 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
           --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x128}" 2>&1 | tables 12 ;;
-    kernels) timeout 240 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
+    kernels) timeout 330 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
     prep) timeout 150 python3 benchmarks/probes/vs_prep_probe.py 2>&1 | tables 12 ;;
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
     qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
