@@ -49,17 +49,19 @@ def bench(fn, *args, reps: int = 7) -> dict:
   return {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps, "burst": burst}
 
 
-def bench_in_jit(fn, first, *rest, copies: int = 8, reps: int = 7) -> dict:
+def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7) -> dict:
   """`bench` for calls shorter than their host dispatch (decode: a jitted call costs ~50-70 us of
   Python and runtime on the H200 host, as long as an int4 decode kernel): `copies` calls traced into
-  one executable, call i on its own first argument (`first` rolled by i along its last axis, so XLA
-  cannot merge them), timed as one. 'ms' is per call, the GPU's time as inside a model's decode
-  step; 'ms_dispatch' is `bench`'s one call per dispatch, for comparison."""
-  firsts = jax.numpy.stack([jax.numpy.roll(first, i, axis=-1) for i in range(copies)])
-  r = bench(lambda firsts, *rest: [fn(firsts[i], *rest) for i in range(copies)], firsts, *rest, reps=reps)
+  one executable, each on its own copy of every argument (distinct buffers: no L2 reuse between
+  calls, and nothing XLA can merge or fuse across them), timed as one. 'ms' is per call, the GPU's
+  time as inside a model's decode step; 'ms_dispatch' is `bench`'s one call per dispatch."""
+  copy = lambda x: jax.numpy.array(x, copy=True)  # noqa: E731
+  all_args = [jax.tree.map(copy, args) for _ in range(copies)]
+  r = bench(lambda all_args: [fn(*a) for a in all_args], all_args, reps=reps)
+  del all_args
   r["ms"] /= copies
   r["copies"] = copies
-  r["ms_dispatch"] = bench(fn, first, *rest, reps=reps)["ms"]
+  r["ms_dispatch"] = bench(fn, *args, reps=reps)["ms"]
   return r
 
 
@@ -154,9 +156,9 @@ def markdown(info, rows, command) -> str:
          f"- command: `{command}`",
          "- timing: compiled once (compile time apart), warm-up, then the median of 7 samples (20 for decode),",
          "  each a burst of back-to-back calls (~20 ms) ended by one sync (dense implementations: their",
-         "  samples taken in turn); fresh random bf16 inputs. Decode: 8 calls (distinct queries) in one",
-         "  executable, time / 8, since one jitted call per dispatch costs ~50-70 us of host time, as long",
-         "  as the int4 kernel; the one-call-per-dispatch time is shown beside it", ""]
+         "  samples taken in turn); fresh random bf16 inputs. Decode: 8 calls, each on its own copy of every",
+         "  input, in one executable, time / 8: one jitted call per dispatch costs ~50-70 us of host time,",
+         "  as long as the int4 kernel. The one-call-per-dispatch time is shown beside it", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:
