@@ -44,7 +44,6 @@ def parts():
 
 def residual_case():
   from test_decode_quant_mgpu import _inputs
-  from helpers import assert_matches_oracle  # noqa: F401 (the measure below is its own)
   b, t, h, kh, c = 1, 3, 16, 4, 512
   q, k_q, v_q, pos, q_pos = _inputs(b, t, h, kh, c, seed=zlib_seed("residual"), holes=True)
   n, rng = 40, np.random.default_rng(7)

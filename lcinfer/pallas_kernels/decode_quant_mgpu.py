@@ -91,9 +91,6 @@ class Geometry:
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
-  auto_barriers: bool = False  # True: Pallas's automatic barriers too (probe); the kernel's own suffice
-  key_fence: bool = False      # a commit_smem after the key dequantization (probe)
-  v_regs: bool = True          # the value tile straight into A registers (False: through shared memory)
 
   @property
   def n_blocks(self) -> int:
@@ -121,8 +118,8 @@ class Geometry:
 
 
 def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
-          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, vd_smem,
-          p_smem, o_smem, lse_smem, flags, full, q_bar):
+          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, p_smem,
+          o_smem, lse_smem, flags, full, q_bar):
   plgpu = mi.plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
@@ -150,7 +147,7 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
   dequant_k = mi.int4_dequant_regs_fn(half, bk)
-  dequant_v = mi.int4_value_regs_fn(half, bk) if g.v_regs else mi.int4_dequant_fn(g.p_swizzle, half)
+  dequant_v = mi.int4_value_regs_fn(half, bk)
   any_above = mi.any_above_fn() if g.lazy_max else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
@@ -172,17 +169,11 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     vs = bkey(plgpu.load(vs_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
     vz = bkey(plgpu.load(vz_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
     kpos = plgpu.load(pos_smem.at[slot, keys], layout=key_layout, optimized=False)
-    if g.key_fence:
-      plgpu.commit_smem()   # fenced the old shared key tile; now only a barrier (untested without it)
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
-      if g.v_regs:   # overlaps the product
-        return acc_ref[...], dequant_v(vc_smem.at[slot, keys])
-      dequant_v(vc_smem.at[slot, keys], vd_smem)
-      return acc_ref[...], None
+      return acc_ref[...], dequant_v(vc_smem.at[slot, keys])   # V^T's registers, under the product
     s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-    vt = vd_smem.transpose((1, 0)) if vt is None else vt
 
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
     keep = kp <= qpos_b
@@ -257,7 +248,6 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((st, sk), jnp.bfloat16),                             # value scales
       plgpu.SMEM((st, sk), jnp.bfloat16),                             # value zeros
       plgpu.SMEM((st, sk), jnp.int32),                                # positions
-      plgpu.SMEM((bk if not g.v_regs else 8, d), jnp.bfloat16, transforms=tp),  # value tile (v_regs: unused)
       plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp),  # P or P^T
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
@@ -270,7 +260,7 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
   return plgpu.kernel(
       functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),
       grid_names=("split", "head", "batch"), scratch_types=scratch, kernel_name="lcinfer_qdecode_mgpu",
-      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not g.auto_barriers))(
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))(
           q, qpos, kc, ks, kz, vc, vs, vz, pos)
 
 
@@ -283,8 +273,7 @@ def _prepare(g: Geometry, q_BTHD, q_pos_BT):
 def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
   """The splits' partial O^T (rows in the value tile's order) combined by lse -> (out, lse)."""
   o_part = jnp.swapaxes(o_part, -1, -2)
-  if g.v_regs:
-    o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
+  o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
   out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows), t)
   return out.astype(dtype), lse
 
@@ -366,8 +355,8 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
   return 2 if nb % 2 == 0 and (group % (2 * block_k) == 0 or group == block_k) else 1
 
 
-def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True, sub=None,
-             auto_barriers=False, key_fence=False, v_regs=True) -> Geometry:
+def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
+             sub=None) -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
@@ -379,7 +368,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub, auto_barriers=auto_barriers, key_fence=key_fence, v_regs=v_regs)
+                  lazy_max=lazy_max, sub=sub)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -1,12 +1,13 @@
 """Inline Mosaic GPU building blocks (`plgpu.inline_mgpu`) for lcinfer's Hopper kernels: register-level
 work that Pallas does not express. Used by `decode_quant_mgpu.py` and `flash_mgpu_kernel.py`.
 
-  * int4 unpacking: one PTX block turns 4 packed code bytes (bit planes over channel halves, as
-    `quant.py` packs them) into 8 bf16 values, by the "magic number" of fast int4 GEMMs (Kim et
-    al. 2022, Sec. 4). lop3 ORs a nibble into the mantissa of 128.0 (x = 128 + c exactly), then
-    optionally sub + fma make c * s + z with one rounding. The result goes either to a swizzled
-    shared-memory tile (`int4_dequant_fn`) or straight into wgmma's A registers with a fixed
-    column permutation (`int4_dequant_regs_fn`, `key_channel_order`).
+  * int4 tiles straight into wgmma's A registers, by the "magic number" of fast int4 GEMMs (Kim et
+    al. 2022, Sec. 4): lop3 ORs a nibble into the mantissa of 128.0 (x = 128 + c exactly).
+    Keys (`int4_dequant_regs_fn`): 4 code bytes of a row (bit planes over channel halves, as
+    `quant.py` packs them) -> 8 values c * s + z (sub + fma, one rounding), columns in a fixed
+    permutation (`key_channel_order`) that the queries take too. Values (`int4_value_regs_fn`):
+    V^T read by `ldmatrix.trans`, which puts two keys' bytes in one register, -> x = 128 + c with
+    3 shifts and 4 lop3 per 8 values, rows in `value_channel_order` (O^T's rows come out in it).
   * a warpgroup-wide "any element above its bound": a warp vote plus one flag per warp in shared
     memory, read back as one uniform scalar. With LAZY_TAU and `finite`, the lazy maximum that both
     Hopper attention kernels use (FlashAttention-4's conditional rescaling).
@@ -32,55 +33,20 @@ def plgpu():
   return module
 
 
-def int4_unpack_asm(with_scale: bool) -> str:
-  """PTX: $4 = 4 code bytes (channels c..c+3 in the low nibbles, c+D/2.. in the high ones) -> $0, $1:
-  the low channels, $2, $3: the high ones, as bf16x2 pairs of x = 128 + code (lop3 ORs the nibble
-  into the mantissa of 128.0). with_scale: then c * s + z, exactly c = x - 128 (sub) and one
-  rounding (fma), scale pairs in $5..$8, zero pairs in $9..$12 (low 01, 23, high 01, 23)."""
+def int4_unpack_asm() -> str:
+  """PTX: $4 = 4 code bytes of a key row (channels c..c+3 in the low nibbles, c+D/2.. in the high
+  ones) -> $0, $1: the low channels, $2, $3: the high ones, as bf16x2 pairs of c * s + z: lop3 ORs
+  the nibble into the mantissa of 128.0 (x = 128 + code exactly), sub makes c = x - 128 exactly,
+  fma applies the scale pairs $5..$8 and zero pairs $9..$12 (low 01, 23, high 01, 23) with one
+  rounding."""
   lines = ["{", ".reg .b32 z, a, b, t, m;", "mov.b32 z, 0;", "mov.b32 m, 0x43004300;",
            "prmt.b32 a, $4, z, 0x4140;", "prmt.b32 b, $4, z, 0x4342;"]
   for out, src in enumerate(("a", "b", "a", "b")):
     if out == 2:  # a >> 4 lets byte 1's low nibble into bits 12-15 of lane 0: the mask drops it
       lines += ["shr.b32 a, a, 4;", "shr.b32 b, b, 4;"]
-    if with_scale:
-      lines += [f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA;", "sub.rn.bf16x2 t, t, m;",
-                f"fma.rn.bf16x2 ${out}, t, ${5 + out}, ${9 + out};"]
-    else:
-      lines.append(f"lop3.b32 ${out}, {src}, 0x000F000F, 0x43004300, 0xEA;")
+    lines += [f"lop3.b32 t, {src}, 0x000F000F, 0x43004300, 0xEA;", "sub.rn.bf16x2 t, t, m;",
+              f"fma.rn.bf16x2 ${out}, t, ${5 + out}, ${9 + out};"]
   return "\n".join(lines + ["}"])
-
-
-def int4_dequant_fn(out_swizzle: int, code_bytes: int):
-  """inline Mosaic GPU: codes smem [bk, code_bytes] uint8 (D = 2 code_bytes) -> out smem [bk, D] bf16
-  (tiled, swizzled) holding x = 128 + c (the value tile; its scales are applied outside)."""
-  pg = plgpu()
-  import jax.experimental.mosaic.gpu as mgpu
-  from jax.experimental.mosaic.gpu import fragmented_array as fa
-  from jax.experimental.mosaic.gpu import utils as mu
-  from jax._src.lib.mlir import ir
-
-  layout = fa.WGMMA_LAYOUT_8BIT
-  code_t = pg.RefType(tiled(code_bytes, jnp.uint8))
-  out_t = pg.RefType(tiled(out_swizzle, jnp.bfloat16))
-
-  @pg.inline_mgpu(arg_types=(code_t, out_t))
-  def dequant(ctx, codes_ref, out_ref):
-    del ctx
-    pair = ir.VectorType.get((2,), ir.BF16Type.get())
-    codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=code_bytes, is_signed=False, layout=layout)
-    lo = np.empty_like(codes.registers)
-    hi = np.empty_like(codes.registers)
-    for idx, outs in _unpack_registers(codes, (), False):
-      outs = [mu.bitcast(o, pair) for o in outs]
-      lo[idx] = mu.vector_concat(outs[:2])
-      hi[idx] = mu.vector_concat(outs[2:])
-    tiles = ir.MemRefType(out_ref.type).shape[1]   # [bk/8, D/w, 8, w]
-    for part, regs in ((0, lo), (1, hi)):
-      arr = mgpu.FragmentedArray(_registers=regs, _layout=layout, _is_signed=None)
-      cols = slice(part * tiles // 2, (part + 1) * tiles // 2)
-      arr.store_tiled(mu.memref_slice(out_ref, (slice(None), cols)), swizzle=out_swizzle)
-
-  return dequant
 
 
 def a_column_tile(j: int, p: int) -> int:
@@ -101,7 +67,7 @@ def key_channel_order(code_bytes: int = 64) -> np.ndarray:
   return order
 
 
-def _unpack_registers(codes, scales, with_scale):
+def _unpack_registers(codes, scales):
   """Per code register of `codes` (WGMMA_LAYOUT_8BIT, [bk, D/2] uint8): the four bf16x2 pairs of
   `int4_unpack_asm` (low 01, low 23, high 01, high 23) as i32 values."""
   from jax.experimental.mosaic.gpu import utils as mu
@@ -113,9 +79,9 @@ def _unpack_registers(codes, scales, with_scale):
   def words(v):  # vector<4xbf16> -> two i32 (pairs 01, 23)
     return [mu.bitcast(mu.vector_slice(v, slice(i, i + 2)), i32) for i in (0, 2)]
 
-  asm = int4_unpack_asm(with_scale)
+  asm = int4_unpack_asm()
   out_ty = llvm.StructType.get_literal([i32] * 4)
-  constraints = "=r,=r,=r,=r," + ",".join(["r"] * (9 if with_scale else 1))
+  constraints = "=r,=r,=r,=r," + ",".join(["r"] * 9)
   for idx in np.ndindex(codes.registers.shape):
     ins = [mu.bitcast(codes.registers[idx], i32)]
     for x in scales:
@@ -147,7 +113,7 @@ def int4_dequant_regs_fn(code_bytes: int, bk: int):
     codes = mgpu.FragmentedArray.load_tiled(codes_ref, swizzle=code_bytes, is_signed=False,
                                             layout=fa.WGMMA_LAYOUT_8BIT)
     out = np.empty(fa.WGMMA_LAYOUT.registers_shape((bk, 2 * code_bytes)), dtype=object)
-    for idx, outs in _unpack_registers(codes, scales, True):
+    for idx, outs in _unpack_registers(codes, scales):
       for p in range(4):   # code column tile j = idx[1] -> A column tile a_column_tile(j, p), same rows
         out[(idx[0], a_column_tile(idx[1], p), *idx[2:])] = mu.bitcast(outs[p], pair)
     return mgpu.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
