@@ -29,26 +29,30 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
   * TMA brings stage j + stages - 1 (codes, the key-scale rows, per-token value scales, positions)
     into a ring slot while stage j is computed; one barrier per slot. A stage is two 64-key
     blocks where every split holds whole stages and the key scales allow (`stage_blocks`), so the
-    7 copies and the warpgroup barrier Pallas puts before each are paid once per 128 keys.
-  * Dequantization in registers: a thread loads 4 bytes of a row (byte j holds channel j in its
-    low nibble and channel j + D/2 in its high one) and one inline PTX block makes 8 bf16 values:
-    prmt spreads the bytes into 16-bit lanes, lop3 ORs a nibble into the mantissa of 128.0 (the
-    "magic number" of fast int4 GEMMs: Kim et al. 2022, Sec. 4), so x = 128 + c exactly.
-      keys:   sub.bf16x2 and fma.bf16x2 make c * s + z (per-channel scale row; one rounding),
-              straight into wgmma's A registers: no shared-memory tile and no stores. Each
-              thread's pairs land in A columns other than their channels, a fixed permutation
-              (`mgpu_inline.key_channel_order`) that the queries (the B side) take too.
-      values: a shared-memory tile of x = 128 + c (V^T is wgmma's A, read transposed). The
-              per-token scale goes into P's rows (p' = bf16(p s_t)), and the rest is per query:
-              out = (O^T + sum_t (p_t z_t - 128 p'_t)) / l, one per-thread sum. It uses the same
-              rounded p' as the MMA, so the 128 offset cancels up to float32 accumulation error.
-  * The value tile is dequantized while the QK^T wgmma runs.
+    7 copies are issued once per 128 keys. Pallas's automatic barriers are off: the kernel's own
+    order suffices (every read of a slot precedes the block's P fence, which precedes the reissue;
+    the flags of the lazy max are read before the same fence).
+  * Both int4 tiles go straight into wgmma's A registers, by the "magic number" of fast int4 GEMMs
+    (Kim et al. 2022, Sec. 4): lop3 ORs a nibble into the mantissa of 128.0, so x = 128 + c exactly.
+      keys:   4 code bytes of a row (byte j holds channel j in its low nibble and channel j + D/2
+              in its high one) -> prmt, lop3, then sub.bf16x2 and fma.bf16x2 make c * s + z
+              (per-channel scale row; one rounding). Each thread's pairs land in A columns other
+              than their channels, a fixed permutation (`mgpu_inline.key_channel_order`) that the
+              queries (the B side) take too.
+      values: V^T (A of O^T = V^T P^T) read by two `ldmatrix.x4.trans` per thread: the transposed
+              8x8 b16 load hands a thread one byte pair of two consecutive keys per register, so
+              3 shifts and 4 lop3 make 8 values x = 128 + c, no prmt, no shared-memory tile, no
+              stores. The rows come in `value_channel_order`; O^T's rows are put back outside.
+              The per-token scale goes into P's rows (p' = bf16(p s_t)), and the rest is per
+              query: out = (O^T + sum_t (p_t z_t - 128 p'_t)) / l, one per-thread sum. It uses
+              the same rounded p' as the MMA, so the 128 offset cancels up to float32 rounding.
+  * The value tile is unpacked while the QK^T wgmma runs.
   * Splits are combined by lse outside (`decode.combine_splits`).
-Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md): H200, 49 splits, 2 stages (three
-CTAs per SM): 0.092-0.094 ms, 0.58-0.60x the bf16 kernel (0.108-0.115 before N = 8 and the
-register key tile, same runs); the Triton int4 kernel 0.164-0.173 ms. ncu (H200, N = 8, key tile
-still in shared memory): 42.7M warp instructions, ~650 per warp and block, of which ~115 issue
-the block's 7 TMA copies (each with a warpgroup barrier) and ~310 dequantize.
+Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, session 10): H200, 49 splits, 2 stages:
+0.074-0.077 ms per call (0.0676 ms with 8 calls in one executable, ncu 52.8 us for the kernel
+alone: the rest is the query preparation, the lse combination and host dispatch); 0.46-0.50x the
+bf16 kernel. Before the register value tile (same runs): 0.087-0.092 ms. ncu: 28.0M warp
+instructions (~430 per warp and 64-key block; 42.7M before), 127 registers (four CTAs per SM fit).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 """
 
@@ -113,7 +117,7 @@ class Geometry:
     return self.n_q == 8
 
   @property
-  def p_swizzle(self) -> int:  # the P tile's rows, and the value tile read beside it (one swizzle)
+  def p_swizzle(self) -> int:  # the P tile's rows
     return 2 * self.block_k if self.p_transposed else 2 * self.n_q
 
 
@@ -316,9 +320,10 @@ def served(q_BTHD, k_q: QuantizedTensor, v_q: QuantizedTensor, block_k: int) -> 
 
 
 def pick_splits(dev, b: int, kh: int, n_blocks: int) -> int:
-  """Three CTAs per SM, in one wave (2 stages: 64 KB of shared memory and 166 registers each).
-  H100, 128K, K = 8, before the lazy maximum: 48 or 49 splits read 0.116-0.155 ms; 32 or 64
-  splits 0.13-0.14 ms; 50 splits (400 CTAs, 4 past one wave) 0.16-0.19 ms in four of five runs."""
+  """Three CTAs per SM, in one wave. H100, 128K, K = 8, before the lazy maximum: 48 or 49 splits
+  read 0.116-0.155 ms; 32 or 64 splits 0.13-0.14 ms; 50 splits (400 CTAs, 4 past one wave)
+  0.16-0.19 ms in four of five runs. H200, session 10 (127 registers: four CTAs per SM fit), 8 calls
+  per executable: 49 splits 0.0655 ms, 64 splits 0.0673, 128 splits 0.0705, so three stay."""
   sms = getattr(dev, "core_count", None) or 132
   return max(1, min(n_blocks, (3 * sms) // (b * kh)))
 
