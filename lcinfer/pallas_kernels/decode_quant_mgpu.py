@@ -95,6 +95,7 @@ class Geometry:
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
+  pipeline: bool = False  # sub = 2: block 1's K Q^T issued before block 0's softmax (unmeasured)
 
   @property
   def n_blocks(self) -> int:
@@ -163,8 +164,9 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
   plgpu.barrier_wait(q_bar)
 
-  def block(carry, slot, part):  # the part-th block_k keys of the stage in `slot`
-    acc, m, l_part, zb_part = carry
+  q_t = q_smem.transpose((1, 0))
+
+  def front(slot, part):  # the part-th block_k keys of the stage in `slot`: key tile and per-key rows
     keys = pl.ds(part * bk, bk)
     row = 0 if rows == 1 else part
     kscales = tuple(plgpu.load(r.at[slot, row, pl.ds(p * half, half)], layout=scol, optimized=False)
@@ -173,12 +175,14 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     vs = bkey(plgpu.load(vs_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
     vz = bkey(plgpu.load(vz_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
     kpos = plgpu.load(pos_smem.at[slot, keys], layout=key_layout, optimized=False)
+    return kd, (vs, vz, kpos)
 
-    def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
-      plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
-      return acc_ref[...], dequant_v(vc_smem.at[slot, keys])   # V^T's registers, under the product
-    s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+  def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
+    return dequant_v(vc_smem.at[slot, pl.ds(part * bk, bk)])
 
+  def back(carry, s, rows_, vt):  # mask, online softmax, O^T += V^T P^T for one block's S^T
+    acc, m, l_part, zb_part = carry
+    vs, vz, kpos = rows_
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
     keep = kp <= qpos_b
     if g.window is not None:
@@ -214,6 +218,32 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
+  def block(carry, slot, part):
+    kd, rows_ = front(slot, part)
+
+    def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
+      plgpu.wgmma(acc_ref, kd, q_t)
+      return acc_ref[...], values(slot, part)   # V^T unpacked under the product
+    s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+    return back(carry, s, rows_, vt)
+
+  def block_pair(carry, slot):  # g.pipeline: block 1's K Q^T runs under block 0's softmax and P V
+    kd0, rows0 = front(slot, 0)
+
+    def outer(acc1):
+      def qk0(acc0):
+        plgpu.wgmma(acc0, kd0, q_t)
+        vt0 = values(slot, 0)
+        kd1, rows1 = front(slot, 1)         # block 1's keys unpacked under block 0's product
+        return acc0[...], vt0, kd1, rows1
+      s0, vt0, kd1, rows1 = pl.run_scoped(qk0, plgpu.ACC(shape, jnp.float32))
+      plgpu.wgmma(acc1, kd1, q_t)           # in flight until P V of block 0 waits for it
+      vt1 = values(slot, 1)
+      carry0 = back(carry, s0, rows0, vt0)
+      return acc1[...], vt1, rows1, carry0
+    s1, vt1, rows1, carry0 = pl.run_scoped(outer, plgpu.ACC(shape, jnp.float32))
+    return back(carry0, s1, rows1, vt1)
+
   def stage(j, carry):
     @pl.when(j + stages - 1 < n_st)
     def _():
@@ -221,6 +251,8 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(full.at[slot])   # once per arrival: the barrier tracks its phase
+    if g.pipeline and g.sub == 2:
+      return block_pair(carry, slot)
     for part in range(g.sub):
       carry = block(carry, slot, part)
     return carry
@@ -361,7 +393,7 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None) -> Geometry:
+             sub=None, pipeline=False) -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
@@ -373,7 +405,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub)
+                  lazy_max=lazy_max, sub=sub, pipeline=pipeline)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):
