@@ -157,12 +157,12 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
 def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, pipe):
   """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 8 (P stored
   transposed), 16, 32 and 64, the lazy and the every-block maximum, one or two blocks per stage,
-  the two blocks of a stage pipelined (probe flag)."""
+  P V left in flight under the next block (probe flag)."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, pipeline=pipe)
+                            block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, async_pv=pipe)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 

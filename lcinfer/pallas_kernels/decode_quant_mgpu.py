@@ -95,7 +95,7 @@ class Geometry:
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
-  pipeline: bool = False  # sub = 2: block 1's K Q^T issued before block 0's softmax (unmeasured)
+  async_pv: bool = False  # P V left in flight under the next block's key unpacking (unmeasured)
 
   @property
   def n_blocks(self) -> int:
@@ -180,7 +180,9 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
     return dequant_v(vc_smem.at[slot, pl.ds(part * bk, bk)])
 
-  def back(carry, s, rows_, vt):  # mask, online softmax, O^T += V^T P^T for one block's S^T
+  def back(carry, s, rows_, vt, acc_ref=None):  # mask, online softmax, O^T += V^T P^T for one block
+    """carry = (acc, m, l_part, zb_part); with acc_ref (g.async_pv) O^T lives in that accumulator
+    and carry's acc is None: P V is issued and left in flight (the next block's S^T read waits)."""
     acc, m, l_part, zb_part = carry
     vs, vz, kpos = rows_
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
@@ -194,7 +196,12 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
       m_new = jnp.maximum(m, s.max(axis=0))
       alpha = jnp.exp2(m - mi.finite(m_new))
       a2 = bq(alpha)
-      return (m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, zb_part * a2)
+      ab = lax.broadcast_in_dim(alpha, (HEAD_DIM, nq), [1])
+      if acc_ref is not None:   # (every P V is done: reading S^T waited for them)
+        acc_ref[...] = acc_ref[...] * ab
+      else:
+        acc = acc * ab
+      return m_new, acc, l_part * a2, zb_part * a2
 
     carry = (s, m, acc, l_part, zb_part)
     if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
@@ -213,51 +220,43 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
       p_smem[...] = p16
     plgpu.commit_smem()
 
+    p_t = p_smem.transpose((1, 0)) if g.p_transposed else p_smem
+    if acc_ref is not None:
+      plgpu.wgmma(acc_ref, vt, p_t)    # left in flight under the next block's key unpacking
+      return acc, m, l_part, zb_part
+
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
-      plgpu.wgmma(acc_ref, vt, p_smem.transpose((1, 0)) if g.p_transposed else p_smem)
+      plgpu.wgmma(acc_ref, vt, p_t)
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
-  def block(carry, slot, part):
-    kd, rows_ = front(slot, part)
+  def block(carry, slot, part, acc_ref=None):
+    kd, rows_ = front(slot, part)     # (async_pv: under the previous block's P V)
 
-    def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
-      plgpu.wgmma(acc_ref, kd, q_t)
-      return acc_ref[...], values(slot, part)   # V^T unpacked under the product
+    def qk(acc_s):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
+      plgpu.wgmma(acc_s, kd, q_t)
+      return acc_s[...], values(slot, part)   # V^T unpacked under the product; the read waits
     s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-    return back(carry, s, rows_, vt)
+    return back(carry, s, rows_, vt, acc_ref)
 
-  def block_pair(carry, slot):  # g.pipeline: block 1's K Q^T runs under block 0's softmax and P V
-    kd0, rows0 = front(slot, 0)
-
-    def outer(acc1):
-      def qk0(acc0):
-        plgpu.wgmma(acc0, kd0, q_t)
-        vt0 = values(slot, 0)
-        kd1, rows1 = front(slot, 1)         # block 1's keys unpacked under block 0's product
-        return acc0[...], vt0, kd1, rows1
-      s0, vt0, kd1, rows1 = pl.run_scoped(qk0, plgpu.ACC(shape, jnp.float32))
-      plgpu.wgmma(acc1, kd1, q_t)           # in flight until P V of block 0 waits for it
-      vt1 = values(slot, 1)
-      carry0 = back(carry, s0, rows0, vt0)
-      return acc1[...], vt1, rows1, carry0
-    s1, vt1, rows1, carry0 = pl.run_scoped(outer, plgpu.ACC(shape, jnp.float32))
-    return back(carry0, s1, rows1, vt1)
-
-  def stage(j, carry):
+  def stage(j, carry, acc_ref=None):
     @pl.when(j + stages - 1 < n_st)
     def _():
       issue(j + stages - 1)
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(full.at[slot])   # once per arrival: the barrier tracks its phase
-    if g.pipeline and g.sub == 2:
-      return block_pair(carry, slot)
     for part in range(g.sub):
-      carry = block(carry, slot, part)
+      carry = block(carry, slot, part, acc_ref)
     return carry
 
-  acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
+  if g.async_pv:   # O^T in one accumulator for the whole loop, each P V left in flight
+    def loop(acc_ref):
+      _, m_, l_, zb_ = lax.fori_loop(0, n_st, functools.partial(stage, acc_ref=acc_ref), (None, m, zeros, zeros))
+      return acc_ref[...], m_, l_, zb_
+    acc, m, l_part, zb_part = pl.run_scoped(loop, plgpu.ACC((HEAD_DIM, nq), jnp.float32))
+  else:
+    acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
   l, zb = l_part.sum(axis=0), zb_part.sum(axis=0)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
@@ -393,7 +392,7 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, pipeline=False) -> Geometry:
+             sub=None, async_pv=False) -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
@@ -405,7 +404,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub, pipeline=pipeline)
+                  lazy_max=lazy_max, sub=sub, async_pv=async_pv)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):
