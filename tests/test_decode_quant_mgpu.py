@@ -129,6 +129,31 @@ def test_register_value_tile_rows_match_ldmatrix_and_the_layout():
   assert checked == 128 * 64
 
 
+@pytest.mark.parametrize("rows,n_q", [(4, 8), (8, 8), (12, 16), (64, 64)])
+def test_query_tile_offsets_build_the_permuted_swizzled_tile(rows, n_q):
+  """`permute_queries_fn`'s addresses (numpy model): gathering raw query rows by them must give,
+  for every row r and wgmma K index kappa, q[r, key_channel_order[kappa]] (zero past `rows`) at the
+  place TMA would have put element (r, kappa) of a [n_q, 128] tile: 8 x 64 tiles, 128-byte swizzle."""
+  from lcinfer.pallas_kernels.mgpu_inline import key_channel_order, query_tile_offsets
+  rng = np.random.default_rng(5)
+  raw = rng.integers(1, 1 << 15, (rows, 128)).astype(np.uint16)
+  src, dst = query_tile_offsets(rows, n_q)
+  tile = np.zeros(n_q * 256, np.uint8)
+  written = np.zeros(n_q * 256, bool)
+  raw_bytes = raw.view(np.uint8).reshape(-1)
+  for t, i in np.ndindex(src.shape[:2]):
+    chunk = np.concatenate([raw_bytes[o:o + 4] if o >= 0 else np.zeros(4, np.uint8) for o in src[t, i]])
+    assert not written[dst[t, i]:dst[t, i] + 16].any()
+    tile[dst[t, i]:dst[t, i] + 16], written[dst[t, i]:dst[t, i] + 16] = chunk, True
+  assert written.all()
+  order = key_channel_order(64)
+  want = np.zeros((n_q, 128), np.uint16)
+  want[:rows] = raw[:, order]
+  for r, kappa in np.ndindex(n_q, 128):   # TMA's placement of (r, kappa): tiled (8, 64), 128-byte swizzle
+    off = 1024 * (2 * (r // 8) + kappa // 64) + 128 * (r % 8) + 16 * (((kappa % 64) // 8) ^ (r % 8)) + 2 * (kappa % 8)
+    assert tile[off:off + 2].view(np.uint16)[0] == want[r, kappa], (r, kappa)
+
+
 def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False, trend=None):
   rng = np.random.default_rng(seed)
   d = 128
@@ -151,18 +176,21 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
   return q, k_q, v_q, jnp.asarray(pos), jnp.asarray(q_pos)
 
 
-@pytest.mark.parametrize("t,h,kh,window,stages,lazy,sub,pipe", [
-    (1, 32, 8, None, 2, True, 2, False), (2, 32, 2, 100, 3, True, 2, False), (1, 64, 1, None, 2, False, 1, False),
-    (2, 16, 2, None, 2, True, 1, False), (1, 32, 8, None, 2, True, 2, True), (2, 16, 2, 100, 2, False, 2, True)])
-def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, pipe):
+@pytest.mark.parametrize("t,h,kh,window,stages,lazy,sub,pipe,direct", [
+    (1, 32, 8, None, 2, True, 2, False, False), (2, 32, 2, 100, 3, True, 2, False, False),
+    (1, 64, 1, None, 2, False, 1, False, False), (2, 16, 2, None, 2, True, 1, False, False),
+    (1, 32, 8, None, 2, True, 2, True, False), (2, 16, 2, 100, 2, False, 2, True, False),
+    (1, 32, 8, None, 2, True, 2, False, True), (1, 64, 1, 100, 2, True, 2, True, True)])
+def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, pipe, direct):
   """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 8 (P stored
   transposed), 16, 32 and 64, the lazy and the every-block maximum, one or two blocks per stage,
-  P V left in flight under the next block (probe flag)."""
+  P V left in flight under the next block, queries permuted in the kernel (probe flags)."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, async_pv=pipe)
+                            block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, async_pv=pipe,
+                            q_direct=direct)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 

@@ -96,6 +96,7 @@ class Geometry:
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
   async_pv: bool = False  # P V left in flight under the next block's key unpacking (unmeasured)
+  q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel (unmeasured)
 
   @property
   def n_blocks(self) -> int:
@@ -124,7 +125,7 @@ class Geometry:
 
 def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
           lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, p_smem,
-          o_smem, lse_smem, flags, full, q_bar):
+          o_smem, lse_smem, flags, full, q_bar, *q_raw):
   plgpu = mi.plgpu()
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
@@ -144,7 +145,7 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
                      (pos_ref.at[b, h, keys], pos_smem)):
       plgpu.copy_gmem_to_smem(src, dst.at[slot], full.at[slot])
 
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, q_bar)
+  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_raw[0] if g.q_direct else q_smem, q_bar)
   for j in range(stages - 1):
     pl.when(j < n_st)(functools.partial(issue, j))
 
@@ -157,12 +158,18 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
   bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
-  qpos_b = bq(plgpu.load(qpos_ref.at[b], layout=query_layout, optimized=False))
+  if g.q_direct:   # one query position for every row (padded rows are zero queries: harmless columns)
+    qpos_b = plgpu.layout_cast(jnp.full(shape, qpos_ref[b, 0], jnp.int32), wgmma_layout)
+  else:
+    qpos_b = bq(plgpu.load(qpos_ref.at[b], layout=query_layout, optimized=False))
   c = g.scale * LOG2E
   m = plgpu.layout_cast(jnp.full((nq,), -jnp.inf, jnp.float32), query_layout)
   zeros = plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
   acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
   plgpu.barrier_wait(q_bar)
+  if g.q_direct:
+    mi.permute_queries_fn(g.rows, nq)(q_raw[0], q_smem)
+    plgpu.commit_smem()
 
   q_t = q_smem.transpose((1, 0))
 
@@ -289,7 +296,7 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
       plgpu.Barrier(num_arrivals=7, num_barriers=st),
       plgpu.Barrier(),
-  )
+  ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
   out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.splits, d, nq), jnp.float32),
               jax.ShapeDtypeStruct((g.b, g.kh, g.splits, nq), jnp.float32))
   return plgpu.kernel(
@@ -300,7 +307,11 @@ def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
 
 
 def _prepare(g: Geometry, q_BTHD, q_pos_BT):
-  """Queries as the kernel takes them: one [n_q, D] tile per kv head, columns in the key tile's order."""
+  """Queries as the kernel takes them: one [n_q, D] tile per kv head, columns in the key tile's order
+  (q_direct: [B, K, G, D], a view of [B, 1, H, D], and the [B, 1] positions; the kernel does the rest)."""
+  if g.q_direct:
+    b, _, h, d = q_BTHD.shape
+    return q_BTHD.reshape(b, g.kh, h // g.kh, d), q_pos_BT.astype(jnp.int32)
   q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
   return q[..., mi.key_channel_order(HEAD_DIM // 2)].astype(jnp.bfloat16), qpos
 
@@ -392,7 +403,7 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, async_pv=False) -> Geometry:
+             sub=None, async_pv=False, q_direct=False) -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
@@ -404,7 +415,8 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub, async_pv=async_pv)
+                  lazy_max=lazy_max, sub=sub, async_pv=async_pv,
+                  q_direct=q_direct and t == 1)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -205,6 +205,68 @@ def int4_value_regs_fn(code_bytes: int, bk: int):
   return load
 
 
+def query_tile_offsets(rows: int, n_q: int) -> tuple[np.ndarray, np.ndarray]:
+  """The addresses `permute_queries_fn` uses, as numpy (for tests): for thread t and pass i (row
+  r = 8 i + t // 16, column tile J = t % 16 of 8 wgmma K indices), src[t, i, w] = the byte offset in
+  the raw [rows, 128] bf16 query tile of the w-th pair of channels those 8 indices hold
+  (`key_channel_order`: channels b, b+1, b+4, b+5, .. b+13) or -1 past the real rows, and
+  dst[t, i] = the byte offset of those 16 bytes in the [n_q, 128] tile as TMA writes it (8 x 64
+  tiles of 1 KB, 128-byte swizzle: 16-byte chunk J % 8 ^ r % 8)."""
+  src = np.full((128, n_q // 8, 4), -1, np.int64)
+  dst = np.empty((128, n_q // 8), np.int64)
+  for t, i in np.ndindex(128, n_q // 8):
+    r, col_tile = 8 * i + t // 16, t % 16
+    j, p = col_tile // 4, col_tile % 4
+    base = 64 * (p >= 2) + 16 * j + 2 * (p % 2)
+    if r < rows:
+      src[t, i] = [2 * (128 * r + base + 4 * w) for w in range(4)]
+    dst[t, i] = 1024 * (2 * (r // 8) + col_tile // 8) + 128 * (r % 8) + 16 * ((col_tile % 8) ^ (r % 8))
+  return src, dst
+
+
+def permute_queries_fn(rows: int, n_q: int):
+  """inline Mosaic GPU: raw queries smem [rows, 128] bf16 (one kv head's rows as TMA brought them
+  from [B, 1, H, D]) -> the wgmma B tile [n_q, 128] (128-byte swizzle) with its columns in
+  `key_channel_order` and rows past `rows` zero: 4 shared loads and one 16-byte store per thread
+  and 8 rows (addresses: `query_tile_offsets`). The caller fences (commit_smem) before the wgmma."""
+  pg = plgpu()
+  from jax.experimental.mosaic.gpu import utils as mu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+
+  @pg.inline_mgpu(arg_types=(pg.RefType(), pg.RefType(tiled(128, jnp.bfloat16))))
+  def permute(ctx, raw_ref, q_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    k = lambda v: arith.constant(i32, v)  # noqa: E731
+    tid = arith.andi(mu.thread_idx(), k(127))
+    col_tile, r0 = arith.andi(tid, k(15)), arith.shrui(tid, k(4))
+    j, p = arith.shrui(col_tile, k(2)), arith.andi(col_tile, k(3))
+    base = arith.addi(arith.addi(arith.shli(arith.shrui(p, k(1)), k(6)), arith.shli(j, k(4))),
+                      arith.shli(arith.andi(p, k(1)), k(1)))
+    raw = llvm.ptrtoint(i32, mu.memref_ptr(raw_ref))
+    out = llvm.ptrtoint(i32, mu.memref_ptr(q_ref))
+    tile_col = arith.shrui(col_tile, k(3))
+    for i in range(n_q // 8):
+      r = arith.addi(r0, k(8 * i))
+      real = arith.cmpi(arith.CmpIPredicate.ult, r, k(rows))
+      r_src = arith.select(real, r, k(0))
+      words = []
+      for w in range(4):
+        off = arith.shli(arith.addi(arith.muli(r_src, k(128)), arith.addi(base, k(4 * w))), k(1))
+        word = llvm.inline_asm(i32, [arith.addi(raw, off)], "ld.shared.b32 $0, [$1];", "=r,r",
+                               has_side_effects=True)
+        words.append(arith.select(real, word, k(0)))
+      r7 = arith.andi(r, k(7))
+      tile = arith.addi(arith.shli(arith.shrui(r, k(3)), k(1)), tile_col)
+      chunk = arith.xori(arith.andi(col_tile, k(7)), r7)
+      dst = arith.addi(arith.addi(arith.muli(tile, k(1024)), arith.muli(r7, k(128))), arith.shli(chunk, k(4)))
+      llvm.inline_asm(ir.Type.parse("!llvm.void"), [arith.addi(out, dst), *words],
+                      "st.shared.v4.b32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r", has_side_effects=True)
+
+  return permute
+
+
 def any_above_fn(layout=None):
   """any_above(s, bound, flags) -> a warpgroup-uniform bool scalar: does any element of s exceed
   bound (same shape, both in `layout`, default WGMMA)? Inline Mosaic GPU: each thread ORs its
