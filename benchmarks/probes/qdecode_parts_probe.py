@@ -26,8 +26,9 @@ def parts():
   r = t(lambda *a: decode_attention(*a, scale=s)[0], q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), pos, qp)
   bf16 = r["ms"]
   print(f"bf16 flash-decode whole call {bf16:.4f} ms (one call per dispatch {r['ms_dispatch']:.4f})")
-  for knobs in (dict(num_splits=49, num_stages=2), dict(num_splits=66, num_stages=2),
-                dict(num_splits=66, num_stages=3), dict(num_splits=132, num_stages=2)):
+  for knobs in (dict(num_splits=49, num_stages=2), dict(num_splits=49, num_stages=2, async_pv=True),
+                dict(num_splits=49, num_stages=2, q_direct=True),
+                dict(num_splits=49, num_stages=2, async_pv=True, q_direct=True)):
     g = mq.geometry(q, kq, scale=s, window=None, block_k=64, **knobs)
     r = t(lambda *a: mq._run(g, *a)[0], q, kq, vq, pos, qp)
     whole = r["ms"]
