@@ -54,256 +54,29 @@ alone: the rest is the query preparation, the lse combination and host dispatch)
 bf16 kernel. Before the register value tile (same runs): 0.087-0.092 ms. ncu: 28.0M warp
 instructions (~430 per warp and 64-key block; 42.7M before), 127 registers (four CTAs per SM fit).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
+The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
+wrapper: the argument checks, the query preparation, the grid and the lse combination.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.decode import combine_splits, from_kv_head_rows, kv_head_rows
 from lcinfer.pallas_kernels.decode_quant import _check, merge_residual  # one argument check, one merge
+from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import HEAD_DIM, Geometry
+from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import call_kernel as _call
 from lcinfer.pallas_kernels.launch import hopper_device
-from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 from lcinfer.pallas_kernels.quant import QuantizedTensor
 
 MAX_ROWS = 64      # query rows per kv head (G * T): the wgmma N side, padded to 16 / 32 / 64
-HEAD_DIM = 128
 BLOCK_K = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  b: int
-  kh: int
-  rows: int            # G * T real query rows per kv head
-  c: int
-  block_k: int
-  splits: int
-  blocks_per_split: int
-  stages: int
-  group: int           # the keys' token group
-  scale: float
-  window: int | None
-  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
-  sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
-  async_pv: bool = False  # P V left in flight under the next block's key unpacking (unmeasured)
-  q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel (unmeasured)
-
-  @property
-  def n_blocks(self) -> int:
-    return self.c // self.block_k
-
-  @property
-  def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
-    return next(n for n in (8, 16, 32, 64) if n >= self.rows)
-
-  @property
-  def stage_keys(self) -> int:
-    return self.sub * self.block_k
-
-  @property
-  def scale_rows(self) -> int:  # key-scale rows per stage: 1, or one per block (group = block_k)
-    return 1 if self.group % self.stage_keys == 0 else self.sub
-
-  @property
-  def p_transposed(self) -> bool:  # N = 8: P is kept as [n_q, bk] (16-byte rows cannot be swizzled)
-    return self.n_q == 8
-
-  @property
-  def p_swizzle(self) -> int:  # the P tile's rows
-    return 2 * self.block_k if self.p_transposed else 2 * self.n_q
-
-
-def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
-          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, p_smem,
-          o_smem, lse_smem, flags, full, q_bar, *q_raw):
-  plgpu = mi.plgpu()
-  split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
-  bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
-  first = split * g.blocks_per_split
-  n = jnp.minimum(g.blocks_per_split, g.n_blocks - first)   # blocks of this split (a multiple of sub)
-  n_st = lax.div(n, jnp.int32(g.sub))                          # TMA stages
-  sk, rows = g.stage_keys, g.scale_rows
-
-  def issue(j):  # stage j (blocks first + sub j ..) into slot j % stages
-    slot = lax.rem(j, jnp.int32(stages))
-    start = pl.multiple_of(first * bk + j * sk, sk)
-    keys = pl.ds(start, sk)
-    grp = lax.div(start, jnp.int32(g.group))
-    for src, dst in ((kc_ref.at[b, h, keys], kc_smem), (vc_ref.at[b, h, keys], vc_smem),
-                     (ks_ref.at[b, h, pl.ds(grp, rows)], ks_smem), (kz_ref.at[b, h, pl.ds(grp, rows)], kz_smem),
-                     (vs_ref.at[b, h, keys], vs_smem), (vz_ref.at[b, h, keys], vz_smem),
-                     (pos_ref.at[b, h, keys], pos_smem)):
-      plgpu.copy_gmem_to_smem(src, dst.at[slot], full.at[slot])
-
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_raw[0] if g.q_direct else q_smem, q_bar)
-  for j in range(stages - 1):
-    pl.when(j < n_st)(functools.partial(issue, j))
-
-  wgmma_layout = plgpu.Layout.WGMMA
-  key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
-  scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
-  dequant_k = mi.int4_dequant_regs_fn(half, bk)
-  dequant_v = mi.int4_value_regs_fn(half, bk)
-  any_above = mi.any_above_fn() if g.lazy_max else None
-  shape = (bk, nq)
-  bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
-  bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
-  if g.q_direct:   # one query position for every row (padded rows are zero queries: harmless columns)
-    qpos_b = plgpu.layout_cast(jnp.full(shape, qpos_ref[b, 0], jnp.int32), wgmma_layout)
-  else:
-    qpos_b = bq(plgpu.load(qpos_ref.at[b], layout=query_layout, optimized=False))
-  c = g.scale * LOG2E
-  m = plgpu.layout_cast(jnp.full((nq,), -jnp.inf, jnp.float32), query_layout)
-  zeros = plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
-  acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
-  plgpu.barrier_wait(q_bar)
-  if g.q_direct:
-    mi.permute_queries_fn(g.rows, nq)(q_raw[0], q_smem)
-    plgpu.commit_smem()
-
-  q_t = q_smem.transpose((1, 0))
-
-  def front(slot, part):  # the part-th block_k keys of the stage in `slot`: key tile and per-key rows
-    keys = pl.ds(part * bk, bk)
-    row = 0 if rows == 1 else part
-    kscales = tuple(plgpu.load(r.at[slot, row, pl.ds(p * half, half)], layout=scol, optimized=False)
-                    for r in (ks_smem, kz_smem) for p in (0, 1))
-    kd = dequant_k(kc_smem.at[slot, keys], kscales)    # wgmma A registers, columns in key_channel_order
-    vs = bkey(plgpu.load(vs_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
-    vz = bkey(plgpu.load(vz_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
-    kpos = plgpu.load(pos_smem.at[slot, keys], layout=key_layout, optimized=False)
-    return kd, (vs, vz, kpos)
-
-  def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
-    return dequant_v(vc_smem.at[slot, pl.ds(part * bk, bk)])
-
-  def back(carry, s, rows_, vt, acc_ref=None):  # mask, online softmax, O^T += V^T P^T for one block
-    """carry = (acc, m, l_part, zb_part); with acc_ref (g.async_pv) O^T lives in that accumulator
-    and carry's acc is None: P V is issued and left in flight (the next block's S^T read waits)."""
-    acc, m, l_part, zb_part = carry
-    vs, vz, kpos = rows_
-    kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
-    keep = kp <= qpos_b
-    if g.window is not None:
-      keep = keep & (qpos_b - kp < g.window)
-    s = jnp.where(keep, s * c, -jnp.inf)
-
-    def rescale(args):  # the running max moves: P, the sums and O^T in its new units
-      s, m, acc, l_part, zb_part = args
-      m_new = jnp.maximum(m, s.max(axis=0))
-      alpha = jnp.exp2(m - mi.finite(m_new))
-      a2 = bq(alpha)
-      ab = lax.broadcast_in_dim(alpha, (HEAD_DIM, nq), [1])
-      if acc_ref is not None:   # (every P V is done: reading S^T waited for them)
-        acc_ref[...] = acc_ref[...] * ab
-      else:
-        acc = acc * ab
-      return m_new, acc, l_part * a2, zb_part * a2
-
-    carry = (s, m, acc, l_part, zb_part)
-    if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
-      above = any_above(s, bq(m + mi.LAZY_TAU), flags)
-      m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], carry)
-    else:
-      m, acc, l_part, zb_part = rescale(carry)
-    p = jnp.exp2(s - bq(mi.finite(m)))
-    p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
-    l_part = l_part + p
-    # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
-    zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
-    if g.p_transposed:
-      p_smem.transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
-    else:
-      p_smem[...] = p16
-    plgpu.commit_smem()
-
-    p_t = p_smem.transpose((1, 0)) if g.p_transposed else p_smem
-    if acc_ref is not None:
-      plgpu.wgmma(acc_ref, vt, p_t)    # left in flight under the next block's key unpacking
-      return acc, m, l_part, zb_part
-
-    def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
-      plgpu.wgmma(acc_ref, vt, p_t)
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-    return acc, m, l_part, zb_part
-
-  def block(carry, slot, part, acc_ref=None):
-    kd, rows_ = front(slot, part)     # (async_pv: under the previous block's P V)
-
-    def qk(acc_s):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
-      plgpu.wgmma(acc_s, kd, q_t)
-      return acc_s[...], values(slot, part)   # V^T unpacked under the product; the read waits
-    s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-    return back(carry, s, rows_, vt, acc_ref)
-
-  def stage(j, carry, acc_ref=None):
-    @pl.when(j + stages - 1 < n_st)
-    def _():
-      issue(j + stages - 1)
-
-    slot = lax.rem(j, jnp.int32(stages))
-    plgpu.barrier_wait(full.at[slot])   # once per arrival: the barrier tracks its phase
-    for part in range(g.sub):
-      carry = block(carry, slot, part, acc_ref)
-    return carry
-
-  if g.async_pv:   # O^T in one accumulator for the whole loop, each P V left in flight
-    def loop(acc_ref):
-      _, m_, l_, zb_ = lax.fori_loop(0, n_st, functools.partial(stage, acc_ref=acc_ref), (None, m, zeros, zeros))
-      return acc_ref[...], m_, l_, zb_
-    acc, m, l_part, zb_part = pl.run_scoped(loop, plgpu.ACC((HEAD_DIM, nq), jnp.float32))
-  else:
-    acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
-  l, zb = l_part.sum(axis=0), zb_part.sum(axis=0)
-  seen = l > 0.0
-  l_safe = jnp.where(seen, l, 1.0)
-  bc = lambda x: lax.broadcast_in_dim(x, acc.shape, [1])
-  o_smem[...] = (acc + bc(zb)) * bc(1.0 / l_safe)
-  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split])
-  plgpu.wait_smem_to_gmem(0)
-
-
-def _call(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
-  plgpu = mi.plgpu()
-  bk, d, half, st, nq, sk = g.block_k, HEAD_DIM, HEAD_DIM // 2, g.stages, g.n_q, g.stage_keys
-  t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(half, jnp.uint8)
-  tp = mi.tiled(g.p_swizzle, jnp.bfloat16)
-  scratch = (
-      plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),            # queries
-      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # key codes
-      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # value codes
-      plgpu.SMEM((st, g.scale_rows, d), jnp.bfloat16),                # key scale rows
-      plgpu.SMEM((st, g.scale_rows, d), jnp.bfloat16),                # key zero rows
-      plgpu.SMEM((st, sk), jnp.bfloat16),                             # value scales
-      plgpu.SMEM((st, sk), jnp.bfloat16),                             # value zeros
-      plgpu.SMEM((st, sk), jnp.int32),                                # positions
-      plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp),  # P or P^T
-      plgpu.SMEM((d, nq), jnp.float32),                               # O^T
-      plgpu.SMEM((nq,), jnp.float32),                                 # lse
-      plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
-      plgpu.Barrier(num_arrivals=7, num_barriers=st),
-      plgpu.Barrier(),
-  ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
-  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.splits, d, nq), jnp.float32),
-              jax.ShapeDtypeStruct((g.b, g.kh, g.splits, nq), jnp.float32))
-  return plgpu.kernel(
-      functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),
-      grid_names=("split", "head", "batch"), scratch_types=scratch, kernel_name="lcinfer_qdecode_mgpu",
-      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))(
-          q, qpos, kc, ks, kz, vc, vs, vz, pos)
 
 
 def _prepare(g: Geometry, q_BTHD, q_pos_BT):

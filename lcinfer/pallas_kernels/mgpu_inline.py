@@ -1,5 +1,5 @@
 """Inline Mosaic GPU building blocks (`plgpu.inline_mgpu`) for lcinfer's Hopper kernels: register-level
-work that Pallas does not express. Used by `decode_quant_mgpu.py` and `flash_mgpu_kernel.py`.
+work that Pallas does not express. Used by `decode_quant_mgpu_kernel.py` and `flash_mgpu_kernel.py`.
 
   * int4 tiles straight into wgmma's A registers, by the "magic number" of fast int4 GEMMs (Kim et
     al. 2022, Sec. 4): lop3 ORs a nibble into the mantissa of 128.0 (x = 128 + c exactly).
