@@ -28,7 +28,9 @@ def parts():
   print(f"bf16 flash-decode whole call {bf16:.4f} ms (one call per dispatch {r['ms_dispatch']:.4f})")
   for knobs in (dict(num_splits=49, num_stages=2), dict(num_splits=49, num_stages=2, async_pv=True),
                 dict(num_splits=49, num_stages=2, q_direct=True),
-                dict(num_splits=49, num_stages=2, async_pv=True, q_direct=True)):
+                dict(num_splits=49, num_stages=2, async_pv=True, q_direct=True),
+                dict(num_splits=48, num_stages=2, consumers=3),
+                dict(num_splits=48, num_stages=2, consumers=3, async_pv=True, q_direct=True)):
     g = mq.geometry(q, kq, scale=s, window=None, block_k=64, **knobs)
     r = t(lambda *a: mq._run(g, *a)[0], q, kq, vq, pos, qp)
     whole = r["ms"]

@@ -1,6 +1,6 @@
 """Probe (not a benchmark): launch the quantized flash-decoding kernel (int4 / int8 / int2, KIVI
 layout, 128K, default config), the Mosaic GPU int4 one (mgpu [num_splits=N num_stages=S lazy_max=0|1 sub=1|2
-async_pv=0|1 q_direct=0|1]) or the
+async_pv=0|1 q_direct=0|1 consumers=0|3]) or the
 bf16 one three times, for ncu to profile one launch.
     ncu --clock-control none -k regex:decode --launch-count 1 python3 benchmarks/probes/qdecode_probe.py int4
 The config sweep is `benchmarks/kernels.py --tune` (run_quant_tune)."""

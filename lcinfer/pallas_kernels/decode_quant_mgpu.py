@@ -176,7 +176,8 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, async_pv=False, q_direct=False) -> Geometry:
+             sub=None, async_pv=False, q_direct=False,
+             consumers=0) -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
@@ -189,7 +190,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
                   lazy_max=lazy_max, sub=sub, async_pv=async_pv,
-                  q_direct=q_direct and t == 1)
+                  q_direct=q_direct and t == 1, consumers=consumers)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 HEAD_DIM = 128
+CONSUMER_REGISTERS = {1: 232, 2: 232, 3: 152}   # per consumer thread, beside a 40-register producer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +37,15 @@ class Geometry:
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
   async_pv: bool = False  # P V left in flight under the next block's key unpacking (unmeasured)
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel (unmeasured)
+  consumers: int = 0      # > 0: that many consumer warpgroups (a split each) + a TMA producer (unmeasured)
 
   @property
   def n_blocks(self) -> int:
     return self.c // self.block_k
+
+  @property
+  def launched_splits(self) -> int:  # consumers > 0: whole CTAs of `consumers` splits (the extra ones empty)
+    return -(-self.splits // self.consumers) * self.consumers if self.consumers else self.splits
 
   @property
   def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
@@ -61,31 +68,144 @@ class Geometry:
     return 2 * self.block_k if self.p_transposed else 2 * self.n_q
 
 
-def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, o_ref,
-          lse_ref, q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem, p_smem,
-          o_smem, lse_smem, flags, full, q_bar, *q_raw):
+class _Views(NamedTuple):
+  """One consumer's shared memory: its queries, TMA ring, P, O^T / lse staging and vote flags, and
+  its barriers (`full(slot)`, `q_bar`); q_raw: the raw query rows (q_direct) or None."""
+  q_smem: Any
+  kc: Any
+  vc: Any
+  ks: Any
+  kz: Any
+  vs: Any
+  vz: Any
+  pos: Any
+  p: Any
+  o: Any
+  lse: Any
+  flags: Any
+  full: Callable
+  q_bar: Any
+  q_raw: Any
+
+
+def _n_stages(g: Geometry, split):
+  """TMA stages of a split (0 past the cache: a consumer of the last CTA may have no split)."""
+  n = jnp.clip(g.n_blocks - split * g.blocks_per_split, 0, g.blocks_per_split)
+  return lax.div(n, jnp.int32(g.sub))
+
+
+def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
+  """Stage j of `split` (blocks first + sub j ..) into v's ring slot j % stages: 7 copies."""
   plgpu = mi.plgpu()
+  _, _, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, _, _ = gm
+  sk, first = g.stage_keys, split * g.blocks_per_split
+  slot = lax.rem(j, jnp.int32(g.stages))
+  start = pl.multiple_of(first * g.block_k + j * sk, sk)
+  keys = pl.ds(start, sk)
+  grp = lax.div(start, jnp.int32(g.group))
+  rows = g.scale_rows
+  for src, dst in ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
+                   (ks_ref.at[b, h, pl.ds(grp, rows)], v.ks), (kz_ref.at[b, h, pl.ds(grp, rows)], v.kz),
+                   (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos)):
+    plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full(slot))
+
+
+def _body(g: Geometry, *refs):
+  """One warpgroup per CTA (g.consumers == 0): it issues its own TMA stages and computes."""
+  gm, sc = refs[:11], refs[11:]
+  q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, q_bar, *q_raw = sc
+  v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, lambda slot: full.at[slot], q_bar,
+             q_raw[0] if q_raw else None)
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
+  plgpu = mi.plgpu()
+  plgpu.copy_gmem_to_smem(gm[0].at[b, h], v.q_raw if g.q_direct else v.q_smem, v.q_bar)
+  n_st = _n_stages(g, split)
+  for j in range(g.stages - 1):
+    pl.when(j < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j))
+  _consume(g, gm, v, split, b, h, own_issue=True)
+
+
+def _body_ws(g: Geometry, *gm):
+  """g.consumers consumer warpgroups (one split each) and one producer warpgroup that issues every
+  TMA copy, so the consumers spend no instructions on them (~14% of theirs in the one-warpgroup
+  kernel, session 10's SASS). Each consumer has its own ring; it frees a slot after its stage."""
+  plgpu = mi.plgpu()
+  n_c, st, d, nq = g.consumers, g.stages, HEAD_DIM, g.n_q
+  group, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+
+  def scoped(per_consumer, q_bar, *q_raw):   # per consumer: its buffers, its full and free barriers
+    def views(c):
+      q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, _ = per_consumer[c]
+      return _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, lambda slot: full.at[slot], q_bar,
+                    q_raw[0] if q_raw else None)
+
+    @pl.when(wg == n_c)
+    def _():   # the producer
+      plgpu.set_max_registers(40, action="decrease")
+      if g.q_direct:
+        plgpu.copy_gmem_to_smem(gm[0].at[b, h], q_raw[0], q_bar)
+      else:
+        for c in range(n_c):
+          plgpu.copy_gmem_to_smem(gm[0].at[b, h], per_consumer[c][0], q_bar)
+      splits = [group * n_c + c for c in range(n_c)]
+      n_sts = [_n_stages(g, sp) for sp in splits]
+
+      @pl.loop(0, functools.reduce(jnp.maximum, n_sts))
+      def _(j):
+        slot = lax.rem(j, jnp.int32(st))
+        for c in range(n_c):
+          @pl.when(j < n_sts[c])
+          def _():
+            @pl.when(j >= st)
+            def _():
+              plgpu.barrier_wait(per_consumer[c][-1].at[slot])
+            _issue(g, gm, views(c), splits[c], b, h, j)
+
+    for c in range(n_c):
+      @pl.when(wg == c)
+      def _():
+        plgpu.set_max_registers(CONSUMER_REGISTERS[n_c], action="increase")
+        free = per_consumer[c][-1]
+        _consume(g, gm, views(c), group * n_c + c, b, h, own_issue=False,
+                 free=lambda slot: plgpu.barrier_arrive(free.at[slot]))
+
+  t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(HEAD_DIM // 2, jnp.uint8)
+  tp = mi.tiled(g.p_swizzle, jnp.bfloat16)
+  sk, half, rows = g.stage_keys, HEAD_DIM // 2, g.scale_rows
+  one = (
+      plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),
+      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),
+      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),
+      plgpu.SMEM((st, rows, d), jnp.bfloat16),
+      plgpu.SMEM((st, rows, d), jnp.bfloat16),
+      plgpu.SMEM((st, sk), jnp.bfloat16),
+      plgpu.SMEM((st, sk), jnp.bfloat16),
+      plgpu.SMEM((st, sk), jnp.int32),
+      plgpu.SMEM((nq, g.block_k) if g.p_transposed else (g.block_k, nq), jnp.bfloat16, transforms=tp),
+      plgpu.SMEM((d, nq), jnp.float32),
+      plgpu.SMEM((nq,), jnp.float32),
+      plgpu.SMEM((4,), jnp.int32),
+      plgpu.Barrier(num_arrivals=7, num_barriers=st),
+      plgpu.Barrier(num_arrivals=1, num_barriers=st),     # freed by the slot's consumer
+  )
+  pl.run_scoped(
+      scoped, (one,) * n_c, plgpu.Barrier(num_arrivals=1 if g.q_direct else n_c),
+      *((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ()),
+      collective_axes="wg",
+  )
+
+
+def _consume(g: Geometry, gm, v: _Views, split, b, h, *, own_issue: bool, free=None):
+  """One split on one warpgroup: wait for each TMA stage, compute its blocks, then either issue the
+  stage `stages - 1` ahead itself (own_issue) or free the slot for the producer."""
+  plgpu = mi.plgpu()
+  q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem = v[:8]
+  p_smem, o_smem, lse_smem, flags = v.p, v.o, v.lse, v.flags
+  qpos_ref, o_ref, lse_ref = gm[1], gm[9], gm[10]
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
-  first = split * g.blocks_per_split
-  n = jnp.minimum(g.blocks_per_split, g.n_blocks - first)   # blocks of this split (a multiple of sub)
-  n_st = lax.div(n, jnp.int32(g.sub))                          # TMA stages
-  sk, rows = g.stage_keys, g.scale_rows
-
-  def issue(j):  # stage j (blocks first + sub j ..) into slot j % stages
-    slot = lax.rem(j, jnp.int32(stages))
-    start = pl.multiple_of(first * bk + j * sk, sk)
-    keys = pl.ds(start, sk)
-    grp = lax.div(start, jnp.int32(g.group))
-    for src, dst in ((kc_ref.at[b, h, keys], kc_smem), (vc_ref.at[b, h, keys], vc_smem),
-                     (ks_ref.at[b, h, pl.ds(grp, rows)], ks_smem), (kz_ref.at[b, h, pl.ds(grp, rows)], kz_smem),
-                     (vs_ref.at[b, h, keys], vs_smem), (vz_ref.at[b, h, keys], vz_smem),
-                     (pos_ref.at[b, h, keys], pos_smem)):
-      plgpu.copy_gmem_to_smem(src, dst.at[slot], full.at[slot])
-
-  plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_raw[0] if g.q_direct else q_smem, q_bar)
-  for j in range(stages - 1):
-    pl.when(j < n_st)(functools.partial(issue, j))
+  n_st = _n_stages(g, split)
+  rows = g.scale_rows
 
   wgmma_layout = plgpu.Layout.WGMMA
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
@@ -104,9 +224,9 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
   m = plgpu.layout_cast(jnp.full((nq,), -jnp.inf, jnp.float32), query_layout)
   zeros = plgpu.layout_cast(jnp.full(shape, 0.0, jnp.float32), wgmma_layout)
   acc = plgpu.layout_cast(jnp.full((HEAD_DIM, nq), 0.0, jnp.float32), wgmma_layout)
-  plgpu.barrier_wait(q_bar)
+  plgpu.barrier_wait(v.q_bar)
   if g.q_direct:
-    mi.permute_queries_fn(g.rows, nq)(q_raw[0], q_smem)
+    mi.permute_queries_fn(g.rows, nq)(v.q_raw, q_smem)
     plgpu.commit_smem()
 
   q_t = q_smem.transpose((1, 0))
@@ -185,14 +305,15 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
     return back(carry, s, rows_, vt, acc_ref)
 
   def stage(j, carry, acc_ref=None):
-    @pl.when(j + stages - 1 < n_st)
-    def _():
-      issue(j + stages - 1)
+    if own_issue:
+      pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
 
     slot = lax.rem(j, jnp.int32(stages))
-    plgpu.barrier_wait(full.at[slot])   # once per arrival: the barrier tracks its phase
+    plgpu.barrier_wait(v.full(slot))   # once per arrival: the barrier tracks its phase
     for part in range(g.sub):
       carry = block(carry, slot, part, acc_ref)
+    if free is not None:
+      free(slot)    # every read of the slot precedes the last block's P fence
     return carry
 
   if g.async_pv:   # O^T in one accumulator for the whole loop, each P V left in flight
@@ -236,10 +357,15 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.Barrier(num_arrivals=7, num_barriers=st),
       plgpu.Barrier(),
   ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
-  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.splits, d, nq), jnp.float32),
-              jax.ShapeDtypeStruct((g.b, g.kh, g.splits, nq), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.launched_splits, d, nq), jnp.float32),
+              jax.ShapeDtypeStruct((g.b, g.kh, g.launched_splits, nq), jnp.float32))
+  params = plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True)
+  if g.consumers:
+    return plgpu.kernel(
+        functools.partial(_body_ws, g), out_type=out_type, grid=(g.launched_splits // g.consumers, g.kh, g.b),
+        grid_names=("split", "head", "batch"), num_threads=g.consumers + 1, thread_name="wg",
+        kernel_name="lcinfer_qdecode_mgpu_ws", compiler_params=params)(q, qpos, kc, ks, kz, vc, vs, vz, pos)
   return plgpu.kernel(
       functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),
       grid_names=("split", "head", "batch"), scratch_types=scratch, kernel_name="lcinfer_qdecode_mgpu",
-      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))(
-          q, qpos, kc, ks, kz, vc, vs, vz, pos)
+      compiler_params=params)(q, qpos, kc, ks, kz, vc, vs, vz, pos)
