@@ -300,7 +300,8 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h, *, own_issue: bool, free=N
 
     def qk(acc_s):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_s, kd, q_t)
-      return acc_s[...], values(slot, part)   # V^T unpacked under the product; the read waits
+      vt = values(slot, part)   # V^T unpacked under the product, before the read (which waits)
+      return acc_s[...], vt
     s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
     return back(carry, s, rows_, vt, acc_ref)
 
