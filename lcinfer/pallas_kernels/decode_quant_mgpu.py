@@ -176,7 +176,8 @@ def _body(g: Geometry, q_ref, qpos_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, 
 
     def qk(acc_ref):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_ref, kd, q_smem.transpose((1, 0)))
-      return acc_ref[...], dequant_v(vc_smem.at[slot, keys])   # V^T's registers, under the product
+      vt = dequant_v(vc_smem.at[slot, keys])   # V^T's registers, unpacked under the product:
+      return acc_ref[...], vt                  # before the read, which waits for it
     s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
 
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
