@@ -4,13 +4,14 @@
 #   bash benchmarks/probes/device_call.sh STEP...
 # Steps:
 #   tests[=EXPR]     gpu tests of the Hopper kernels (flash_mgpu, decode_quant_mgpu), pytest -k EXPR
+#   dtests[=EXPR]    gpu tests of the decode kernels (bf16, quantized Triton, int4 Hopper), pytest -k EXPR
 #   vs[=VARIANTS]    vertical-slash benchmark, H = 32 (default: both Hopper layouts, 56x64 and 128x128)
 #   kernels=SECTIONS benchmarks/kernels.py --only SECTIONS (e.g. dense / block_sparse / copy,decode),
 #                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
-#   qparts           probes/qdecode_parts_probe.py (int4 Hopper decode: whole call vs its parts; residual errors)
+#   qparts[=OPTS]    probes/qdecode_parts_probe.py (int4 Hopper decode: whole call, kernels, combination; OPTS: residual)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -24,6 +25,9 @@ for step in "$@"; do
     tests) timeout 300 python3 -m pytest -q -m gpu tests/test_flash_mgpu.py tests/test_decode_quant_mgpu.py \
              ${arg:+-k "$arg"} -p timeout --timeout 120 --timeout-method=thread -rf 2>&1 | tail -6 \
              | tee -a "$out/tests.log" ;;
+    dtests) timeout 300 python3 -m pytest -q -m gpu tests/test_pallas_decode.py tests/test_pallas_decode_quant.py \
+              tests/test_decode_quant_mgpu.py ${arg:+-k "$arg"} -p timeout --timeout 120 --timeout-method=thread -rf \
+              2>&1 | tail -6 | tee -a "$out/tests.log" ;;
     vs) timeout 200 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
           --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x128}" 2>&1 | tables 12 ;;
     kernels) timeout 330 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
@@ -31,9 +35,10 @@ for step in "$@"; do
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
     qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
                | grep -E "^check|^int4|^bf16|rror" | tee -a "$out/qdecode.log" | tail -40 ;;
-    qparts) timeout 300 python3 benchmarks/probes/qdecode_parts_probe.py 2>&1 | grep -E "^parts|^bf16|^residual|rror" \
+    qparts) timeout 300 python3 benchmarks/probes/qdecode_parts_probe.py ${arg:+--$arg} 2>&1 \
+              | grep -E "^parts|^bf16|^residual|rror" \
               | tee -a "$out/qparts.log" ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
-    *) echo "unknown step: $step (tests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qsass)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qsass)"; exit 2 ;;
   esac
 done

@@ -1,6 +1,6 @@
 """Probe (not a benchmark): launch the quantized flash-decoding kernel (int4 / int8 / int2, KIVI
 layout, 128K, default config), the Mosaic GPU int4 one (mgpu [num_splits=N num_stages=S lazy_max=0|1 sub=1|2
-async_pv=0|1 q_direct=0|1 consumers=0|3]) or the
+q_direct=0|1]) or the
 bf16 one three times, for ncu to profile one launch.
     ncu --clock-control none -k regex:decode --launch-count 1 python3 benchmarks/probes/qdecode_probe.py int4
 The config sweep is `benchmarks/kernels.py --tune` (run_quant_tune)."""
@@ -26,7 +26,7 @@ if kind == "mgpu":  # the Mosaic GPU int4 kernel
   v = quant.quantize(v, bits=4, axis="token", group=d, scale_dtype=jnp.bfloat16)
   cfg = dict(num_splits=49, num_stages=2)   # knobs as key=int, e.g. num_splits=49 narrow=0 overlap=1
   cfg.update({key: int(val) for key, val in (a.split("=") for a in sys.argv[2:])})
-  cfg = {key: bool(val) if key in ("lazy_max", "async_pv", "q_direct") else val for key, val in cfg.items()}
+  cfg = {key: bool(val) if key in ("lazy_max", "q_direct") else val for key, val in cfg.items()}
   f = jax.jit(lambda q, k, v, pos, qp: _dispatch_run(q, k, v, pos, qp, scale=d ** -0.5, window=None, residual=None,
                                                      block_k=64, **cfg)[0])
 elif kind == "bf16":

@@ -47,6 +47,10 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
               query: out = (O^T + sum_t (p_t z_t - 128 p'_t)) / l, one per-thread sum. It uses
               the same rounded p' as the MMA, so the 128 offset cancels up to float32 rounding.
   * The value tile is unpacked while the QK^T wgmma runs.
+  * One query (T = 1, `q_direct`): the kernel takes q as a [B, K, G, D] view of [B, 1, H, D] (no
+    copy), TMAs a head's G rows and builds the permuted, swizzled wgmma B tile itself (rows past G
+    zero; one position for all rows), so no XLA kernel runs before it. T > 1 goes through
+    `kv_head_rows` in XLA.
   * Splits are combined by lse outside (`decode.combine_splits`).
 Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, session 10): H200, 49 splits, 2 stages:
 0.074-0.077 ms per call (0.0676 ms with 8 calls in one executable, ncu 52.8 us for the kernel
@@ -176,9 +180,9 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, async_pv=False, q_direct=False,
-             consumers=0) -> Geometry:
-  """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`)."""
+             sub=None, q_direct=None) -> Geometry:
+  """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
+  queries taken raw by the kernel (None: when T = 1, the only case it serves)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
@@ -189,8 +193,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub, async_pv=async_pv,
-                  q_direct=q_direct and t == 1, consumers=consumers)
+                  lazy_max=lazy_max, sub=sub, q_direct=(t == 1) if q_direct is None else q_direct and t == 1)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

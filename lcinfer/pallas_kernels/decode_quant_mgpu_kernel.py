@@ -17,7 +17,6 @@ from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 HEAD_DIM = 128
-CONSUMER_REGISTERS = {1: 232, 2: 232, 3: 152}   # per consumer thread, beside a 40-register producer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +34,11 @@ class Geometry:
   window: int | None
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
-  async_pv: bool = False  # P V left in flight under the next block's key unpacking (unmeasured)
-  q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel (unmeasured)
-  consumers: int = 0      # > 0: that many consumer warpgroups (a split each) + a TMA producer (unmeasured)
+  q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
 
   @property
   def n_blocks(self) -> int:
     return self.c // self.block_k
-
-  @property
-  def launched_splits(self) -> int:  # consumers > 0: whole CTAs of `consumers` splits (the extra ones empty)
-    return -(-self.splits // self.consumers) * self.consumers if self.consumers else self.splits
 
   @property
   def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
@@ -111,7 +104,7 @@ def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
 
 
 def _body(g: Geometry, *refs):
-  """One warpgroup per CTA (g.consumers == 0): it issues its own TMA stages and computes."""
+  """One warpgroup per CTA: it issues its own TMA stages and computes."""
   gm, sc = refs[:11], refs[11:]
   q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, q_bar, *q_raw = sc
   v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, lambda slot: full.at[slot], q_bar,
@@ -122,83 +115,12 @@ def _body(g: Geometry, *refs):
   n_st = _n_stages(g, split)
   for j in range(g.stages - 1):
     pl.when(j < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j))
-  _consume(g, gm, v, split, b, h, own_issue=True)
+  _consume(g, gm, v, split, b, h)
 
 
-def _body_ws(g: Geometry, *gm):
-  """g.consumers consumer warpgroups (one split each) and one producer warpgroup that issues every
-  TMA copy, so the consumers spend no instructions on them (~14% of theirs in the one-warpgroup
-  kernel, session 10's SASS). Each consumer has its own ring; it frees a slot after its stage."""
-  plgpu = mi.plgpu()
-  n_c, st, d, nq = g.consumers, g.stages, HEAD_DIM, g.n_q
-  group, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
-  wg = lax.axis_index("wg")
-
-  def scoped(per_consumer, q_bar, *q_raw):   # per consumer: its buffers, its full and free barriers
-    def views(c):
-      q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, _ = per_consumer[c]
-      return _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, lambda slot: full.at[slot], q_bar,
-                    q_raw[0] if q_raw else None)
-
-    @pl.when(wg == n_c)
-    def _():   # the producer
-      plgpu.set_max_registers(40, action="decrease")
-      if g.q_direct:
-        plgpu.copy_gmem_to_smem(gm[0].at[b, h], q_raw[0], q_bar)
-      else:
-        for c in range(n_c):
-          plgpu.copy_gmem_to_smem(gm[0].at[b, h], per_consumer[c][0], q_bar)
-      splits = [group * n_c + c for c in range(n_c)]
-      n_sts = [_n_stages(g, sp) for sp in splits]
-
-      @pl.loop(0, functools.reduce(jnp.maximum, n_sts))
-      def _(j):
-        slot = lax.rem(j, jnp.int32(st))
-        for c in range(n_c):
-          @pl.when(j < n_sts[c])
-          def _():
-            @pl.when(j >= st)
-            def _():
-              plgpu.barrier_wait(per_consumer[c][-1].at[slot])
-            _issue(g, gm, views(c), splits[c], b, h, j)
-
-    for c in range(n_c):
-      @pl.when(wg == c)
-      def _():
-        plgpu.set_max_registers(CONSUMER_REGISTERS[n_c], action="increase")
-        free = per_consumer[c][-1]
-        _consume(g, gm, views(c), group * n_c + c, b, h, own_issue=False,
-                 free=lambda slot: plgpu.barrier_arrive(free.at[slot]))
-
-  t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(HEAD_DIM // 2, jnp.uint8)
-  tp = mi.tiled(g.p_swizzle, jnp.bfloat16)
-  sk, half, rows = g.stage_keys, HEAD_DIM // 2, g.scale_rows
-  one = (
-      plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),
-      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),
-      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),
-      plgpu.SMEM((st, rows, d), jnp.bfloat16),
-      plgpu.SMEM((st, rows, d), jnp.bfloat16),
-      plgpu.SMEM((st, sk), jnp.bfloat16),
-      plgpu.SMEM((st, sk), jnp.bfloat16),
-      plgpu.SMEM((st, sk), jnp.int32),
-      plgpu.SMEM((nq, g.block_k) if g.p_transposed else (g.block_k, nq), jnp.bfloat16, transforms=tp),
-      plgpu.SMEM((d, nq), jnp.float32),
-      plgpu.SMEM((nq,), jnp.float32),
-      plgpu.SMEM((4,), jnp.int32),
-      plgpu.Barrier(num_arrivals=7, num_barriers=st),
-      plgpu.Barrier(num_arrivals=1, num_barriers=st),     # freed by the slot's consumer
-  )
-  pl.run_scoped(
-      scoped, (one,) * n_c, plgpu.Barrier(num_arrivals=1 if g.q_direct else n_c),
-      *((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ()),
-      collective_axes="wg",
-  )
-
-
-def _consume(g: Geometry, gm, v: _Views, split, b, h, *, own_issue: bool, free=None):
-  """One split on one warpgroup: wait for each TMA stage, compute its blocks, then either issue the
-  stage `stages - 1` ahead itself (own_issue) or free the slot for the producer."""
+def _consume(g: Geometry, gm, v: _Views, split, b, h):
+  """One split on one warpgroup: issue the TMA stage `stages - 1` ahead, wait for this one, compute
+  its blocks."""
   plgpu = mi.plgpu()
   q_smem, kc_smem, vc_smem, ks_smem, kz_smem, vs_smem, vz_smem, pos_smem = v[:8]
   p_smem, o_smem, lse_smem, flags = v.p, v.o, v.lse, v.flags
@@ -245,9 +167,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h, *, own_issue: bool, free=N
   def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
     return dequant_v(vc_smem.at[slot, pl.ds(part * bk, bk)])
 
-  def back(carry, s, rows_, vt, acc_ref=None):  # mask, online softmax, O^T += V^T P^T for one block
-    """carry = (acc, m, l_part, zb_part); with acc_ref (g.async_pv) O^T lives in that accumulator
-    and carry's acc is None: P V is issued and left in flight (the next block's S^T read waits)."""
+  def back(carry, s, rows_, vt):  # mask, online softmax, O^T += V^T P^T for one block; carry = (acc, m, l_part, zb_part)
     acc, m, l_part, zb_part = carry
     vs, vz, kpos = rows_
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
@@ -261,12 +181,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h, *, own_issue: bool, free=N
       m_new = jnp.maximum(m, s.max(axis=0))
       alpha = jnp.exp2(m - mi.finite(m_new))
       a2 = bq(alpha)
-      ab = lax.broadcast_in_dim(alpha, (HEAD_DIM, nq), [1])
-      if acc_ref is not None:   # (every P V is done: reading S^T waited for them)
-        acc_ref[...] = acc_ref[...] * ab
-      else:
-        acc = acc * ab
-      return m_new, acc, l_part * a2, zb_part * a2
+      return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, zb_part * a2
 
     carry = (s, m, acc, l_part, zb_part)
     if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
@@ -286,44 +201,32 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h, *, own_issue: bool, free=N
     plgpu.commit_smem()
 
     p_t = p_smem.transpose((1, 0)) if g.p_transposed else p_smem
-    if acc_ref is not None:
-      plgpu.wgmma(acc_ref, vt, p_t)    # left in flight under the next block's key unpacking
-      return acc, m, l_part, zb_part
 
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
       plgpu.wgmma(acc_ref, vt, p_t)
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
-  def block(carry, slot, part, acc_ref=None):
-    kd, rows_ = front(slot, part)     # (async_pv: under the previous block's P V)
+  def block(carry, slot, part):
+    kd, rows_ = front(slot, part)
 
     def qk(acc_s):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
       plgpu.wgmma(acc_s, kd, q_t)
       vt = values(slot, part)   # V^T unpacked under the product, before the read (which waits)
       return acc_s[...], vt
     s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-    return back(carry, s, rows_, vt, acc_ref)
+    return back(carry, s, rows_, vt)
 
-  def stage(j, carry, acc_ref=None):
-    if own_issue:
-      pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
+  def stage(j, carry):
+    pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(v.full(slot))   # once per arrival: the barrier tracks its phase
     for part in range(g.sub):
-      carry = block(carry, slot, part, acc_ref)
-    if free is not None:
-      free(slot)    # every read of the slot precedes the last block's P fence
+      carry = block(carry, slot, part)
     return carry
 
-  if g.async_pv:   # O^T in one accumulator for the whole loop, each P V left in flight
-    def loop(acc_ref):
-      _, m_, l_, zb_ = lax.fori_loop(0, n_st, functools.partial(stage, acc_ref=acc_ref), (None, m, zeros, zeros))
-      return acc_ref[...], m_, l_, zb_
-    acc, m, l_part, zb_part = pl.run_scoped(loop, plgpu.ACC((HEAD_DIM, nq), jnp.float32))
-  else:
-    acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
+  acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
   l, zb = l_part.sum(axis=0), zb_part.sum(axis=0)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
@@ -358,14 +261,9 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.Barrier(num_arrivals=7, num_barriers=st),
       plgpu.Barrier(),
   ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
-  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.launched_splits, d, nq), jnp.float32),
-              jax.ShapeDtypeStruct((g.b, g.kh, g.launched_splits, nq), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.splits, d, nq), jnp.float32),
+              jax.ShapeDtypeStruct((g.b, g.kh, g.splits, nq), jnp.float32))
   params = plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True)
-  if g.consumers:
-    return plgpu.kernel(
-        functools.partial(_body_ws, g), out_type=out_type, grid=(g.launched_splits // g.consumers, g.kh, g.b),
-        grid_names=("split", "head", "batch"), num_threads=g.consumers + 1, thread_name="wg",
-        kernel_name="lcinfer_qdecode_mgpu_ws", compiler_params=params)(q, qpos, kc, ks, kz, vc, vs, vz, pos)
   return plgpu.kernel(
       functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),
       grid_names=("split", "head", "batch"), scratch_types=scratch, kernel_name="lcinfer_qdecode_mgpu",
