@@ -25,6 +25,7 @@ def run_decode(args, rows, copy_gbs, configs=None):
   pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, kh, c))
   qp = jnp.full((b, 1), c - 1, jnp.int32)
   nbytes = 2 * b * kh * c * d * 2
+  copies = 2 if args.smoke else 8   # calls per executable (`bench_in_jit`)
   impls = {}
   if not configs:
     impls["lcinfer_flash_decode"] = lambda *a: decode_attention(*a, scale=d ** -0.5, interpret=args.smoke)[0]
@@ -36,7 +37,7 @@ def run_decode(args, rows, copy_gbs, configs=None):
         *a, scale=d ** -0.5, interpret=args.smoke, **cfg)[0])(cfg)
   bf16_ms = None
   for name, f in impls.items():
-    timer = bench if configs else functools.partial(bench_in_jit, copies=2 if args.smoke else 8)
+    timer = bench if configs else functools.partial(bench_in_jit, copies=copies)
     r = attempt(rows, f"decode {name} C={c} bf16", lambda: timer(f, q, k, v, pos, qp, reps=max(args.reps, 20)))
     r.update(section="tune_decode" if configs else "decode", impl=name, C=c, cache="bf16", kv_heads=kh)
     if "ms" in r:
@@ -60,8 +61,7 @@ def run_decode(args, rows, copy_gbs, configs=None):
       def fq(q, kq, vq, pos, qp, fn=fn):
         return fn(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke)[0]
       r = attempt(rows, f"decode {name} int{bits} C={c}",
-                  lambda: bench_in_jit(fq, q, kq, vq, pos, qp, copies=2 if args.smoke else 8,
-                                      reps=max(args.reps, 20)))
+                  lambda: bench_in_jit(fq, q, kq, vq, pos, qp, copies=copies, reps=max(args.reps, 20)))
       r.update(section="decode", impl=name, C=c, cache=f"int{bits} (K per-channel g64, V per-token; bf16 scales)",
                kv_heads=kh, bytes=qbytes)
       if "ms" in r:

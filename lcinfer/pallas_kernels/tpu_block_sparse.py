@@ -217,8 +217,8 @@ def _tpu_block_sparse(q_BTHD, k_BSKD, v_BSKD, layout, q_seg=None, kv_seg=None, l
     safe = jnp.where(cols >= 0, cols, 0)
     args += [k[bidx, kvh, safe], v[bidx, kvh, safe], cols[:, :, :, None, :]]   # [B, H, Nq, n, D], positions
 
-    def chunk(bi, hh, qi, j, *prefetch):  # steps before the columns load chunk 0; past the count, the last
-      ccount_ref = prefetch[5]
+    def chunk(bi, hh, qi, j, count_ref, ld_ref, lo_ref, hi_ref, len_ref, ccount_ref):
+      # steps before the columns load chunk 0; past the count, the last (no new DMA)
       last = jnp.maximum(pl.cdiv(ccount_ref[bi, hh, qi], bk) - 1, 0)
       return jnp.clip(j - mb, 0, last)
     in_specs += [pl.BlockSpec((None, None, None, bk, d), lambda bi, hh, qi, j, *pf:
