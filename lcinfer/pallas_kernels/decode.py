@@ -16,8 +16,9 @@ Design:
   * GQA without repeats: the G = H / K query heads of a kv head and the T queries form G*T rows that
     share every K/V block load (one [R, D] x [D, block_k] dot, R = G*T padded up to a power of two
     >= 16 for tl.dot; padded rows have position -1, so they see nothing and are dropped).
-  * Each split writes a partial (out, lse); the splits are combined exactly by lse in plain jnp
-    (empty splits have lse = -inf and weight 0; rows that see nothing give out 0, lse -inf).
+  * Each split writes a partial (out, lse); the splits are combined exactly by lse (empty splits
+    have lse = -inf and weight 0; rows that see nothing give out 0, lse -inf): by one Pallas kernel
+    (`combine.py`) for one query with G a power of two, else in plain jnp (`combine_splits`).
   * block_k divides the capacity C when C is a multiple of 16 (the default picks it so), and the
     last split takes the remaining blocks: the cache is read in place, never copied. Only other
     capacities are padded in the wrapper (pos = -1), which copies the cache.
@@ -39,6 +40,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
+from lcinfer.pallas_kernels import combine
 from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.reference import check_qkv
 
@@ -217,8 +219,10 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   pos_spec = pl.BlockSpec((None, None, cp), lambda bi, ki, si: (bi, ki, 0))
   o_spec = pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si: (bi, ki, si, 0, 0))
   lse_spec = pl.BlockSpec((None, None, None, r), lambda bi, ki, si: (bi, ki, si, 0))
-  out_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, r, d), jnp.float32),
-               jax.ShapeDtypeStruct((b, kh, num_splits, r), jnp.float32)]
+  fused = combine.served(t, g, d)   # one combination kernel, which reads padded split buffers
+  s_alloc = combine.padded_splits(num_splits, g) if fused else num_splits
+  out_shape = [jax.ShapeDtypeStruct((b, kh, s_alloc, r, d), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, s_alloc, r), jnp.float32)]
   args = [q, qpos, k, v, pos]
   in_specs = [q_spec, qpos_spec, kv_spec, kv_spec, pos_spec]
   kernel = functools.partial(_kernel, scale=scale, window=window, block_k=block_k,
@@ -229,6 +233,9 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
                                  out_specs=[o_spec, lse_spec], out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_flash_decode",
                                  poison=poison)
+  if fused:
+    return combine.combine_partials(o_part, lse_part, splits=num_splits, g=g, layout="rows",
+                                    out_dtype=q_BTHD.dtype, interpret=interpret)
   out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, rows), t)
   return out.astype(q_BTHD.dtype), lse
 

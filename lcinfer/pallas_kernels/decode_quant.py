@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import combine, dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.decode import (MAX_ROWS, MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_args,
                                            _next_pow2, combine_splits, decode_attention, decode_reference,
@@ -225,8 +225,11 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
   in_specs.append(pl.BlockSpec((None, None, c), lambda bi, ki, si: (bi, ki, 0)))
   out_specs = [pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si: (bi, ki, si, 0, 0)),
                pl.BlockSpec((None, None, None, r), lambda bi, ki, si: (bi, ki, si, 0))]
-  out_shape = [jax.ShapeDtypeStruct((b, kh, num_splits, r, d), jnp.float32),
-               jax.ShapeDtypeStruct((b, kh, num_splits, r), jnp.float32)]
+  fused = combine.served(t, g, d)   # one combination kernel, which reads padded split buffers
+  s_alloc = combine.padded_splits(num_splits, g) if fused else num_splits
+  out_shape = [jax.ShapeDtypeStruct((b, kh, s_alloc, r, d), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, s_alloc, r), jnp.float32)]
+
   def lay(qt):
     mode = unpack or unpack_mode(q.dtype, qt.bits, interpret)
     return (qt.bits, qt.axis, qt.group, _pieces(qt.bits, qt.axis, qt.group, d), mode)
@@ -237,6 +240,9 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
                                  out_specs=out_specs, out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_quant_decode",
                                  poison=poison)
+  if fused:
+    return combine.combine_partials(o_part, lse_part, splits=num_splits, g=g, layout="rows",
+                                    out_dtype=q_BTHD.dtype, interpret=interpret)
   out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, rows), t)
   return out.astype(q_BTHD.dtype), lse
 

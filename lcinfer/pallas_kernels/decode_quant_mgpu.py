@@ -51,12 +51,14 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     copy), TMAs a head's G rows and builds the permuted, swizzled wgmma B tile itself (rows past G
     zero; one position for all rows), so no XLA kernel runs before it. T > 1 goes through
     `kv_head_rows` in XLA.
-  * Splits are combined by lse outside (`decode.combine_splits`).
-Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, session 10): H200, 49 splits, 2 stages:
-0.074-0.077 ms per call (0.0676 ms with 8 calls in one executable, ncu 52.8 us for the kernel
-alone: the rest is the query preparation, the lse combination and host dispatch); 0.46-0.50x the
-bf16 kernel. Before the register value tile (same runs): 0.087-0.092 ms. ncu: 28.0M warp
-instructions (~430 per warp and 64-key block; 42.7M before), 127 registers (four CTAs per SM fit).
+  * Splits are combined by lse outside: for one query with G a power of two by one Pallas kernel that
+    also puts the channels back in order and writes [B, 1, H, D] (`combine.py`; the kernel's
+    partial buffers are then padded to `combine.padded_splits`), else in XLA (`decode.combine_splits`).
+Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, session 11): H200, 49 splits, 2 stages,
+8 calls per executable: 0.0622-0.0636 ms per call = 0.41x the bf16 call (two kernels; this one alone
+0.059 ms the same way, 52.1-52.5 us under ncu); with the combination in XLA 0.069-0.075 ms (4 kernels),
+with the queries prepared in XLA too 0.079 ms (6 kernels). ncu (session 10): 28.0M warp
+instructions (~430 per warp and 64-key block), 127 registers (four CTAs per SM fit), DRAM at 60%.
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
 wrapper: the argument checks, the query preparation, the grid and the lse combination.
@@ -70,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import combine, dispatch
 from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.decode import combine_splits, from_kv_head_rows, kv_head_rows
 from lcinfer.pallas_kernels.decode_quant import _check, merge_residual  # one argument check, one merge
@@ -95,6 +97,9 @@ def _prepare(g: Geometry, q_BTHD, q_pos_BT):
 
 def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
   """The splits' partial O^T (rows in the value tile's order) combined by lse -> (out, lse)."""
+  if g.fused_combine:
+    return combine.combine_partials(o_part, lse_part, splits=g.splits, g=g.rows, layout="channels",
+                                    interleave16=True, out_dtype=dtype)
   o_part = jnp.swapaxes(o_part, -1, -2)
   o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
   out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows), t)
@@ -180,9 +185,10 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, q_direct=None) -> Geometry:
+             sub=None, q_direct=None, fused_combine=None) -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
-  queries taken raw by the kernel (None: when T = 1, the only case it serves)."""
+  queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
+  splits combined by one Pallas kernel (None: where `combine.served`)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
@@ -193,7 +199,8 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub, q_direct=(t == 1) if q_direct is None else q_direct and t == 1)
+                  lazy_max=lazy_max, sub=sub, q_direct=(t == 1) if q_direct is None else q_direct and t == 1,
+                  fused_combine=combine.served(t, h // kh, HEAD_DIM) and fused_combine in (None, True))
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from lcinfer.pallas_kernels import combine
 from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
@@ -35,10 +36,15 @@ class Geometry:
   lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
+  fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
 
   @property
   def n_blocks(self) -> int:
     return self.c // self.block_k
+
+  @property
+  def out_splits(self) -> int:  # splits of the partial outputs: padded for the combination kernel
+    return combine.padded_splits(self.splits, self.rows) if self.fused_combine else self.splits
 
   @property
   def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
@@ -261,8 +267,8 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.Barrier(num_arrivals=7, num_barriers=st),
       plgpu.Barrier(),
   ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
-  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.splits, d, nq), jnp.float32),
-              jax.ShapeDtypeStruct((g.b, g.kh, g.splits, nq), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.out_splits, d, nq), jnp.float32),
+              jax.ShapeDtypeStruct((g.b, g.kh, g.out_splits, nq), jnp.float32))
   params = plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True)
   return plgpu.kernel(
       functools.partial(_body, g), out_type=out_type, grid=(g.splits, g.kh, g.b),

@@ -1,0 +1,71 @@
+"""The split combination kernel (interpret mode) against `decode.combine_splits`, the jnp reference."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcinfer.pallas_kernels import combine
+from lcinfer.pallas_kernels.decode import combine_splits, from_kv_head_rows
+from lcinfer.pallas_kernels.mgpu_inline import value_channel_order
+
+
+def _partials(b, kh, splits, g, g_pad, d, seed):
+  """Random partials in both layouts, padded splits and rows filled with NaN (never to be read),
+  one empty split, one row every split left empty, lse spread over +-40."""
+  rng = np.random.default_rng(seed)
+  s_pad = combine.padded_splits(splits, g)
+  o = np.full((b, kh, s_pad, g_pad, d), np.nan, np.float32)
+  lse = np.full((b, kh, s_pad, g_pad), np.nan, np.float32)
+  o[:, :, :splits, :g] = rng.standard_normal((b, kh, splits, g, d))
+  lse[:, :, :splits, :g] = rng.standard_normal((b, kh, splits, g)) * 20
+  lse[0, 0, splits // 2, :g] = -np.inf
+  if g > 1:
+    lse[-1, -1, :splits, g - 1] = -np.inf
+  return o, lse
+
+
+def _want(o, lse, splits, g):
+  out, l = combine_splits(jnp.asarray(o[:, :, :splits]), jnp.asarray(lse[:, :, :splits]), g)
+  return (np.asarray(x) for x in from_kv_head_rows(out, l, 1))
+
+
+@pytest.mark.parametrize("b,kh,splits,g,g_pad,d", [
+    (1, 2, 49, 4, 8, 128),    # the int4 benchmark's grid (49 splits -> 64 allocated)
+    (2, 1, 5, 1, 16, 64),     # one head per kv head, 5 splits -> 8
+    (1, 1, 70, 8, 8, 64),     # past one chunk: 70 splits in chunks of 32, a running maximum
+    (1, 2, 3, 16, 16, 32)])
+@pytest.mark.parametrize("layout", ["rows", "channels"])
+def test_combine_kernel_matches_reference(b, kh, splits, g, g_pad, d, layout):
+  o, lse = _partials(b, kh, splits, g, g_pad, d, seed=splits + g)
+  want_out, want_lse = _want(o, lse, splits, g)
+  o_in = o if layout == "rows" else np.ascontiguousarray(np.swapaxes(o, -1, -2))
+  out, got_lse = combine.combine_partials(jnp.asarray(o_in), jnp.asarray(lse), splits=splits, g=g, layout=layout,
+                                          out_dtype=jnp.float32, interpret=True)
+  assert out.shape == (b, 1, kh * g, d) and got_lse.shape == (b, 1, kh * g)
+  np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=1e-6)
+  if g > 1:   # the row no split saw: out 0, lse -inf
+    assert np.all(np.asarray(out)[-1, 0, -1] == 0) and np.isneginf(np.asarray(got_lse)[-1, 0, -1])
+
+
+def test_combine_kernel_puts_interleaved_channels_back():
+  """O^T rows in the Mosaic int4 kernel's value order (`value_channel_order`) come out in channel order."""
+  o, lse = _partials(1, 2, 9, 4, 8, 128, seed=1)
+  want_out, want_lse = _want(o, lse, 9, 4)
+  o_perm = np.ascontiguousarray(np.swapaxes(o, -1, -2)[..., value_channel_order(64), :])
+  out, got_lse = combine.combine_partials(jnp.asarray(o_perm), jnp.asarray(lse), splits=9, g=4, layout="channels",
+                                          interleave16=True, out_dtype=jnp.float32, interpret=True)
+  np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=1e-6)
+
+
+def test_nan_partial_stays_nan_and_bad_padding_is_refused():
+  o, lse = _partials(1, 1, 4, 2, 8, 32, seed=2)
+  o[0, 0, 1, 0, 3] = np.nan
+  out, _ = combine.combine_partials(jnp.asarray(o), jnp.asarray(lse), splits=4, g=2, layout="rows",
+                                    out_dtype=jnp.float32, interpret=True)
+  assert np.isnan(np.asarray(out)[0, 0, 0, 3]) and not np.isnan(np.asarray(out)[0, 0, 1]).any()
+  with pytest.raises(ValueError, match="padded_splits"):
+    combine.combine_partials(jnp.asarray(o[:, :, :3]), jnp.asarray(lse[:, :, :3]), splits=3, g=2, layout="rows",
+                             interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    combine.combine_partials(jnp.asarray(o), jnp.asarray(lse), splits=4, g=3, layout="rows", interpret=True)
