@@ -12,6 +12,9 @@
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
 #   qparts[=OPTS]    probes/qdecode_parts_probe.py (int4 Hopper decode: whole call, kernels, combination; OPTS: residual)
+#   qncu[=VARIANTS]  ncu GPU time of the int4 Hopper decode kernel per variant (probes/qdecode_ncu_variants.py;
+#                    VARIANTS: space-separated, e.g. "default num_stages=3 num_splits=64"), bf16 and combination
+#                    kernels beside it
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -38,7 +41,10 @@ for step in "$@"; do
     qparts) timeout 300 python3 benchmarks/probes/qdecode_parts_probe.py ${arg:+--$arg} 2>&1 \
               | grep -E "^parts|^bf16|^residual|rror" \
               | tee -a "$out/qparts.log" ;;
+    qncu) timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum -k regex:lcinfer_ --csv \
+            python3 benchmarks/probes/qdecode_ncu_variants.py run ${arg:-default} > "$out/qncu.csv" 2> "$out/qncu.err"
+          python3 benchmarks/probes/qdecode_ncu_variants.py parse "$out/qncu.csv" ${arg:-default} ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qsass)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qsass)"; exit 2 ;;
   esac
 done
