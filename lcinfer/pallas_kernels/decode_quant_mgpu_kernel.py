@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +68,9 @@ class Geometry:
 
 
 class _Views(NamedTuple):
-  """One consumer's shared memory: its queries, TMA ring, P, O^T / lse staging and vote flags, and
-  its barriers (`full(slot)`, `q_bar`); q_raw: the raw query rows (q_direct) or None."""
+  """The CTA's shared memory: queries, TMA ring, P, O^T / lse staging, vote flags, the ring's
+  barriers (`full`, one per slot) and the queries' (`q_bar`); q_raw: the raw query rows (q_direct)
+  or None."""
   q_smem: Any
   kc: Any
   vc: Any
@@ -82,13 +83,13 @@ class _Views(NamedTuple):
   o: Any
   lse: Any
   flags: Any
-  full: Callable
+  full: Any
   q_bar: Any
   q_raw: Any
 
 
 def _n_stages(g: Geometry, split):
-  """TMA stages of a split (0 past the cache: a consumer of the last CTA may have no split)."""
+  """TMA stages of a split."""
   n = jnp.clip(g.n_blocks - split * g.blocks_per_split, 0, g.blocks_per_split)
   return lax.div(n, jnp.int32(g.sub))
 
@@ -106,15 +107,14 @@ def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
   for src, dst in ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
                    (ks_ref.at[b, h, pl.ds(grp, rows)], v.ks), (kz_ref.at[b, h, pl.ds(grp, rows)], v.kz),
                    (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos)):
-    plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full(slot))
+    plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full.at[slot])
 
 
 def _body(g: Geometry, *refs):
   """One warpgroup per CTA: it issues its own TMA stages and computes."""
   gm, sc = refs[:11], refs[11:]
   q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, q_bar, *q_raw = sc
-  v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, lambda slot: full.at[slot], q_bar,
-             q_raw[0] if q_raw else None)
+  v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, q_bar, q_raw[0] if q_raw else None)
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   plgpu = mi.plgpu()
   plgpu.copy_gmem_to_smem(gm[0].at[b, h], v.q_raw if g.q_direct else v.q_smem, v.q_bar)
@@ -227,7 +227,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
 
     slot = lax.rem(j, jnp.int32(stages))
-    plgpu.barrier_wait(v.full(slot))   # once per arrival: the barrier tracks its phase
+    plgpu.barrier_wait(v.full.at[slot])   # once per arrival: the barrier tracks its phase
     for part in range(g.sub):
       carry = block(carry, slot, part)
     return carry
