@@ -37,6 +37,7 @@ class Geometry:
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
   fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
+  issue_warp: bool = False     # one warp issues a stage's copies, warp j % 4 for stage j (unmeasured)
 
   @property
   def n_blocks(self) -> int:
@@ -104,10 +105,24 @@ def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
   keys = pl.ds(start, sk)
   grp = lax.div(start, jnp.int32(g.group))
   rows = g.scale_rows
-  for src, dst in ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
-                   (ks_ref.at[b, h, pl.ds(grp, rows)], v.ks), (kz_ref.at[b, h, pl.ds(grp, rows)], v.kz),
-                   (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos)):
-    plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full.at[slot])
+
+  def copies():
+    for src, dst in ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
+                     (ks_ref.at[b, h, pl.ds(grp, rows)], v.ks), (kz_ref.at[b, h, pl.ds(grp, rows)], v.kz),
+                     (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos)):
+      plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full.at[slot])
+
+  if not g.issue_warp:
+    copies()   # warpgroup semantics: every warp computes the descriptors' addresses, one thread issues
+    return
+
+  # g.issue_warp: only warp j % 4 runs the copies (warp semantics: its 32 threads arrive for the
+  # warpgroup, one issues), so the other three skip the address work (~58 instructions per warp and
+  # block in session 10's SASS), and the rotation spreads it over the SM's four schedulers (warp w of
+  # every CTA sits on scheduler w).
+  def one_warp(warp):
+    pl.when(warp == lax.rem(j, jnp.int32(4)))(copies)
+  plgpu.warp_map(one_warp)
 
 
 def _body(g: Geometry, *refs):
