@@ -176,22 +176,24 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
   return q, k_q, v_q, jnp.asarray(pos), jnp.asarray(q_pos)
 
 
-@pytest.mark.parametrize("t,h,kh,window,stages,lazy,sub,direct,warp", [
-    (1, 32, 8, None, 2, True, 2, False, False), (2, 32, 2, 100, 3, True, 2, False, False),
-    (1, 64, 1, None, 2, False, 1, False, False), (2, 16, 2, None, 2, True, 1, False, False),
-    (1, 32, 8, None, 2, True, 2, True, False), (1, 64, 1, 100, 2, True, 2, True, False),
-    (1, 8, 8, None, 3, False, 1, True, False), (1, 32, 8, None, 2, True, 2, True, True),
-    (2, 16, 2, 100, 3, True, 1, False, True)])
-def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, direct, warp):
+@pytest.mark.parametrize("t,h,kh,window,stages,lazy,sub,direct,warp,pair", [
+    (1, 32, 8, None, 2, True, 2, False, False, False), (2, 32, 2, 100, 3, True, 2, False, False, False),
+    (1, 64, 1, None, 2, False, 1, False, False, False), (2, 16, 2, None, 2, True, 1, False, False, False),
+    (1, 32, 8, None, 2, True, 2, True, False, False), (1, 64, 1, 100, 2, True, 2, True, False, False),
+    (1, 8, 8, None, 3, False, 1, True, False, False), (1, 32, 8, None, 2, True, 2, True, True, False),
+    (2, 16, 2, 100, 3, True, 1, False, True, False), (1, 32, 8, None, 2, True, 2, True, False, True),
+    (2, 32, 2, 100, 2, False, 2, False, True, True)])
+def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, direct, warp, pair):
   """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 8 (P stored
   transposed), 16, 32 and 64, the lazy and the every-block maximum, one or two blocks per stage,
-  queries prepared in XLA or permuted in the kernel (q_direct), copies issued by one warp."""
+  queries prepared in XLA or permuted in the kernel (q_direct), copies issued by one warp, a
+  stage's two blocks through one product wait (pair)."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
                             block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, q_direct=direct,
-                            fused_combine=False, issue_warp=warp)   # (a Triton call: lowering it needs a GPU; test_pallas_combine)
+                            fused_combine=False, issue_warp=warp, pair=pair)   # (a Triton call: lowering it needs a GPU; test_pallas_combine)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 

@@ -41,7 +41,8 @@ for step in "$@"; do
     qparts) timeout 300 python3 benchmarks/probes/qdecode_parts_probe.py ${arg:+--$arg} 2>&1 \
               | grep -E "^parts|^bf16|^residual|rror" \
               | tee -a "$out/qparts.log" ;;
-    qncu) timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum -k regex:lcinfer_ --csv \
+    qncu) timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum,launch__registers_per_thread \
+            -k regex:lcinfer_ --csv \
             python3 benchmarks/probes/qdecode_ncu_variants.py run ${arg:-default} > "$out/qncu.csv" 2> "$out/qncu.err"
           python3 benchmarks/probes/qdecode_ncu_variants.py parse "$out/qncu.csv" ${arg:-default} ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;

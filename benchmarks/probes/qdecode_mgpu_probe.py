@@ -39,7 +39,8 @@ def check():
     if kw.pop("holes", False):
       pos = jnp.where(jax.random.uniform(jax.random.key(9), pos.shape) < 0.2, -1, pos)
     ref, rl = quantized_decode_reference(q, kq, vq, pos, qp, scale=128 ** -0.5, window=kw.get("window"))
-    variants = [dict(), dict(sub=1), dict(q_direct=False), dict(issue_warp=True), dict(issue_warp=True, sub=1)] + (
+    variants = [dict(), dict(sub=1), dict(q_direct=False), dict(issue_warp=True), dict(issue_warp=True, sub=1),
+                dict(pair=True), dict(pair=True, issue_warp=True)] + (
         [dict(lazy_max=False)] if c > 4096 else [])
     for var in variants:
       try:
@@ -67,7 +68,7 @@ def timing(quick):
   rows.append(("bf16 flash-decode", bf16))
   r = bench(lambda *a: quantized_decode_attention(*a, scale=s)[0], q, kq, vq, pos, qp, reps=20)
   rows.append(("int4 triton", r["ms"]))
-  variants = [dict(), dict(issue_warp=True), dict(num_stages=3), dict(issue_warp=True, num_stages=3)]
+  variants = [dict(), dict(issue_warp=True), dict(pair=True), dict(pair=True, issue_warp=True), dict(num_stages=3)]
   rounds = 1 if quick else 3   # interleaved: run-to-run spread next to the differences
   cfgs = [dict(dict(num_splits=49, num_stages=2), **v) for _ in range(rounds) for v in variants]
   for cfg in cfgs:

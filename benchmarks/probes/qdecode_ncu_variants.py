@@ -4,7 +4,7 @@ read 52.1-52.5 us over three launches while the timed call moved by +-5% between
 tell variants a few percent apart. The bf16 decode kernel and the split-combination kernel are timed
 alongside for reference.
 
-    ncu --clock-control none --metrics gpu__time_duration.sum -k regex:lcinfer_ --csv \\
+    ncu --clock-control none --metrics gpu__time_duration.sum,launch__registers_per_thread -k regex:lcinfer_ --csv \\
         python3 benchmarks/probes/qdecode_ncu_variants.py run VARIANT... > ncu.csv
     python3 benchmarks/probes/qdecode_ncu_variants.py parse ncu.csv VARIANT...
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 WARM, REPS = 1, 5
-BOOL_KNOBS = ("lazy_max", "q_direct", "fused_combine", "issue_warp")
+BOOL_KNOBS = ("lazy_max", "q_direct", "fused_combine", "issue_warp", "pair")
 
 
 def knobs(variant: str) -> dict:
@@ -55,8 +55,11 @@ def run(variants):
 
 def parse(path, variants):
   rows = [ln for ln in Path(path).read_text().splitlines(keepends=True) if ln.startswith('"')]
+  table = list(csv.DictReader(io.StringIO("".join(rows))))
   launches = [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) / 1e3)
-              for r in csv.DictReader(io.StringIO("".join(rows))) if r["Metric Name"] == "gpu__time_duration.sum"]
+              for r in table if r["Metric Name"] == "gpu__time_duration.sum"]
+  regs = [r["Metric Value"] for r in table
+          if r["Metric Name"] == "launch__registers_per_thread" and "qdecode" in r["Kernel Name"]]
   by_name = {}
   for name, us in launches:
     by_name.setdefault(name.split("(")[0], []).append(us)
@@ -71,7 +74,9 @@ def parse(path, variants):
       continue
     med = statistics.median(us)
     base = base or med
-    print(f"ncu {variant:40s} {med:7.2f} us (min {min(us):.2f}, max {max(us):.2f}) {med / base:6.3f}x default")
+    reg = regs[i * n] if len(regs) == len(qd) else "?"
+    print(f"ncu {variant:40s} {med:7.2f} us (min {min(us):.2f}, max {max(us):.2f}) {med / base:6.3f}x default, "
+          f"{reg} registers")
   for name, us in by_name.items():
     if "qdecode" not in name:
       print(f"ncu {name[:40]:40s} {statistics.median(us[WARM:] or us):7.2f} us ({len(us)} launches)")

@@ -38,6 +38,7 @@ class Geometry:
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
   fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
   issue_warp: bool = False     # one warp issues a stage's copies, warp j % 4 for stage j (unmeasured)
+  pair: bool = False           # a stage's two blocks share one product wait, vote and P fence (unmeasured)
 
   @property
   def n_blocks(self) -> int:
@@ -62,6 +63,10 @@ class Geometry:
   @property
   def p_transposed(self) -> bool:  # N = 8: P is kept as [n_q, bk] (16-byte rows cannot be swizzled)
     return self.n_q == 8
+
+  @property
+  def p_tiles(self) -> int:  # P tiles in shared memory: one per block handled at once
+    return self.sub if self.pair else 1
 
   @property
   def p_swizzle(self) -> int:  # the P tile's rows
@@ -188,63 +193,78 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
     return dequant_v(vc_smem.at[slot, pl.ds(part * bk, bk)])
 
-  def back(carry, s, rows_, vt):  # mask, online softmax, O^T += V^T P^T for one block; carry = (acc, m, l_part, zb_part)
-    acc, m, l_part, zb_part = carry
-    vs, vz, kpos = rows_
+  def masked(s, rows_):  # logits in base-2 units, invisible keys -inf
+    _, _, kpos = rows_
     kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
     keep = kp <= qpos_b
     if g.window is not None:
       keep = keep & (qpos_b - kp < g.window)
-    s = jnp.where(keep, s * c, -jnp.inf)
+    return jnp.where(keep, s * c, -jnp.inf)
+
+  def back(carry, ss, rows_list, vts):
+    """Online softmax over the blocks' masked S^T tiles `ss` (one block, or a stage's two with
+    g.pair), then O^T += V^T P^T for each; carry = (acc, m, l_part, zb_part). One vote, one P fence
+    and one wait for the products whatever the block count."""
+    acc, m, l_part, zb_part = carry
+    s_max = functools.reduce(jnp.maximum, ss)
 
     def rescale(args):  # the running max moves: P, the sums and O^T in its new units
-      s, m, acc, l_part, zb_part = args
-      m_new = jnp.maximum(m, s.max(axis=0))
+      s_max, m, acc, l_part, zb_part = args
+      m_new = jnp.maximum(m, s_max.max(axis=0))
       alpha = jnp.exp2(m - mi.finite(m_new))
       a2 = bq(alpha)
       return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, zb_part * a2
 
-    carry = (s, m, acc, l_part, zb_part)
+    args = (s_max, m, acc, l_part, zb_part)
     if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
-      above = any_above(s, bq(m + mi.LAZY_TAU), flags)
-      m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], carry)
+      above = any_above(s_max, bq(m + mi.LAZY_TAU), flags)
+      m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], args)
     else:
-      m, acc, l_part, zb_part = rescale(carry)
-    p = jnp.exp2(s - bq(mi.finite(m)))
-    p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
-    l_part = l_part + p
-    # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
-    zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
-    if g.p_transposed:
-      p_smem.transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
-    else:
-      p_smem[...] = p16
+      m, acc, l_part, zb_part = rescale(args)
+    p_ts = []
+    for i, (s, (vs, vz, _)) in enumerate(zip(ss, rows_list)):
+      p = jnp.exp2(s - bq(mi.finite(m)))
+      p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
+      l_part = l_part + p
+      # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
+      zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
+      p_ref = p_smem[i]
+      if g.p_transposed:
+        p_ref.transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
+      else:
+        p_ref[...] = p16
+      p_ts.append(p_ref.transpose((1, 0)) if g.p_transposed else p_ref)
     plgpu.commit_smem()
 
-    p_t = p_smem.transpose((1, 0)) if g.p_transposed else p_smem
-
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
-      plgpu.wgmma(acc_ref, vt, p_t)
+      for vt, p_t in zip(vts, p_ts):
+        plgpu.wgmma(acc_ref, vt, p_t)
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
-  def block(carry, slot, part):
-    kd, rows_ = front(slot, part)
+  def blocks(carry, slot, parts):
+    """The stage's blocks `parts` through one product wait: S^T = K Q^T for each (keys fill the
+    64-row M side, the queries N), the V^T tiles unpacked under the products, before the reads."""
+    fronts = [front(slot, part) for part in parts]
 
-    def qk(acc_s):  # S^T = K Q^T: keys fill the 64-row M side, the queries N
-      plgpu.wgmma(acc_s, kd, q_t)
-      vt = values(slot, part)   # V^T unpacked under the product, before the read (which waits)
-      return acc_s[...], vt
-    s, vt = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
-    return back(carry, s, rows_, vt)
+    def qk(*acc_s):
+      for acc_ref, (kd, _) in zip(acc_s, fronts):
+        plgpu.wgmma(acc_ref, kd, q_t)
+      vts = [values(slot, part) for part in parts]
+      return [acc_ref[...] for acc_ref in acc_s], vts   # the first read waits for every product
+    ss, vts = pl.run_scoped(qk, *(plgpu.ACC(shape, jnp.float32) for _ in parts))
+    rows_list = [r for _, r in fronts]
+    return back(carry, [masked(s, r) for s, r in zip(ss, rows_list)], rows_list, vts)
 
   def stage(j, carry):
     pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(v.full.at[slot])   # once per arrival: the barrier tracks its phase
+    if g.pair:
+      return blocks(carry, slot, range(g.sub))
     for part in range(g.sub):
-      carry = block(carry, slot, part)
+      carry = blocks(carry, slot, [part])
     return carry
 
   acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
@@ -275,7 +295,8 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((st, sk), jnp.bfloat16),                             # value scales
       plgpu.SMEM((st, sk), jnp.bfloat16),                             # value zeros
       plgpu.SMEM((st, sk), jnp.int32),                                # positions
-      plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp),  # P or P^T
+      tuple(plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp)
+            for _ in range(g.p_tiles)),                               # P or P^T, one per block at once
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
       plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
