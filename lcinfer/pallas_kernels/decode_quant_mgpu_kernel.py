@@ -244,16 +244,17 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
 
   def blocks(carry, slot, parts):
     """The stage's blocks `parts` through one product wait: S^T = K Q^T for each (keys fill the
-    64-row M side, the queries N), the V^T tiles unpacked under the products, before the reads."""
-    fronts = [front(slot, part) for part in parts]
-
+    64-row M side, the queries N; the next block's keys unpacked under the previous product), then
+    the V^T tiles unpacked under the products, before the reads."""
     def qk(*acc_s):
-      for acc_ref, (kd, _) in zip(acc_s, fronts):
+      rows_list = []
+      for acc_ref, part in zip(acc_s, parts):
+        kd, rows_ = front(slot, part)
         plgpu.wgmma(acc_ref, kd, q_t)
+        rows_list.append(rows_)
       vts = [values(slot, part) for part in parts]
-      return [acc_ref[...] for acc_ref in acc_s], vts   # the first read waits for every product
-    ss, vts = pl.run_scoped(qk, *(plgpu.ACC(shape, jnp.float32) for _ in parts))
-    rows_list = [r for _, r in fronts]
+      return [acc_ref[...] for acc_ref in acc_s], rows_list, vts   # the first read waits for every product
+    ss, rows_list, vts = pl.run_scoped(qk, *(plgpu.ACC(shape, jnp.float32) for _ in parts))
     return back(carry, [masked(s, r) for s, r in zip(ss, rows_list)], rows_list, vts)
 
   def stage(j, carry):
