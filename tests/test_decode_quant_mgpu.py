@@ -250,6 +250,7 @@ CASES = [
     ("rows_64_one_split", 1, 1, 64, 1, 256, {}, dict(num_splits=1, num_stages=3)),
     ("group_128", 2, 1, 8, 2, 384, dict(kgroup=128), dict(num_splits=2)),
     ("residual", 1, 3, 16, 4, 512, dict(holes=True), dict(residual=40)),
+    ("residual_one_query", 2, 1, 16, 4, 512, dict(holes=True), dict(residual=40)),   # combine.py, then the merge
     # the lazy maximum: logits that rise along the cache (many rescales) or fall (few)
     ("rising_logits", 1, 1, 32, 8, 4096, dict(trend=(0.1, 6.0)), dict(num_splits=4)),
     ("falling_logits", 1, 2, 16, 4, 4096, dict(trend=(6.0, 0.1), holes=True), dict(num_splits=4)),

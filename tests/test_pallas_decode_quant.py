@@ -67,6 +67,9 @@ CASES = [
      dict(window=37, holes=True, num_splits=4)),
     ("int4_residual", 1, 3, 64, 8, 2, 128, "float32", (4, "channel", 32), (4, "token", 128),
      dict(residual=24, holes=True)),
+    # one query: the splits go through the combination kernel (combine.py), then the residual merge
+    ("int4_residual_t1", 2, 1, 64, 8, 2, 128, "float32", (4, "channel", 32), (4, "token", 128),
+     dict(residual=24, holes=True, num_splits=3)),
     ("mixed_bits_shuffled", 2, 1, 96, 4, 4, 64, "float32", (8, "channel", 32), (2, "token", 16),
      dict(shuffled=True, num_splits=2)),
     ("bf16_int4_residual_window", 2, 2, 128, 16, 2, 128, "bfloat16", (4, "channel", 32), (4, "token", 128),
