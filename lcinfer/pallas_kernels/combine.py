@@ -4,8 +4,9 @@ o_s and log-sum-exps l_s of S cache splits merged exactly,
     m = max_s l_s,   w_s = exp(l_s - m),   out = sum_s w_s o_s / sum_s w_s,   lse = m + log sum_s w_s,
 
 as one Triton-lowered Pallas kernel that also writes the final [B, 1, H, D] layout, for one query
-per row (T = 1) with G = H / K a power of two. `decode.combine_splits` (jnp) is the reference and
-serves every other call.
+per row (T = 1) with G = H / K a power of two. `combine_splits` (jnp, here) is the reference and
+serves every other call; `finish_rows` picks between them for the kernels that write [B, K, S, R, D]
+partials (the bf16 and Triton quantized decodes).
 
 Why a kernel: at decode the combination is launch-bound. XLA makes three kernels of the jnp version
 (weights, weighted sum, cast / layout), 8-12 us of GPU time on an H200 at 128K for ~1 MB of data
@@ -55,6 +56,46 @@ def padded_splits(splits: int, g: int) -> int:
   if splits <= chunk:
     return max(1, 1 << (splits - 1).bit_length())
   return -(-splits // chunk) * chunk
+
+
+def from_kv_head_rows(out_BKRD, lse_BKR, t: int):
+  """The inverse of `kv_head_rows` on (out [B, K, G*T, D], lse [B, K, G*T]) -> ([B, T, H, D], [B, T, H])."""
+  b, kh, rows, d = out_BKRD.shape
+  g = rows // t
+  out = jnp.transpose(out_BKRD.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, kh * g, d)
+  lse = jnp.transpose(lse_BKR.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, kh * g)
+  return out, lse
+
+
+def combine_splits(o_BKSRD, lse_BKSR, rows: int):
+  """Exact lse-weighted combination over the split axis (2) of the first `rows` rows (the kernels
+  leave padded rows unwritten): -> (out [B, K, rows, D] f32, lse [B, K, rows])."""
+  o_BKSRD, lse_BKSR = o_BKSRD[:, :, :, :rows], lse_BKSR[:, :, :, :rows]
+  m = jnp.max(lse_BKSR, axis=2, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse_BKSR - m)                  # empty split: exp(-inf) = 0
+  den = jnp.sum(w, axis=2)
+  empty = den == 0                           # (a NaN, e.g. an unwritten partial, stays NaN)
+  den_safe = jnp.where(empty, 1.0, den)
+  out = jnp.sum(w[..., None] * o_BKSRD, axis=2) / den_safe[..., None]
+  lse = jnp.where(empty, -jnp.inf, m[:, :, 0] + jnp.log(den_safe))
+  return out, lse
+
+
+def allocated_splits(splits: int, t: int, g: int, d: int) -> int:
+  """The split count a producer allocates its partial buffers with: padded for the kernel where it
+  serves the call (`padded_splits`), else the splits themselves."""
+  return padded_splits(splits, g) if served(t, g, d) else splits
+
+
+def finish_rows(o_BKSRD, lse_BKSR, *, splits: int, t: int, g: int, out_dtype, interpret: bool = False):
+  """Partials [B, K, S_alloc, R, D] / [B, K, S_alloc, R] (S_alloc = `allocated_splits`) -> (out
+  [B, T, H, D] out_dtype, lse [B, T, H] float32): the kernel where it serves the call, else jnp."""
+  if served(t, g, o_BKSRD.shape[-1]):
+    return combine_partials(o_BKSRD, lse_BKSR, splits=splits, g=g, layout="rows", out_dtype=out_dtype,
+                            interpret=interpret)
+  out, lse = from_kv_head_rows(*combine_splits(o_BKSRD, lse_BKSR, g * t), t)
+  return out.astype(out_dtype), lse
 
 
 def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_major, interleave16):

@@ -18,7 +18,7 @@ Design:
     >= 16 for tl.dot; padded rows have position -1, so they see nothing and are dropped).
   * Each split writes a partial (out, lse); the splits are combined exactly by lse (empty splits
     have lse = -inf and weight 0; rows that see nothing give out 0, lse -inf): by one Pallas kernel
-    (`combine.py`) for one query with G a power of two, else in plain jnp (`combine_splits`).
+    (`combine.py`) for one query with G a power of two, else in plain jnp (`combine.combine_splits`).
   * block_k divides the capacity C when C is a multiple of 16 (the default picks it so), and the
     last split takes the remaining blocks: the cache is read in place, never copied. Only other
     capacities are padded in the wrapper (pos = -1), which copies the cache.
@@ -169,30 +169,6 @@ def kv_head_rows(q_BTHD, q_pos_BT, kh: int, n_rows: int):
   return q, qpos
 
 
-def from_kv_head_rows(out_BKRD, lse_BKR, t: int):
-  """The inverse of `kv_head_rows` on (out [B, K, G*T, D], lse [B, K, G*T]) -> ([B, T, H, D], [B, T, H])."""
-  b, kh, rows, d = out_BKRD.shape
-  g = rows // t
-  out = jnp.transpose(out_BKRD.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4)).reshape(b, t, kh * g, d)
-  lse = jnp.transpose(lse_BKR.reshape(b, kh, g, t), (0, 3, 1, 2)).reshape(b, t, kh * g)
-  return out, lse
-
-
-def combine_splits(o_BKSRD, lse_BKSR, rows: int):
-  """Exact lse-weighted combination over the split axis (2) of the first `rows` rows (the kernels
-  leave padded rows unwritten): -> (out [B, K, rows, D] f32, lse [B, K, rows])."""
-  o_BKSRD, lse_BKSR = o_BKSRD[:, :, :, :rows], lse_BKSR[:, :, :, :rows]
-  m = jnp.max(lse_BKSR, axis=2, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  w = jnp.exp(lse_BKSR - m)                  # empty split: exp(-inf) = 0
-  den = jnp.sum(w, axis=2)
-  empty = den == 0                           # (a NaN, e.g. an unwritten partial, stays NaN)
-  den_safe = jnp.where(empty, 1.0, den)
-  out = jnp.sum(w[..., None] * o_BKSRD, axis=2) / den_safe[..., None]
-  lse = jnp.where(empty, -jnp.inf, m[:, :, 0] + jnp.log(den_safe))
-  return out, lse
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "window", "num_splits", "block_k", "num_warps",
                                              "num_stages", "interpret", "poison"))
 def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_splits, block_k,
@@ -219,8 +195,7 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
   pos_spec = pl.BlockSpec((None, None, cp), lambda bi, ki, si: (bi, ki, 0))
   o_spec = pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si: (bi, ki, si, 0, 0))
   lse_spec = pl.BlockSpec((None, None, None, r), lambda bi, ki, si: (bi, ki, si, 0))
-  fused = combine.served(t, g, d)   # one combination kernel, which reads padded split buffers
-  s_alloc = combine.padded_splits(num_splits, g) if fused else num_splits
+  s_alloc = combine.allocated_splits(num_splits, t, g, d)   # padded for the combination kernel
   out_shape = [jax.ShapeDtypeStruct((b, kh, s_alloc, r, d), jnp.float32),
                jax.ShapeDtypeStruct((b, kh, s_alloc, r), jnp.float32)]
   args = [q, qpos, k, v, pos]
@@ -233,11 +208,8 @@ def _decode(q_BTHD, k_BKCD, v_BKCD, pos_BKC, q_pos_BT, *, scale, window, num_spl
                                  out_specs=[o_spec, lse_spec], out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_flash_decode",
                                  poison=poison)
-  if fused:
-    return combine.combine_partials(o_part, lse_part, splits=num_splits, g=g, layout="rows",
-                                    out_dtype=q_BTHD.dtype, interpret=interpret)
-  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, rows), t)
-  return out.astype(q_BTHD.dtype), lse
+  return combine.finish_rows(o_part, lse_part, splits=num_splits, t=t, g=g, out_dtype=q_BTHD.dtype,
+                             interpret=interpret)
 
 
 def pick_config(dev, b: int, kh: int, c: int, d: int) -> tuple[int, int, int, int]:

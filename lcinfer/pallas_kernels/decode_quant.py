@@ -49,9 +49,8 @@ from jax.experimental.pallas import triton as pltriton
 from lcinfer.pallas_kernels import combine, dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.decode import (MAX_ROWS, MIN_BLOCK, SUPPORTED_HEAD_DIMS, _check_args,
-                                           _next_pow2, combine_splits, decode_attention, decode_reference,
-                                           from_kv_head_rows, kv_head_rows, pick_config, store_real_rows,
-                                           visible_mask)
+                                           _next_pow2, decode_attention, decode_reference, kv_head_rows,
+                                           pick_config, store_real_rows, visible_mask)
 from lcinfer.pallas_kernels.launch import gpu_device, triton_call
 from lcinfer.pallas_kernels.quant import QuantizedTensor, check_quantized, dequantize
 
@@ -225,8 +224,7 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
   in_specs.append(pl.BlockSpec((None, None, c), lambda bi, ki, si: (bi, ki, 0)))
   out_specs = [pl.BlockSpec((None, None, None, r, d), lambda bi, ki, si: (bi, ki, si, 0, 0)),
                pl.BlockSpec((None, None, None, r), lambda bi, ki, si: (bi, ki, si, 0))]
-  fused = combine.served(t, g, d)   # one combination kernel, which reads padded split buffers
-  s_alloc = combine.padded_splits(num_splits, g) if fused else num_splits
+  s_alloc = combine.allocated_splits(num_splits, t, g, d)   # padded for the combination kernel
   out_shape = [jax.ShapeDtypeStruct((b, kh, s_alloc, r, d), jnp.float32),
                jax.ShapeDtypeStruct((b, kh, s_alloc, r), jnp.float32)]
 
@@ -240,11 +238,8 @@ def _qdecode(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, num_splits, 
                                  out_specs=out_specs, out_shape=out_shape, num_warps=num_warps,
                                  num_stages=num_stages, interpret=interpret, name="lcinfer_quant_decode",
                                  poison=poison)
-  if fused:
-    return combine.combine_partials(o_part, lse_part, splits=num_splits, g=g, layout="rows",
-                                    out_dtype=q_BTHD.dtype, interpret=interpret)
-  out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, rows), t)
-  return out.astype(q_BTHD.dtype), lse
+  return combine.finish_rows(o_part, lse_part, splits=num_splits, t=t, g=g, out_dtype=q_BTHD.dtype,
+                             interpret=interpret)
 
 
 def _check(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, scale, window, residual):

@@ -53,7 +53,7 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     `kv_head_rows` in XLA.
   * Splits are combined by lse outside: for one query with G a power of two by one Pallas kernel that
     also puts the channels back in order and writes [B, 1, H, D] (`combine.py`; the kernel's
-    partial buffers are then padded to `combine.padded_splits`), else in XLA (`decode.combine_splits`).
+    partial buffers are then padded to `combine.padded_splits`), else in XLA (`combine.combine_splits`).
 Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, session 11): H200, 49 splits, 2 stages,
 8 calls per executable: 0.0622-0.0636 ms per call = 0.41x the bf16 call (two kernels; this one alone
 0.059 ms the same way, 52.1-52.5 us under ncu); with the combination in XLA 0.069-0.075 ms (4 kernels),
@@ -74,7 +74,8 @@ import numpy as np
 
 from lcinfer.pallas_kernels import combine, dispatch
 from lcinfer.pallas_kernels import mgpu_inline as mi
-from lcinfer.pallas_kernels.decode import combine_splits, from_kv_head_rows, kv_head_rows
+from lcinfer.pallas_kernels.combine import combine_splits, from_kv_head_rows
+from lcinfer.pallas_kernels.decode import kv_head_rows
 from lcinfer.pallas_kernels.decode_quant import _check, merge_residual  # one argument check, one merge
 from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import HEAD_DIM, Geometry
 from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import call_kernel as _call

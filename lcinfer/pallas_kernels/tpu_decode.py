@@ -19,7 +19,7 @@ query at q iff p >= 0, q >= 0, p <= q and, with a window, q - p < window). Desig
     one [R, D] query tile (R = G * T padded to a multiple of 8 sublanes; padded rows have position
     -1 and see nothing) that shares every K/V block.
   * Online softmax in float32 (FlashAttention-2, Algorithm 1, natural log); each split writes a
-    partial (out, lse), combined exactly by lse in jnp (`decode.combine_splits`).
+    partial (out, lse), combined exactly by lse in jnp (`combine.combine_splits`).
   * Quantized caches: a block's packed codes (bits / 16 of the bf16 bytes) and the scale / zero rows
     its keys use are the block's loads; the block is unpacked plane by plane and dequantized
     elementwise in VMEM (code * scale + zero, VPU work), then attended as a bf16 block (the MXU
@@ -40,7 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.decode import _check_args, _check_knobs, combine_splits, from_kv_head_rows, kv_head_rows
+from lcinfer.pallas_kernels.combine import combine_splits, from_kv_head_rows
+from lcinfer.pallas_kernels.decode import _check_args, _check_knobs, kv_head_rows
 from lcinfer.pallas_kernels.quant import QuantizedTensor
 from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu, finish_scratch, init_scratch, online_update, qk_logits
 
