@@ -26,7 +26,7 @@ def knobs(variant: str) -> dict:
   if variant != "default":
     for item in variant.split(","):
       key, val = item.split("=")
-      out[key] = bool(int(val)) if key in BOOL_KNOBS else int(val)
+      out[key] = bool(int(val)) if key in BOOL_KNOBS else val if key == "probe" else int(val)
   return out
 
 

@@ -38,7 +38,9 @@ class Geometry:
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
   fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
   issue_warp: bool = False     # one warp issues a stage's copies, warp j % 4 for stage j (unmeasured)
-  pair: bool = False           # a stage's two blocks share one product wait, vote and P fence (unmeasured)
+  pair: bool = False           # a stage's two blocks share one product wait, vote and P fence
+  probe: str = ""              # measurement only, the output is then not attention: "copies" (waits, no
+                               # compute) or "keys" (keys unpacked, K Q^T, mask; no softmax or values)
 
   @property
   def n_blocks(self) -> int:
@@ -255,6 +257,9 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
       vts = [values(slot, part) for part in parts]
       return [acc_ref[...] for acc_ref in acc_s], rows_list, vts   # the first read waits for every product
     ss, rows_list, vts = pl.run_scoped(qk, *(plgpu.ACC(shape, jnp.float32) for _ in parts))
+    if g.probe == "keys":   # keep the products alive, skip the rest
+      acc, m, l_part, zb_part = carry
+      return acc, m, functools.reduce(jnp.add, [masked(s, r) for s, r in zip(ss, rows_list)], l_part), zb_part
     return back(carry, [masked(s, r) for s, r in zip(ss, rows_list)], rows_list, vts)
 
   def stage(j, carry):
@@ -262,6 +267,8 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(v.full.at[slot])   # once per arrival: the barrier tracks its phase
+    if g.probe == "copies":
+      return carry
     if g.pair:
       return blocks(carry, slot, range(g.sub))
     for part in range(g.sub):
