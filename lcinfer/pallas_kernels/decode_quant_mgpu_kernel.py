@@ -40,7 +40,8 @@ class Geometry:
   issue_warp: bool = False     # one warp issues a stage's copies, warp j % 4 for stage j (unmeasured)
   pair: bool = False           # a stage's two blocks share one product wait, vote and P fence
   probe: str = ""              # measurement only, the output is then not attention: "copies" (waits, no
-                               # compute) or "keys" (keys unpacked, K Q^T, mask; no softmax or values)
+                               # compute), "codes" (only the two code copies, no compute) or "keys" (keys
+                               # unpacked, K Q^T, mask; no softmax or values)
 
   @property
   def n_blocks(self) -> int:
@@ -114,9 +115,10 @@ def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
   rows = g.scale_rows
 
   def copies():
-    for src, dst in ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
+    pairs = ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
                      (ks_ref.at[b, h, pl.ds(grp, rows)], v.ks), (kz_ref.at[b, h, pl.ds(grp, rows)], v.kz),
-                     (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos)):
+                     (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos))
+    for src, dst in pairs[:2] if g.probe == "codes" else pairs:
       plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full.at[slot])
 
   if not g.issue_warp:
@@ -267,7 +269,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(v.full.at[slot])   # once per arrival: the barrier tracks its phase
-    if g.probe == "copies":
+    if g.probe in ("copies", "codes"):
       return carry
     if g.pair:
       return blocks(carry, slot, range(g.sub))
@@ -308,7 +310,7 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
       plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
-      plgpu.Barrier(num_arrivals=7, num_barriers=st),
+      plgpu.Barrier(num_arrivals=2 if g.probe == "codes" else 7, num_barriers=st),
       plgpu.Barrier(),
   ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
   out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.out_splits, d, nq), jnp.float32),
