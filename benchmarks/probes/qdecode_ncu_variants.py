@@ -43,7 +43,7 @@ def run(variants):
   for variant in variants:
     g = mq.geometry(q, kq, scale=s, window=None, block_k=64, **knobs(variant))
     f = jax.jit(lambda *a, g=g: mq._call(g, *a))
-    args = (*mq._prepare(g, q, qp), *mq._cache_args(kq, vq, pos))
+    args = (*mq._prepare(g, q, qp), *mq._cache_args(g, kq, vq, pos))
     for _ in range(WARM + REPS):
       jax.block_until_ready(f(*args))
   # references: the bf16 kernel (its call launches the combination kernel too), then the int4 call

@@ -43,7 +43,7 @@ def parts():
     g = mq.geometry(q, kq, scale=s, window=None, block_k=64, **knobs)
     f = lambda *a, g=g: mq._run(g, *a)[0]  # noqa: E731
     r = t(f, q, kq, vq, pos, qp)
-    kern = t(lambda *a, g=g: mq._call(g, *a), *mq._prepare(g, q, qp), *mq._cache_args(kq, vq, pos))["ms"]
+    kern = t(lambda *a, g=g: mq._call(g, *a), *mq._prepare(g, q, qp), *mq._cache_args(g, kq, vq, pos))["ms"]
     print(f"parts {knobs} splits={g.splits}: whole {r['ms']:.4f} ms ({r['ms'] / bf16:.3f}x bf16; one per dispatch "
           f"{r['ms_dispatch']:.4f}), {kernel_count(f, q, kq, vq, pos, qp)} kernels | kernel alone {kern:.4f} ms",
           flush=True)

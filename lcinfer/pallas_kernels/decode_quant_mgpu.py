@@ -107,15 +107,20 @@ def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
   return out.astype(dtype), lse
 
 
-def _cache_args(k_q, v_q, pos_BKC):
-  return (k_q.codes, k_q.scale, k_q.zero, v_q.codes, v_q.scale[..., 0], v_q.zero[..., 0], pos_BKC.astype(jnp.int32))
+def _cache_args(g: Geometry, k_q, v_q, pos_BKC):
+  """The kernel's cache operands; the per-key rows (value scales, zeros, positions) as [B, K, C / sk,
+  sk] views (no copy), one row per TMA stage, so a chunk of them is one copy of <= 256 per side."""
+  b, kh, c = pos_BKC.shape
+  rows = lambda x: x.reshape(b, kh, c // g.stage_keys, g.stage_keys)
+  return (k_q.codes, k_q.scale, k_q.zero, v_q.codes, rows(v_q.scale[..., 0]), rows(v_q.zero[..., 0]),
+          rows(pos_BKC.astype(jnp.int32)))
 
 
 @functools.partial(jax.jit, static_argnames=("g", "f32_out"))
 def _run(g: Geometry, q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, f32_out: bool = False):
   """f32_out: float32 out, for a residual merge that rounds once (the gpu test's residual case read
   one bf16 ulp over its 1e-2 bound at some split counts when both parts were rounded first)."""
-  o_part, lse_part = _call(g, *_prepare(g, q_BTHD, q_pos_BT), *_cache_args(k_q, v_q, pos_BKC))
+  o_part, lse_part = _call(g, *_prepare(g, q_BTHD, q_pos_BT), *_cache_args(g, k_q, v_q, pos_BKC))
   return _finish(g, o_part, lse_part, q_BTHD.shape[1], jnp.float32 if f32_out else q_BTHD.dtype)
 
 
@@ -186,7 +191,7 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, probe="") -> Geometry:
+             sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4, probe="") -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
   splits combined by one Pallas kernel (None: where `combine.served`)."""
@@ -202,7 +207,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
                   lazy_max=lazy_max, sub=sub, q_direct=(t == 1) if q_direct is None else q_direct and t == 1,
                   fused_combine=combine.served(t, h // kh, HEAD_DIM) and fused_combine in (None, True),
-                  issue_warp=issue_warp, pair=pair and sub == 2, probe=probe)
+                  issue_warp=issue_warp, pair=pair and sub == 2, meta=meta, probe=probe)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -39,6 +39,8 @@ class Geometry:
   fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
   issue_warp: bool = False     # one warp issues a stage's copies, warp j % 4 for stage j (unmeasured)
   pair: bool = False           # a stage's two blocks share one product wait, vote and P fence
+  meta: int = 1                # stages per chunk of the small per-key copies (key scale rows, value scales,
+                               # zeros, positions), which go through their own two-slot ring
   probe: str = ""              # measurement only, the output is then not attention: "copies" (waits, no
                                # compute), "codes" (only the two code copies, no compute) or "keys" (keys
                                # unpacked, K Q^T, mask; no softmax or values)
@@ -60,8 +62,14 @@ class Geometry:
     return self.sub * self.block_k
 
   @property
-  def scale_rows(self) -> int:  # key-scale rows per stage: 1, or one per block (group = block_k)
-    return 1 if self.group % self.stage_keys == 0 else self.sub
+  def meta_keys(self) -> int:  # keys of one chunk of the per-key rows
+    return self.meta * self.stage_keys
+
+  @property
+  def meta_rows(self) -> int:  # key-scale rows a chunk copies: its keys' groups, one more where a chunk
+    # may start inside a group (a row past the cache is zero-filled by the TMA and never read)
+    aligned = (self.blocks_per_split * self.block_k) % self.group == 0 and self.meta_keys % self.group == 0
+    return -(-self.meta_keys // self.group) + (0 if aligned else 1)
 
   @property
   def p_transposed(self) -> bool:  # N = 8: P is kept as [n_q, bk] (16-byte rows cannot be swizzled)
@@ -77,9 +85,10 @@ class Geometry:
 
 
 class _Views(NamedTuple):
-  """The CTA's shared memory: queries, TMA ring, P, O^T / lse staging, vote flags, the ring's
-  barriers (`full`, one per slot) and the queries' (`q_bar`); q_raw: the raw query rows (q_direct)
-  or None."""
+  """The CTA's shared memory: queries, TMA ring of the codes, the two-slot ring of the per-key rows
+  (ks, kz, vs, vz, pos), P, O^T / lse staging, vote flags, the rings' barriers (`full`, one per code
+  slot; `meta_full`, one per meta slot) and the queries' (`q_bar`); q_raw: the raw query rows
+  (q_direct) or None."""
   q_smem: Any
   kc: Any
   vc: Any
@@ -93,6 +102,7 @@ class _Views(NamedTuple):
   lse: Any
   flags: Any
   full: Any
+  meta_full: Any
   q_bar: Any
   q_raw: Any
 
@@ -103,32 +113,47 @@ def _n_stages(g: Geometry, split):
   return lax.div(n, jnp.int32(g.sub))
 
 
+def _split_start(g: Geometry, split):
+  return split * (g.blocks_per_split * g.block_k)
+
+
 def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
-  """Stage j of `split` (blocks first + sub j ..) into v's ring slot j % stages: 7 copies."""
-  plgpu = mi.plgpu()
-  _, _, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, pos_ref, _, _ = gm
-  sk, first = g.stage_keys, split * g.blocks_per_split
+  """Stage j of `split` (blocks first + sub j ..): its two code tiles into ring slot j % stages."""
+  kc_ref, vc_ref = gm[2], gm[5]
   slot = lax.rem(j, jnp.int32(g.stages))
-  start = pl.multiple_of(first * g.block_k + j * sk, sk)
-  keys = pl.ds(start, sk)
-  grp = lax.div(start, jnp.int32(g.group))
-  rows = g.scale_rows
+  keys = pl.ds(pl.multiple_of(_split_start(g, split) + j * g.stage_keys, g.stage_keys), g.stage_keys)
+  _copies(g, j, [(kc_ref.at[b, h, keys], v.kc.at[slot]), (vc_ref.at[b, h, keys], v.vc.at[slot])], v.full.at[slot])
+
+
+def _issue_meta(g: Geometry, gm, v: _Views, split, b, h, n):
+  """Chunk n of `split`'s per-key rows (stages n * meta ..) into meta slot n % 2: 5 copies of
+  meta_keys keys (or meta_rows key-scale rows) each, instead of 5 small copies per stage: the
+  small copies cost ~7 of 46 us of load time at 128K (session 12, copies without compute)."""
+  ks_ref, kz_ref, vs_ref, vz_ref, pos_ref = (gm[i] for i in (3, 4, 6, 7, 8))
+  slot = lax.rem(n, jnp.int32(2))
+  start = pl.multiple_of(_split_start(g, split) + n * g.meta_keys, g.meta_keys)
+  grps = pl.ds(lax.div(start, jnp.int32(g.group)), g.meta_rows)
+  keys = pl.ds(split * (g.blocks_per_split // g.sub) + n * g.meta, g.meta)   # [.., C / sk, sk] rows
+  _copies(g, n, [(ks_ref.at[b, h, grps], v.ks.at[slot]), (kz_ref.at[b, h, grps], v.kz.at[slot]),
+                 (vs_ref.at[b, h, keys], v.vs.at[slot]), (vz_ref.at[b, h, keys], v.vz.at[slot]),
+                 (pos_ref.at[b, h, keys], v.pos.at[slot])], v.meta_full.at[slot])
+
+
+def _copies(g: Geometry, j, pairs, barrier):
+  """TMA copies (src, dst) arriving on `barrier`. With g.issue_warp only warp j % 4 runs them (warp
+  semantics: its 32 threads arrive for the warpgroup, one issues), so the other three skip the
+  address work (~58 instructions per warp and block in session 10's SASS), and the rotation
+  spreads it over the SM's four schedulers (warp w of every CTA sits on scheduler w)."""
+  plgpu = mi.plgpu()
 
   def copies():
-    pairs = ((kc_ref.at[b, h, keys], v.kc), (vc_ref.at[b, h, keys], v.vc),
-                     (ks_ref.at[b, h, pl.ds(grp, rows)], v.ks), (kz_ref.at[b, h, pl.ds(grp, rows)], v.kz),
-                     (vs_ref.at[b, h, keys], v.vs), (vz_ref.at[b, h, keys], v.vz), (pos_ref.at[b, h, keys], v.pos))
-    for src, dst in pairs[:2] if g.probe == "codes" else pairs:
-      plgpu.copy_gmem_to_smem(src, dst.at[slot], v.full.at[slot])
+    for src, dst in pairs:
+      plgpu.copy_gmem_to_smem(src, dst, barrier)
 
   if not g.issue_warp:
     copies()   # warpgroup semantics: every warp computes the descriptors' addresses, one thread issues
     return
 
-  # g.issue_warp: only warp j % 4 runs the copies (warp semantics: its 32 threads arrive for the
-  # warpgroup, one issues), so the other three skip the address work (~58 instructions per warp and
-  # block in session 10's SASS), and the rotation spreads it over the SM's four schedulers (warp w of
-  # every CTA sits on scheduler w).
   def one_warp(warp):
     pl.when(warp == lax.rem(j, jnp.int32(4)))(copies)
   plgpu.warp_map(one_warp)
@@ -137,12 +162,15 @@ def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
 def _body(g: Geometry, *refs):
   """One warpgroup per CTA: it issues its own TMA stages and computes."""
   gm, sc = refs[:11], refs[11:]
-  q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, q_bar, *q_raw = sc
-  v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, q_bar, q_raw[0] if q_raw else None)
+  q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, meta_full, q_bar, *q_raw = sc
+  v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, meta_full, q_bar,
+             q_raw[0] if q_raw else None)
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   plgpu = mi.plgpu()
   plgpu.copy_gmem_to_smem(gm[0].at[b, h], v.q_raw if g.q_direct else v.q_smem, v.q_bar)
   n_st = _n_stages(g, split)
+  if g.probe != "codes":
+    pl.when(0 < n_st)(functools.partial(_issue_meta, g, gm, v, split, b, h, 0))
   for j in range(g.stages - 1):
     pl.when(j < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j))
   _consume(g, gm, v, split, b, h)
@@ -157,8 +185,6 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   qpos_ref, o_ref, lse_ref = gm[1], gm[9], gm[10]
   bk, half, stages, nq = g.block_k, HEAD_DIM // 2, g.stages, g.n_q
   n_st = _n_stages(g, split)
-  rows = g.scale_rows
-
   wgmma_layout = plgpu.Layout.WGMMA
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
@@ -183,15 +209,19 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
 
   q_t = q_smem.transpose((1, 0))
 
-  def front(slot, part):  # the part-th block_k keys of the stage in `slot`: key tile and per-key rows
+  def front(slot, at, part):
+    """The part-th block_k keys of the stage in code slot `slot`, whose per-key rows start at
+    at = (meta slot, key offset in the chunk, the chunk's first key): key tile and per-key rows."""
+    mslot, off, first = at
     keys = pl.ds(part * bk, bk)
-    row = 0 if rows == 1 else part
-    kscales = tuple(plgpu.load(r.at[slot, row, pl.ds(p * half, half)], layout=scol, optimized=False)
+    row = lax.div(first + off + part * bk, jnp.int32(g.group)) - lax.div(first, jnp.int32(g.group))
+    kscales = tuple(plgpu.load(r.at[mslot, row, pl.ds(p * half, half)], layout=scol, optimized=False)
                     for r in (ks_smem, kz_smem) for p in (0, 1))
     kd = dequant_k(kc_smem.at[slot, keys], kscales)    # wgmma A registers, columns in key_channel_order
-    vs = bkey(plgpu.load(vs_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
-    vz = bkey(plgpu.load(vz_smem.at[slot, keys], layout=key_layout, optimized=False).astype(jnp.float32))
-    kpos = plgpu.load(pos_smem.at[slot, keys], layout=key_layout, optimized=False)
+    jr, mkeys = lax.div(off, jnp.int32(g.stage_keys)), pl.ds(part * bk, bk)
+    vs = bkey(plgpu.load(vs_smem.at[mslot, jr, mkeys], layout=key_layout, optimized=False).astype(jnp.float32))
+    vz = bkey(plgpu.load(vz_smem.at[mslot, jr, mkeys], layout=key_layout, optimized=False).astype(jnp.float32))
+    kpos = plgpu.load(pos_smem.at[mslot, jr, mkeys], layout=key_layout, optimized=False)
     return kd, (vs, vz, kpos)
 
   def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
@@ -246,14 +276,14 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
-  def blocks(carry, slot, parts):
+  def blocks(carry, slot, at, parts):
     """The stage's blocks `parts` through one product wait: S^T = K Q^T for each (keys fill the
     64-row M side, the queries N; the next block's keys unpacked under the previous product), then
     the V^T tiles unpacked under the products, before the reads."""
     def qk(*acc_s):
       rows_list = []
       for acc_ref, part in zip(acc_s, parts):
-        kd, rows_ = front(slot, part)
+        kd, rows_ = front(slot, at, part)
         plgpu.wgmma(acc_ref, kd, q_t)
         rows_list.append(rows_)
       vts = [values(slot, part) for part in parts]
@@ -266,15 +296,23 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
 
   def stage(j, carry):
     pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
+    n, jr = lax.div(j, jnp.int32(g.meta)), lax.rem(j, jnp.int32(g.meta))
+    if g.probe != "codes":   # the next chunk of per-key rows, one stage ahead (its slot's last reader was
+      # stage n * meta - 1, whose P fence came before this)
+      pl.when((jr == g.meta - 1) & (j + 1 < n_st))(functools.partial(_issue_meta, g, gm, v, split, b, h, n + 1))
+    mslot = lax.rem(n, jnp.int32(2))
+    if g.probe != "codes":
+      pl.when(jr == 0)(lambda: plgpu.barrier_wait(v.meta_full.at[mslot]))
 
     slot = lax.rem(j, jnp.int32(stages))
     plgpu.barrier_wait(v.full.at[slot])   # once per arrival: the barrier tracks its phase
     if g.probe in ("copies", "codes"):
       return carry
+    at = (mslot, jr * g.stage_keys, _split_start(g, split) + n * g.meta_keys)
     if g.pair:
-      return blocks(carry, slot, range(g.sub))
+      return blocks(carry, slot, at, range(g.sub))
     for part in range(g.sub):
-      carry = blocks(carry, slot, [part])
+      carry = blocks(carry, slot, at, [part])
     return carry
 
   acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
@@ -300,17 +338,18 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),            # queries
       plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # key codes
       plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # value codes
-      plgpu.SMEM((st, g.scale_rows, d), jnp.bfloat16),                # key scale rows
-      plgpu.SMEM((st, g.scale_rows, d), jnp.bfloat16),                # key zero rows
-      plgpu.SMEM((st, sk), jnp.bfloat16),                             # value scales
-      plgpu.SMEM((st, sk), jnp.bfloat16),                             # value zeros
-      plgpu.SMEM((st, sk), jnp.int32),                                # positions
+      plgpu.SMEM((2, g.meta_rows, d), jnp.bfloat16),                  # key scale rows (meta ring)
+      plgpu.SMEM((2, g.meta_rows, d), jnp.bfloat16),                  # key zero rows
+      plgpu.SMEM((2, g.meta, sk), jnp.bfloat16),                      # value scales
+      plgpu.SMEM((2, g.meta, sk), jnp.bfloat16),                      # value zeros
+      plgpu.SMEM((2, g.meta, sk), jnp.int32),                         # positions
       tuple(plgpu.SMEM((nq, bk) if g.p_transposed else (bk, nq), jnp.bfloat16, transforms=tp)
             for _ in range(g.p_tiles)),                               # P or P^T, one per block at once
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
       plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
-      plgpu.Barrier(num_arrivals=2 if g.probe == "codes" else 7, num_barriers=st),
+      plgpu.Barrier(num_arrivals=2, num_barriers=st),                 # code slots
+      plgpu.Barrier(num_arrivals=5, num_barriers=2),                  # meta slots
       plgpu.Barrier(),
   ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
   out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.out_splits, d, nq), jnp.float32),
