@@ -198,6 +198,35 @@ def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, direct
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("c,kgroup,meta,sub,stages", [
+    (1024, 64, 4, None, 2), (1024, 128, 3, 1, 3), (640, 64, 2, None, 2), (1152, 192, 4, 1, 2), (1152, 192, 3, 1, 2)])
+def test_per_key_row_chunks_lower_to_mosaic_gpu(c, kgroup, meta, sub, stages):
+  """The per-key rows' own ring lowers for chunks of 2-4 stages, with key groups of one block, two
+  blocks and three blocks (a chunk that starts inside a group copies one row more), and chunks that
+  pass the end of a split or of the cache (the gpu tests run those)."""
+  q, k_q, v_q, pos, q_pos = _inputs(1, 1, 32, 8, c, seed=0, kgroup=kgroup)
+
+  def run(q, k_q, v_q, pos, q_pos):
+    return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=None, residual=None, num_splits=3,
+                            block_k=64, num_stages=stages, sub=sub, meta=meta, fused_combine=False)
+  text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("c,kgroup,meta,sub,rows", [
+    (1024, 64, 4, None, 8), (1024, 128, 4, None, 4), (1152, 192, 4, 1, 3), (1152, 192, 3, 1, 1)])
+def test_per_key_row_chunks_hold_every_group_they_touch(c, kgroup, meta, sub, rows):
+  """A chunk of meta stages copies the key-scale rows of every group its keys touch, checked against
+  the groups of each block of every chunk of every split."""
+  q, k_q, *_ = _inputs(1, 1, 32, 8, c, seed=0, kgroup=kgroup)
+  g = mq.geometry(q, k_q, scale=0.1, window=None, num_splits=3, block_k=64, num_stages=2, sub=sub, meta=meta)
+  assert g.meta_rows == rows
+  for split in range(g.splits):
+    for first in range(split * g.blocks_per_split * 64, (split + 1) * g.blocks_per_split * 64, g.meta_keys):
+      touched = {key // kgroup - first // kgroup for key in range(first, first + g.meta_keys, 64)}
+      assert max(touched) < g.meta_rows
+
+
 def test_stage_blocks_and_splits_hold_whole_stages():
   """Two blocks per TMA stage only where every split holds whole stages and a stage's key scales are
   one row or one row per block; an explicit request it cannot meet is a ValueError."""
