@@ -193,13 +193,15 @@ def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, direct
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
                             block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, q_direct=direct,
-                            fused_combine=False, issue_warp=warp, pair=pair)   # (a Triton call: lowering it needs a GPU; test_pallas_combine)
+                            fused_combine=False, issue_warp=warp, pair=pair)
+    # fused_combine=False: the combination is a Triton call, whose lowering needs a GPU (test_pallas_combine)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("c,kgroup,meta,sub,stages", [
-    (1024, 64, 4, None, 2), (1024, 128, 3, 1, 3), (640, 64, 2, None, 2), (1152, 192, 4, 1, 2), (1152, 192, 3, 1, 2)])
+    (1024, 64, 4, None, 2), (1024, 128, 3, 1, 3), (640, 64, 2, None, 2), (1152, 192, 4, 1, 2),
+    (1152, 192, 3, 1, 2)])
 def test_per_key_row_chunks_lower_to_mosaic_gpu(c, kgroup, meta, sub, stages):
   """The per-key rows' own ring lowers for chunks of 2-4 stages, with key groups of one block, two
   blocks and three blocks (a chunk that starts inside a group copies one row more), and chunks that

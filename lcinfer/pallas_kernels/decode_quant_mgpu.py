@@ -33,9 +33,10 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     ring, one stage ahead: 5 copies per 512 keys instead of per 128 (H200, 128K: 49.0 against
     50.2 us for chunks of one stage; 8 do not leave shared memory for three CTAs per SM). One
     warp issues a stage's copies (`issue_warp`), and a stage's two blocks share one product
-    wait, one lazy-max vote and one P fence (`pair`): 52.2 -> 50.0 us together. Pallas's automatic barriers are off: the kernel's own
-    order suffices (every read of a slot precedes the block's P fence, which precedes the reissue;
-    the flags of the lazy max are read before the same fence).
+    wait, one lazy-max vote and one P fence (`pair`): 52.2 -> 50.0 us together. Pallas's
+    automatic barriers are off: the kernel's own order suffices (every read of a slot precedes
+    the block's P fence, which precedes the reissue; the flags of the lazy max are read before
+    the same fence; a meta slot is reissued a whole stage after its last reader).
   * Both int4 tiles go straight into wgmma's A registers, by the "magic number" of fast int4 GEMMs
     (Kim et al. 2022, Sec. 4): lop3 ORs a nibble into the mantissa of 128.0, so x = 128 + c exactly.
       keys:   4 code bytes of a row (byte j holds channel j in its low nibble and channel j + D/2
@@ -195,10 +196,12 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
-             sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4, probe="") -> Geometry:
+             sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4,
+             probe="") -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
-  splits combined by one Pallas kernel (None: where `combine.served`)."""
+  splits combined by one Pallas kernel (None: where `combine.served`); issue_warp, pair, meta,
+  probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k

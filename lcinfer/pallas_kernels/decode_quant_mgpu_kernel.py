@@ -37,9 +37,9 @@ class Geometry:
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
   fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
-  issue_warp: bool = False     # one warp issues a stage's copies, warp j % 4 for stage j
-  pair: bool = False           # a stage's two blocks share one product wait, vote and P fence
-  meta: int = 1                # stages per chunk of the small per-key copies (key scale rows, value scales,
+  issue_warp: bool = True      # one warp issues a stage's copies, warp j % 4 for stage j
+  pair: bool = True            # a stage's two blocks share one product wait, vote and P fence
+  meta: int = 4                # stages per chunk of the small per-key copies (key scale rows, value scales,
                                # zeros, positions), which go through their own two-slot ring
   probe: str = ""              # measurement only, the output is then not attention: "copies" (waits, no
                                # compute), "codes" (only the two code copies, no compute) or "keys" (keys
