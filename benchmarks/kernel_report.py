@@ -49,19 +49,35 @@ def bench(fn, *args, reps: int = 7) -> dict:
   return {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps, "burst": burst}
 
 
-def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7) -> dict:
+def prepare_in_jit(fn, *args, copies: int = 8):
+  """(compiled, its argument, burst, compile seconds) for `copies` calls of fn traced into one
+  executable, each on its own copy of every argument (`bench_in_jit`)."""
+  copy = lambda x: jax.numpy.array(x, copy=True)  # noqa: E731
+  all_args = [jax.tree.map(copy, args) for _ in range(copies)]
+  compiled, compile_s, burst = prepare(lambda all_args: [fn(*a) for a in all_args], all_args)
+  return compiled, (all_args,), burst, compile_s
+
+
+def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7, against=None) -> dict:
   """`bench` for calls shorter than their host dispatch (decode: a jitted call costs ~50-70 us of
   Python and runtime on the H200 host, as long as an int4 decode kernel): `copies` calls traced into
   one executable, each on its own copy of every argument (distinct buffers: no L2 reuse between
   calls, and nothing XLA can merge or fuse across them), timed as one. 'ms' is per call, the GPU's
-  time as inside a model's decode step; 'ms_dispatch' is `bench`'s one call per dispatch."""
-  copy = lambda x: jax.numpy.array(x, copy=True)  # noqa: E731
-  all_args = [jax.tree.map(copy, args) for _ in range(copies)]
-  r = bench(lambda all_args: [fn(*a) for a in all_args], all_args, reps=reps)
-  del all_args
-  r["ms"] /= copies
-  r["copies"] = copies
-  r["ms_dispatch"] = bench(fn, *args, reps=reps)["ms"]
+  time as inside a model's decode step; 'ms_dispatch' is `bench`'s one call per dispatch.
+  against: another `prepare_in_jit` result (a reference call); its samples are then taken in turn
+  with this call's, and 'x_against' is the median over those rounds of this sample / its sample
+  (a ratio that drift of the machine between rows does not move)."""
+  compiled, cargs, burst, compile_s = prepare_in_jit(fn, *args, copies=copies)
+  ts, ratios = [], []
+  for _ in range(reps):
+    ts.append(sample(compiled, cargs, burst))
+    if against is not None:
+      ratios.append(ts[-1] / sample(against[0], against[1], against[2]))
+  del cargs
+  r = {"ms": statistics.median(ts) * 1e3 / copies, "compile_s": compile_s, "runs": reps, "burst": burst,
+       "copies": copies, "ms_dispatch": bench(fn, *args, reps=reps)["ms"]}
+  if ratios:
+    r["x_against"] = statistics.median(ratios)
   return r
 
 
@@ -158,7 +174,9 @@ def markdown(info, rows, command) -> str:
          "  each a burst of back-to-back calls (~20 ms) ended by one sync (dense implementations: their",
          "  samples taken in turn); fresh random bf16 inputs. Decode: 8 calls, each on its own copy of every",
          "  input, in one executable, time / 8: one jitted call per dispatch costs ~50-70 us of host time,",
-         "  as long as the int4 kernel. The one-call-per-dispatch time is shown beside it", ""]
+         "  as long as the int4 kernel. The one-call-per-dispatch time is shown beside it. 'time / bf16,",
+         "  paired': the median over rounds of (this row's sample / a bf16 sample taken right after it),",
+         "  which drift of the machine between rows does not move", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:
@@ -181,9 +199,10 @@ def markdown(info, rows, command) -> str:
                    fmt(r.get("efficiency"), ".2f"), fmt(r.get("minference_ms"))])
   table(out, by("decode"), "Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)",
         ["implementation", "cache", "C"], lambda r: [r["impl"], r["cache"], r["C"]],
-        ["ms", "GB/s (K+V bytes read)", "of copy bandwidth", "time / bf16", "ms, one call per dispatch"],
+        ["ms", "GB/s (K+V bytes read)", "of copy bandwidth", "time / bf16", "time / bf16, paired",
+         "ms, one call per dispatch"],
         lambda r: [fmt(r.get("ms"), ".4f"), fmt(r.get("GB/s"), ".0f"), fmt(r.get("x_copy_bw"), ".2f"),
-                   fmt(r.get("x_bf16_time"), ".3f"), fmt(r.get("ms_dispatch"), ".4f")])
+                   fmt(r.get("x_bf16_time"), ".3f"), fmt(r.get("x_against"), ".3f"), fmt(r.get("ms_dispatch"), ".4f")])
   table(out, by("tune_flash") + by("tune_decode"), "Tuning sweeps", ["config"], lambda r: [r["name"]],
         ["ms", "TFLOP/s or GB/s"],
         lambda r: [fmt(r.get("ms"), ".3f"), fmt(r.get("TFLOP/s", r.get("GB/s")))])

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernel_report import attempt, bench, bench_in_jit, rand
+from kernel_report import attempt, bench, bench_in_jit, prepare_in_jit, rand
 from lcinfer.pallas_kernels import quant
 from lcinfer.pallas_kernels.decode import decode_attention
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_attention
@@ -48,6 +48,9 @@ def run_decode(args, rows, copy_gbs, configs=None):
         bf16_ms = r["ms"]
   if configs:
     return
+  bf16_ref = None   # the bf16 call, prepared again, for the quantized rows' paired ratios
+  if bf16_ms:
+    bf16_ref = prepare_in_jit(impls["lcinfer_flash_decode"], q, k, v, pos, qp, copies=copies)
   # quantized caches, KIVI-style: keys per channel (groups of 64 tokens), values per token; bf16 scales
   for bits in (8, 4, 2):
     kq = quant.quantize(k, bits=bits, axis="channel", group=min(64, c), scale_dtype=jnp.bfloat16)
@@ -61,7 +64,8 @@ def run_decode(args, rows, copy_gbs, configs=None):
       def fq(q, kq, vq, pos, qp, fn=fn):
         return fn(q, kq, vq, pos, qp, scale=d ** -0.5, interpret=args.smoke)[0]
       r = attempt(rows, f"decode {name} int{bits} C={c}",
-                  lambda: bench_in_jit(fq, q, kq, vq, pos, qp, copies=copies, reps=max(args.reps, 20)))
+                  lambda: bench_in_jit(fq, q, kq, vq, pos, qp, copies=copies, reps=max(args.reps, 20),
+                                       against=bf16_ref))
       r.update(section="decode", impl=name, C=c, cache=f"int{bits} (K per-channel g64, V per-token; bf16 scales)",
                kv_heads=kh, bytes=qbytes)
       if "ms" in r:

@@ -22,6 +22,8 @@ def test_smoke_run_writes_results(tmp_path):
   for r in rows:
     if r.get("section") in ("block_sparse", "vertical_slash"):
       assert 0 < r["density"] <= 1
+  quantized = [r for r in rows if r.get("section") == "decode" and r["cache"] != "bf16"]
+  assert quantized and all(r["x_against"] > 0 for r in quantized)   # paired with the bf16 call's samples
   md = (tmp_path / "kernels-cpu-smoke.md").read_text()
   assert "## Vertical-slash" in md and "## Decode attention" in md
 
