@@ -59,11 +59,11 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
   * Splits are combined by lse outside: for one query with G a power of two by one Pallas kernel that
     also puts the channels back in order and writes [B, 1, H, D] (`combine.py`; the kernel's
     partial buffers are then padded to `combine.padded_splits`), else in XLA (`combine.combine_splits`).
-Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, session 11): H200, 49 splits, 2 stages,
-8 calls per executable: 0.0622-0.0636 ms per call = 0.41x the bf16 call (two kernels; this one alone
-0.059 ms the same way, 52.1-52.5 us under ncu); with the combination in XLA 0.069-0.075 ms (4 kernels),
-with the queries prepared in XLA too 0.079 ms (6 kernels). ncu (session 10): 28.0M warp
-instructions (~430 per warp and 64-key block), 127 registers (four CTAs per SM fit), DRAM at 60%.
+Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-12): H200, 49 splits, 2
+stages, 8 calls per executable: 0.058-0.061 ms per call = 0.38-0.40x the bf16 call (two kernels; 49.0
+us under ncu, 167 registers, three CTAs per SM); the same kernel with no compute (its copies and waits
+only) ~46 us, so it is bound by its loads. Session 11's kernel (52.2 us): with the combination in XLA
+0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6 kernels).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
 wrapper: the argument checks, the query preparation, the grid and the lse combination.
