@@ -58,7 +58,7 @@ def prepare_in_jit(fn, *args, copies: int = 8):
   return compiled, (all_args,), burst, compile_s
 
 
-def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7, against=None) -> dict:
+def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7, against=None, prepared=None) -> dict:
   """`bench` for calls shorter than their host dispatch (decode: a jitted call costs ~50-70 us of
   Python and runtime on the H200 host, as long as an int4 decode kernel): `copies` calls traced into
   one executable, each on its own copy of every argument (distinct buffers: no L2 reuse between
@@ -66,8 +66,9 @@ def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7, against=None) -> dic
   time as inside a model's decode step; 'ms_dispatch' is `bench`'s one call per dispatch.
   against: another `prepare_in_jit` result (a reference call); its samples are then taken in turn
   with this call's, and 'x_against' is the median over those rounds of this sample / its sample
-  (a ratio that drift of the machine between rows does not move)."""
-  compiled, cargs, burst, compile_s = prepare_in_jit(fn, *args, copies=copies)
+  (a ratio that drift of the machine between rows does not move). prepared: this call's
+  `prepare_in_jit` result, when the caller already has it (not compiled again)."""
+  compiled, cargs, burst, compile_s = prepared or prepare_in_jit(fn, *args, copies=copies)
   ts, ratios = [], []
   for _ in range(reps):
     ts.append(sample(compiled, cargs, burst))
