@@ -35,7 +35,7 @@ def run_decode(args, rows, copy_gbs, configs=None):
   for cfg in configs or []:
     impls[f"flash_decode {cfg}"] = (lambda cfg: lambda *a: decode_attention(
         *a, scale=d ** -0.5, interpret=args.smoke, **cfg)[0])(cfg)
-  bf16_ms = bf16_ref = None
+  bf16_ms = bf16_dev = bf16_ref = None
 
   def bf16_timer(f, *a, reps):  # compiled once: its own samples and the quantized rows' paired ratios
     nonlocal bf16_ref
@@ -52,7 +52,7 @@ def run_decode(args, rows, copy_gbs, configs=None):
       if copy_gbs:
         r["x_copy_bw"] = r["GB/s"] / copy_gbs
       if name == "lcinfer_flash_decode":
-        bf16_ms = r["ms"]
+        bf16_ms, bf16_dev = r["ms"], r.get("device_ms")
   if configs:
     return
   # quantized caches, KIVI-style: keys per channel (groups of 64 tokens), values per token; bf16 scales
@@ -78,6 +78,8 @@ def run_decode(args, rows, copy_gbs, configs=None):
           r["x_copy_bw"] = r["GB/s"] / copy_gbs
         if bf16_ms:
           r["x_bf16_time"] = r["ms"] / bf16_ms
+        if bf16_dev and "device_ms" in r:
+          r["x_bf16_device"] = r["device_ms"] / bf16_dev
 
 
 def run_quant_tune(args, rows):

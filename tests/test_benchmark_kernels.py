@@ -5,6 +5,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -62,3 +65,31 @@ def test_vertical_slash_list_sizes_never_truncate():
         roomy = build(vert, sl, s, bq, bk, 2 * size, 1024)[0]
         assert not bool(lay.saturated().any()), (nv, ns, bq, bk, build.__name__)
         np.testing.assert_array_equal(lay.count, roomy.count)
+
+
+def test_spans_per_call_cut_the_timeline_between_runs():
+  """spans_per_call on a synthetic timeline: 3 runs of an executable of 2 calls (4 events each,
+  short gaps inside, long host gaps between runs), against spans computed by hand."""
+  from kernel_report import spans_per_call
+  events, t, want = [], 0, []
+  for run, (dur, inner_gap) in enumerate(((10_000, 300), (12_000, 0), (9_000, 2_500))):
+    start = t
+    for i in range(4):
+      events.append((t, t + dur))
+      t += dur + inner_gap
+    want.append((t - inner_gap - start) * 1e-9 / 2)
+    t += 60_000 + 10_000 * run   # the host's dispatch between synced runs
+  got = spans_per_call(events, runs=3, copies=2)
+  assert np.allclose(got, want, rtol=0, atol=1e-15), (got, want)
+  with pytest.raises(ValueError, match="missed kernels"):
+    spans_per_call(events[:2], runs=3, copies=2)
+
+
+def test_device_time_is_none_without_a_gpu():
+  """On CPU the profiler's trace has no GPU plane: no device time (not a made-up one)."""
+  import jax
+  import jax.numpy as jnp
+  from kernel_report import device_time, prepare_in_jit
+  compiled, cargs, _, _ = prepare_in_jit(lambda x: jnp.sin(x) * 2, jnp.ones((64, 64)), copies=2)
+  if jax.default_backend() == "cpu":
+    assert device_time(compiled, cargs, copies=2, runs=2) is None
