@@ -205,6 +205,55 @@ def int4_value_regs_fn(code_bytes: int, bk: int):
   return load
 
 
+class _IntOps:
+  """Address arithmetic on Python ints: the numpy model that tests check (`query_tile_offsets`)
+  runs the same formula (`_query_addresses`) that the inline kernel emits through `_ir_ops`."""
+  add = staticmethod(lambda a, b: a + b)
+  mul = staticmethod(lambda a, b: a * b)
+  shl = staticmethod(lambda a, b: a << b)
+  shr = staticmethod(lambda a, b: a >> b)
+  and_ = staticmethod(lambda a, b: a & b)
+  xor = staticmethod(lambda a, b: a ^ b)
+  lt = staticmethod(lambda a, b: a < b)
+  select = staticmethod(lambda c, a, b: a if c else b)
+
+
+def _ir_ops():
+  """The same operations on i32 MLIR values (ints become constants)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+
+  i32 = ir.IntegerType.get_signless(32)
+  v = lambda x: arith.constant(i32, x) if isinstance(x, int) else x  # noqa: E731
+
+  class Ops:
+    add = staticmethod(lambda a, b: arith.addi(v(a), v(b)))
+    mul = staticmethod(lambda a, b: arith.muli(v(a), v(b)))
+    shl = staticmethod(lambda a, b: arith.shli(v(a), v(b)))
+    shr = staticmethod(lambda a, b: arith.shrui(v(a), v(b)))
+    and_ = staticmethod(lambda a, b: arith.andi(v(a), v(b)))
+    xor = staticmethod(lambda a, b: arith.xori(v(a), v(b)))
+    lt = staticmethod(lambda a, b: arith.cmpi(arith.CmpIPredicate.ult, v(a), v(b)))
+    select = staticmethod(lambda c, a, b: arith.select(c, v(a), v(b)))
+  return Ops
+
+
+def _query_addresses(o, tid, i: int, rows: int):
+  """`permute_queries_fn`'s addresses for thread tid (0-127) and pass i: (real row?, the 4 source
+  byte offsets in the raw tile, the destination byte offset in the swizzled tile)."""
+  col_tile, r0 = o.and_(tid, 15), o.shr(tid, 4)
+  j, p = o.shr(col_tile, 2), o.and_(col_tile, 3)
+  base = o.add(o.add(o.shl(o.shr(p, 1), 6), o.shl(j, 4)), o.shl(o.and_(p, 1), 1))
+  r = o.add(r0, 8 * i)
+  real = o.lt(r, rows)
+  r_src = o.select(real, r, 0)
+  src = [o.shl(o.add(o.mul(r_src, 128), o.add(base, 4 * w)), 1) for w in range(4)]
+  r7 = o.and_(r, 7)
+  tile = o.add(o.shl(o.shr(r, 3), 1), o.shr(col_tile, 3))
+  chunk = o.xor(o.and_(col_tile, 7), r7)
+  return real, src, o.add(o.add(o.mul(tile, 1024), o.mul(r7, 128)), o.shl(chunk, 4))
+
+
 def query_tile_offsets(rows: int, n_q: int) -> tuple[np.ndarray, np.ndarray]:
   """The addresses `permute_queries_fn` uses, as numpy (for tests): for thread t and pass i (row
   r = 8 i + t // 16, column tile J = t % 16 of 8 wgmma K indices), src[t, i, w] = the byte offset in
@@ -215,12 +264,9 @@ def query_tile_offsets(rows: int, n_q: int) -> tuple[np.ndarray, np.ndarray]:
   src = np.full((128, n_q // 8, 4), -1, np.int64)
   dst = np.empty((128, n_q // 8), np.int64)
   for t, i in np.ndindex(128, n_q // 8):
-    r, col_tile = 8 * i + t // 16, t % 16
-    j, p = col_tile // 4, col_tile % 4
-    base = 64 * (p >= 2) + 16 * j + 2 * (p % 2)
-    if r < rows:
-      src[t, i] = [2 * (128 * r + base + 4 * w) for w in range(4)]
-    dst[t, i] = 1024 * (2 * (r // 8) + col_tile // 8) + 128 * (r % 8) + 16 * ((col_tile % 8) ^ (r % 8))
+    real, offs, dst[t, i] = _query_addresses(_IntOps, t, i, rows)
+    if real:
+      src[t, i] = offs
   return src, dst
 
 
@@ -238,29 +284,17 @@ def permute_queries_fn(rows: int, n_q: int):
   def permute(ctx, raw_ref, q_ref):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    k = lambda v: arith.constant(i32, v)  # noqa: E731
-    tid = arith.andi(mu.thread_idx(), k(127))
-    col_tile, r0 = arith.andi(tid, k(15)), arith.shrui(tid, k(4))
-    j, p = arith.shrui(col_tile, k(2)), arith.andi(col_tile, k(3))
-    base = arith.addi(arith.addi(arith.shli(arith.shrui(p, k(1)), k(6)), arith.shli(j, k(4))),
-                      arith.shli(arith.andi(p, k(1)), k(1)))
+    o = _ir_ops()
+    tid = o.and_(mu.thread_idx(), 127)
     raw = llvm.ptrtoint(i32, mu.memref_ptr(raw_ref))
     out = llvm.ptrtoint(i32, mu.memref_ptr(q_ref))
-    tile_col = arith.shrui(col_tile, k(3))
     for i in range(n_q // 8):
-      r = arith.addi(r0, k(8 * i))
-      real = arith.cmpi(arith.CmpIPredicate.ult, r, k(rows))
-      r_src = arith.select(real, r, k(0))
+      real, offs, dst = _query_addresses(o, tid, i, rows)
       words = []
-      for w in range(4):
-        off = arith.shli(arith.addi(arith.muli(r_src, k(128)), arith.addi(base, k(4 * w))), k(1))
+      for off in offs:
         word = llvm.inline_asm(i32, [arith.addi(raw, off)], "ld.shared.b32 $0, [$1];", "=r,r",
                                has_side_effects=True)
-        words.append(arith.select(real, word, k(0)))
-      r7 = arith.andi(r, k(7))
-      tile = arith.addi(arith.shli(arith.shrui(r, k(3)), k(1)), tile_col)
-      chunk = arith.xori(arith.andi(col_tile, k(7)), r7)
-      dst = arith.addi(arith.addi(arith.muli(tile, k(1024)), arith.muli(r7, k(128))), arith.shli(chunk, k(4)))
+        words.append(o.select(real, word, 0))
       llvm.inline_asm(ir.Type.parse("!llvm.void"), [arith.addi(out, dst), *words],
                       "st.shared.v4.b32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r", has_side_effects=True)
 
