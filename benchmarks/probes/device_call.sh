@@ -15,6 +15,7 @@
 #   qncu[=VARIANTS]  ncu GPU time of the int4 Hopper decode kernel per variant (probes/qdecode_ncu_variants.py;
 #                    VARIANTS: space-separated, e.g. "default num_stages=3 num_splits=64"), bf16 and combination
 #                    kernels beside it
+#   qbalance[=VARIANTS] ncu per kernel: SM active cycles min/avg/max (the tail), DRAM bytes and throughput
 #   trace            probes/decode_trace_probe.py (GPU timeline of the decode executables: kernels, gaps)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
@@ -46,9 +47,13 @@ for step in "$@"; do
             -k regex:lcinfer_ --csv \
             python3 benchmarks/probes/qdecode_ncu_variants.py run ${arg:-default} > "$out/qncu.csv" 2> "$out/qncu.err"
           python3 benchmarks/probes/qdecode_ncu_variants.py parse "$out/qncu.csv" ${arg:-default} ;;
+    qbalance) timeout 240 ncu --clock-control none --metrics "$(python3 benchmarks/probes/qdecode_ncu_variants.py metrics)" \
+                -k regex:lcinfer_ --csv python3 benchmarks/probes/qdecode_ncu_variants.py run ${arg:-default} \
+                > "$out/qbalance.csv" 2> "$out/qbalance.err"
+              python3 benchmarks/probes/qdecode_ncu_variants.py balance "$out/qbalance.csv" ${arg:-default} ;;
     trace) timeout 240 python3 benchmarks/probes/decode_trace_probe.py --out /tmp/trace 2>&1 \
              | grep -E "^trace|rror" | tee -a "$out/trace.log" ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu trace qsass)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace qsass)"; exit 2 ;;
   esac
 done

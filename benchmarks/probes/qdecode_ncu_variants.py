@@ -82,8 +82,44 @@ def parse(path, variants):
       print(f"ncu {name[:40]:40s} {statistics.median(us[WARM:] or us):7.2f} us ({len(us)} launches)")
 
 
+BALANCE_METRICS = ("gpu__time_duration.sum,sm__cycles_elapsed.max,sm__cycles_active.min,sm__cycles_active.avg,"
+                   "sm__cycles_active.max,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed")
+
+
+def parse_balance(path, variants):
+  """Per variant of the int4 kernel and per other kernel (median over its launches but the warm-up):
+  time, how long its SMs were active (least / mean / most busy SM, as a fraction of the kernel's
+  elapsed cycles: a wide spread is a tail where few CTAs still run), DRAM bytes read and DRAM
+  throughput in % of peak."""
+  rows = [ln for ln in Path(path).read_text().splitlines(keepends=True) if ln.startswith('"')]
+  launches = {}   # ID -> (kernel name, {metric: value})
+  for r in csv.DictReader(io.StringIO("".join(rows))):
+    name = r["Kernel Name"].split("(")[0][:40]
+    launches.setdefault(int(r["ID"]), (name, {}))[1][r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
+  groups, n = {}, WARM + REPS
+  qd = [m for _, (name, m) in sorted(launches.items()) if "qdecode" in name]
+  for i, variant in enumerate(variants):
+    groups[f"int4 {variant}"] = qd[i * n + WARM:(i + 1) * n]
+  for _, (name, m) in sorted(launches.items()):
+    if "qdecode" not in name:
+      groups.setdefault(name, []).append(m)
+  nan = float("nan")
+  for name, ms in groups.items():
+    ms = ms[WARM:] if "qdecode" not in name and len(ms) > WARM else ms
+    med = {k: statistics.median(m.get(k, nan) for m in ms) for k in ms[0]} if ms else {}
+    el = med.get("sm__cycles_elapsed.max", nan)
+    act = "/".join(f"{med.get('sm__cycles_active.' + a, nan) / el:.3f}" for a in ("min", "avg", "max"))
+    print(f"balance {name:40s} {med.get('gpu__time_duration.sum', 0) / 1e3:7.2f} us | SM active min/avg/max "
+          f"{act} of elapsed | DRAM read {med.get('dram__bytes_read.sum', 0) / 1e6:7.1f} MB, "
+          f"{med.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', nan):5.1f}% of peak")
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "run":
     run(sys.argv[2:])
+  elif sys.argv[1] == "metrics":
+    print(BALANCE_METRICS)
+  elif sys.argv[1] == "balance":
+    parse_balance(sys.argv[2], sys.argv[3:])
   else:
     parse(sys.argv[2], sys.argv[3:])
