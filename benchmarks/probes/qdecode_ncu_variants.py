@@ -83,7 +83,8 @@ def parse(path, variants):
 
 
 BALANCE_METRICS = ("gpu__time_duration.sum,sm__cycles_elapsed.max,sm__cycles_active.min,sm__cycles_active.avg,"
-                   "sm__cycles_active.max,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed")
+                   "sm__cycles_active.max,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,"
+                   "launch__occupancy_limit_shared_mem,launch__occupancy_limit_registers")
 
 
 def parse_balance(path, variants):
@@ -111,7 +112,9 @@ def parse_balance(path, variants):
     act = "/".join(f"{med.get('sm__cycles_active.' + a, nan) / el:.3f}" for a in ("min", "avg", "max"))
     print(f"balance {name:40s} {med.get('gpu__time_duration.sum', 0) / 1e3:7.2f} us | SM active min/avg/max "
           f"{act} of elapsed | DRAM read {med.get('dram__bytes_read.sum', 0) / 1e6:7.1f} MB, "
-          f"{med.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', nan):5.1f}% of peak")
+          f"{med.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', nan):5.1f}% of peak | CTAs per SM by "
+          f"shared memory {med.get('launch__occupancy_limit_shared_mem', nan):.0f}, by registers "
+          f"{med.get('launch__occupancy_limit_registers', nan):.0f}")
 
 
 if __name__ == "__main__":
