@@ -1,5 +1,5 @@
 """Probe (H200): where the int4 Hopper decode's time goes at 128K (B=1, H=32, K=8), 8 calls per
-executable: the whole call (and the kernels XLA launches for it) with the splits combined by the
+executable (wall clock and the GPU's time from the profiler): the whole call (and the kernels XLA launches for it) with the splits combined by the
 Pallas kernel or in XLA, the queries prepared in the kernel (q_direct) or in XLA, and the kernel
 alone; the bf16 kernel's whole call. --residual: first the `residual` gpu test's
 case at several split counts (output error against the oracle), to tell rounding from a bug.
@@ -31,22 +31,24 @@ def kernel_count(fn, *args):
 def parts():
   q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
   s = 128 ** -0.5
-  t = lambda f, *a: bench_in_jit(f, *a, reps=20)  # noqa: E731  (8 calls per executable: GPU time)
+  t = lambda f, *a: bench_in_jit(f, *a, reps=20)  # noqa: E731  (8 calls per executable; wall clock and GPU time)
   kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
   f = lambda *a: dec.decode_attention(*a, scale=s)[0]  # noqa: E731
   r = t(f, q, kb, vb, pos, qp)
   bf16 = r["ms"]
-  print(f"bf16 flash-decode: whole call {bf16:.4f} ms (one per dispatch {r['ms_dispatch']:.4f}), "
+  bf16_dev = r.get("device_ms")
+  print(f"bf16 flash-decode: whole call {bf16:.4f} ms (GPU {bf16_dev or 0:.4f}; one per dispatch {r['ms_dispatch']:.4f}), "
         f"{kernel_count(f, q, kb, vb, pos, qp)} kernels", flush=True)
   for knobs in (dict(), dict(fused_combine=False), dict(q_direct=False, fused_combine=False)):
     knobs = dict(dict(num_splits=49, num_stages=2), **knobs)
     g = mq.geometry(q, kq, scale=s, window=None, block_k=64, **knobs)
     f = lambda *a, g=g: mq._run(g, *a)[0]  # noqa: E731
     r = t(f, q, kq, vq, pos, qp)
-    kern = t(lambda *a, g=g: mq._call(g, *a), *mq._prepare(g, q, qp), *mq._cache_args(g, kq, vq, pos))["ms"]
-    print(f"parts {knobs} splits={g.splits}: whole {r['ms']:.4f} ms ({r['ms'] / bf16:.3f}x bf16; one per dispatch "
-          f"{r['ms_dispatch']:.4f}), {kernel_count(f, q, kq, vq, pos, qp)} kernels | kernel alone {kern:.4f} ms",
-          flush=True)
+    kern = t(lambda *a, g=g: mq._call(g, *a), *mq._prepare(g, q, qp), *mq._cache_args(g, kq, vq, pos))
+    dev = r.get("device_ms") or 0.0
+    print(f"parts {knobs} splits={g.splits}: whole {r['ms']:.4f} ms ({r['ms'] / bf16:.3f}x bf16; GPU {dev:.4f} ms = "
+          f"{dev / (bf16_dev or 1):.3f}x; one per dispatch {r['ms_dispatch']:.4f}), {kernel_count(f, q, kq, vq, pos, qp)} "
+          f"kernels | kernel alone {kern['ms']:.4f} ms (GPU {kern.get('device_ms') or 0:.4f})", flush=True)
 
 
 def residual_case():
