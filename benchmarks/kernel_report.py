@@ -76,12 +76,17 @@ def spans_per_call(events: list[tuple], runs: int, copies: int) -> list[float]:
   GPU events: the executions are the groups left by cutting the timeline at its runs - 1 widest
   gaps (each execution was synced, so the host's dispatch lies between them), and a group's span
   (first start to last end) is the GPU's time for its calls, idle gaps inside included."""
+  return [(max(ev[1] for ev in g) - g[0][0]) * 1e-9 / copies for g in split_runs(events, runs)]
+
+
+def split_runs(events: list[tuple], runs: int) -> list[list[tuple]]:
+  """The sorted GPU events of `runs` synced executions, one list per execution: the timeline cut at
+  its runs - 1 widest gaps."""
   if len(events) < runs:
     raise ValueError(f"{len(events)} GPU events for {runs} runs: the trace missed kernels")
   gaps = sorted(range(1, len(events)), key=lambda i: events[i][0] - events[i - 1][1])[len(events) - runs:]
   cuts = [0, *sorted(gaps), len(events)]
-  groups = [events[a:b] for a, b in zip(cuts, cuts[1:])]
-  return [(max(ev[1] for ev in g) - g[0][0]) * 1e-9 / copies for g in groups]
+  return [events[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def device_time(compiled, cargs, copies: int, runs: int = 5) -> float | None:

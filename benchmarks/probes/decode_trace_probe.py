@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_report import gpu_events, prepare_in_jit  # noqa: E402
+from kernel_report import gpu_events, prepare_in_jit, split_runs  # noqa: E402
 from qdecode_mgpu_probe import inputs  # noqa: E402
 from lcinfer.pallas_kernels import decode as dec  # noqa: E402
 from lcinfer.pallas_kernels import decode_quant_mgpu as mq  # noqa: E402
 
 COPIES, RUNS = 8, 4
+VARIANTS = (dict(),)   # int4 geometry knobs beside the default (session 13 ran fold=True on its branch)
 
 
 def short(name: str) -> str:
@@ -44,14 +45,7 @@ def timeline(label: str, fn, *args, out_dir: str):
   if not ev:
     print(f"trace {label}: no GPU events (planes: {[p.name for p in jax.profiler.ProfileData.from_file(xplane).planes]})")
     return
-  # Executables are separated by host syncs: split the timeline where a gap exceeds 20 us.
-  runs, cur = [], [ev[0]]
-  for e in ev[1:]:
-    if e[0] - cur[-1][1] > 20_000:
-      runs.append(cur)
-      cur = []
-    cur.append(e)
-  runs.append(cur)
+  runs = split_runs(ev, RUNS)   # executions are separated by host syncs
   spans, busy, gaps = [], [], []
   per_kernel, gap_before = defaultdict(list), defaultdict(list)
   for r in runs:
@@ -82,7 +76,7 @@ def main():
   del k, v
   timeline("bf16 call", lambda *x: dec.decode_attention(*x, scale=s)[0], q, kb, vb, pos, qp, out_dir=a.out)
   del kb, vb
-  for knobs in (dict(), dict(fold=True)):
+  for knobs in VARIANTS:
     g = mq.geometry(q, kq, scale=s, window=None, block_k=64, num_splits=49, num_stages=2, **knobs)
     tag = ",".join(f"{k}={v}" for k, v in knobs.items()) or "default"
     timeline(f"int4 {tag}", lambda *x, g=g: mq._run(g, *x)[0], q, kq, vq, pos, qp, out_dir=a.out)

@@ -1,6 +1,6 @@
 """Probe (H200): where the int4 Hopper decode's time goes at 128K (B=1, H=32, K=8), 8 calls per
-executable (wall clock and the GPU's time from the profiler): the whole call (and the kernels XLA launches for it) with the splits combined by the
-Pallas kernel or in XLA, the queries prepared in the kernel (q_direct) or in XLA, and the kernel
+executable (wall clock and the GPU's time from the profiler): the whole call (and the kernels XLA
+launches for it) with the splits combined by the Pallas kernel or in XLA, the queries prepared in the kernel (q_direct) or in XLA, and the kernel
 alone; the bf16 kernel's whole call. --residual: first the `residual` gpu test's
 case at several split counts (output error against the oracle), to tell rounding from a bug.
     PYTHONPATH=. python3 benchmarks/probes/qdecode_parts_probe.py [--residual]"""
