@@ -65,12 +65,13 @@ def _want(o, lse, splits, g):
     (1, 1, 70, 8, 8, 64),     # past one chunk: 70 splits in chunks of 32, a running maximum
     (1, 2, 3, 16, 16, 32)])
 @pytest.mark.parametrize("layout", ["rows", "channels"])
-def test_combine_kernel_matches_reference(b, kh, splits, g, g_pad, d, layout):
+@pytest.mark.parametrize("channels", [32, 8])
+def test_combine_kernel_matches_reference(b, kh, splits, g, g_pad, d, layout, channels):
   o, lse = _partials(b, kh, splits, g, g_pad, d, seed=splits + g)
   want_out, want_lse = _want(o, lse, splits, g)
   o_in = o if layout == "rows" else np.ascontiguousarray(np.swapaxes(o, -1, -2))
   out, got_lse = combine.combine_partials(jnp.asarray(o_in), jnp.asarray(lse), splits=splits, g=g, layout=layout,
-                                          out_dtype=jnp.float32, interpret=True)
+                                          out_dtype=jnp.float32, interpret=True, channels=channels)
   assert out.shape == (b, 1, kh * g, d) and got_lse.shape == (b, 1, kh * g)
   np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=1e-6)
@@ -78,13 +79,15 @@ def test_combine_kernel_matches_reference(b, kh, splits, g, g_pad, d, layout):
     assert np.all(np.asarray(out)[-1, 0, -1] == 0) and np.isneginf(np.asarray(got_lse)[-1, 0, -1])
 
 
-def test_combine_kernel_puts_interleaved_channels_back():
-  """O^T rows in the Mosaic int4 kernel's value order (`value_channel_order`) come out in channel order."""
+@pytest.mark.parametrize("channels", [32, 16])
+def test_combine_kernel_puts_interleaved_channels_back(channels):
+  """O^T rows in the Mosaic int4 kernel's value order (`value_channel_order`) come out in channel order,
+  whether a program owns two groups of 16 channels or one."""
   o, lse = _partials(1, 2, 9, 4, 8, 128, seed=1)
   want_out, want_lse = _want(o, lse, 9, 4)
   o_perm = np.ascontiguousarray(np.swapaxes(o, -1, -2)[..., value_channel_order(64), :])
   out, got_lse = combine.combine_partials(jnp.asarray(o_perm), jnp.asarray(lse), splits=9, g=4, layout="channels",
-                                          interleave16=True, out_dtype=jnp.float32, interpret=True)
+                                          interleave16=True, out_dtype=jnp.float32, interpret=True, channels=channels)
   np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got_lse), want_lse, rtol=1e-6)
 
@@ -98,5 +101,8 @@ def test_nan_partial_stays_nan_and_bad_padding_is_refused():
   with pytest.raises(ValueError, match="padded_splits"):
     combine.combine_partials(jnp.asarray(o[:, :, :3]), jnp.asarray(lse[:, :, :3]), splits=3, g=2, layout="rows",
                              interpret=True)
+  with pytest.raises(ValueError, match="at least 16 with interleave16"):
+    combine.combine_partials(jnp.asarray(o), jnp.asarray(lse), splits=4, g=2, layout="channels", interleave16=True,
+                             channels=8, interpret=True)
   with pytest.raises(ValueError, match="power of two"):
     combine.combine_partials(jnp.asarray(o), jnp.asarray(lse), splits=4, g=3, layout="rows", interpret=True)

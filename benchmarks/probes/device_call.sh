@@ -18,6 +18,7 @@
 #                    kernels beside it
 #   qbalance[=VARIANTS] ncu per kernel: SM active cycles min/avg/max (the tail), DRAM bytes and throughput
 #   trace            probes/decode_trace_probe.py (GPU timeline of the decode executables: kernels, gaps)
+#   combine          probes/combine_probe.py (the split-combination kernel per channels per program and warps)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -54,7 +55,8 @@ for step in "$@"; do
               python3 benchmarks/probes/qdecode_ncu_variants.py balance "$out/qbalance.csv" ${arg:-default} ;;
     trace) timeout 240 python3 benchmarks/probes/decode_trace_probe.py --out /tmp/trace 2>&1 \
              | grep -E "^trace|rror" | tee -a "$out/trace.log" ;;
+    combine) timeout 200 python3 benchmarks/probes/combine_probe.py 2>&1 | grep -E "^combine|rror" | tee -a "$out/combine.log" ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace qsass)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass)"; exit 2 ;;
   esac
 done

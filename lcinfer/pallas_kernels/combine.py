@@ -18,7 +18,10 @@ int4 kernel's O^T), lse_part [B, K, S_pad, G_pad]; only the first S splits and G
 `split_chunk(G)` (`padded_splits`): a program walks the splits in chunks of that many with a running
 maximum. interleave16: the partial's channels come in `mgpu_inline.value_channel_order` (within
 each 16 channels, the even ones then the odd ones); they are put back in order before the store.
-Grid (B, K, D / 32): each program owns 32 channels of one kv head's G rows.
+Grid (B, K, D / channels): each program owns `channels` (32, or 16 / 8) channels of one kv head's G
+rows. The int4 Hopper decode's O^T partials take 16 (H200, 128K, K = 8: 1.72 us of GPU time against
+1.96 at 32, `benchmarks/probes/combine_probe.py`); the bf16 decode's rows read the same at 16 and 32
+(1.43 / 1.44 us) and keep 32.
 NaN partials stay NaN (the poisoned-output tests rely on it); rows every split left empty give
 out 0 and lse -inf.
 """
@@ -35,7 +38,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from lcinfer.pallas_kernels.launch import triton_call
 
-CHANNELS = 32        # channels per program
+CHANNELS = 32        # channels per program (the default; `combine_partials` takes 16 or 8 too)
 TILE = 8192          # float32 elements of one loaded chunk (64 per thread at 4 warps)
 
 
@@ -98,7 +101,7 @@ def finish_rows(o_BKSRD, lse_BKSR, *, splits: int, t: int, g: int, out_dtype, in
   return out.astype(out_dtype), lse
 
 
-def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_major, interleave16):
+def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_major, interleave16, channels):
   c = pl.program_id(2)
   n_chunks = -(-splits // chunk)
 
@@ -108,11 +111,11 @@ def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_
     s_ok = s0 + lax.broadcasted_iota(jnp.int32, (chunk, g), 0) < splits          # [chunk, G]
     l = pltriton.load(lse_ref.at[pl.ds(s0, chunk), pl.ds(0, g)], mask=s_ok, other=-jnp.inf)
     if channels_major:   # [chunk, 32, G]
-      o = pltriton.load(o_ref.at[pl.ds(s0, chunk), pl.ds(c * CHANNELS, CHANNELS), pl.ds(0, g)],
-                        mask=jnp.broadcast_to(s_ok[:, None, :], (chunk, CHANNELS, g)), other=0.0)
+      o = pltriton.load(o_ref.at[pl.ds(s0, chunk), pl.ds(c * channels, channels), pl.ds(0, g)],
+                        mask=jnp.broadcast_to(s_ok[:, None, :], (chunk, channels, g)), other=0.0)
     else:                # [chunk, G, 32] -> [chunk, 32, G]
-      o = pltriton.load(o_ref.at[pl.ds(s0, chunk), pl.ds(0, g), pl.ds(c * CHANNELS, CHANNELS)],
-                        mask=jnp.broadcast_to(s_ok[:, :, None], (chunk, g, CHANNELS)), other=0.0)
+      o = pltriton.load(o_ref.at[pl.ds(s0, chunk), pl.ds(0, g), pl.ds(c * channels, channels)],
+                        mask=jnp.broadcast_to(s_ok[:, :, None], (chunk, g, channels)), other=0.0)
       o = jnp.transpose(o, (0, 2, 1))
     m_new = jnp.maximum(m, jnp.max(l, axis=0))                                     # [G]
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # all empty so far: weights exp(-inf) = 0
@@ -123,41 +126,44 @@ def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_
     return m_new, den, acc
 
   init = (jnp.full((g,), -jnp.inf, jnp.float32), jnp.zeros((g,), jnp.float32),
-          jnp.zeros((CHANNELS, g), jnp.float32))
+          jnp.zeros((channels, g), jnp.float32))
   m, den, acc = lax.fori_loop(0, n_chunks, body, init)
   empty = den == 0.0
   den_safe = jnp.where(empty, 1.0, den)
   out = acc / den_safe[None, :]                                                    # [32, G]
   if interleave16:   # row 16j + 8e + p holds channel 16j + 2p + e
-    out = jnp.transpose(out.reshape(CHANNELS // 16, 2, 8, g), (0, 2, 1, 3)).reshape(CHANNELS, g)
+    out = jnp.transpose(out.reshape(channels // 16, 2, 8, g), (0, 2, 1, 3)).reshape(channels, g)
   out_ref[...] = jnp.transpose(out).astype(out_ref.dtype)                         # [G, 32]
   lse_out_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(den_safe))
 
 
-@functools.partial(jax.jit, static_argnames=("splits", "g", "layout", "interleave16", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("splits", "g", "layout", "interleave16", "out_dtype", "interpret",
+                                             "channels", "num_warps"))
 def combine_partials(o_part, lse_part, *, splits: int, g: int, layout: str, interleave16: bool = False,
-                     out_dtype=jnp.bfloat16, interpret: bool = False):
+                     out_dtype=jnp.bfloat16, interpret: bool = False, channels: int = CHANNELS, num_warps: int = 4):
   """(o_part, lse_part) of S = `splits` splits (module docstring) -> (out [B, 1, K*G, D] out_dtype,
-  lse [B, 1, K*G] float32)."""
+  lse [B, 1, K*G] float32). channels: output channels per program (32, 16, or 8 without interleave16)."""
   if layout not in ("rows", "channels"):
     raise ValueError(f"layout must be 'rows' or 'channels', got {layout!r}")
+  if channels not in (8, 16, 32) or (interleave16 and channels < 16):
+    raise ValueError(f"channels must be 32, 16 or 8 (at least 16 with interleave16), got {channels}")
   channels_major = layout == "channels"
   b, kh, s_pad = o_part.shape[:3]
   d = o_part.shape[3] if channels_major else o_part.shape[4]
   if not served(1, g, d) or s_pad != padded_splits(splits, g):
     raise ValueError(f"combine_partials: G = {g}, D = {d}, {s_pad} allocated splits for {splits} "
-                     f"(needs G a power of two, D a multiple of {CHANNELS}, and "
+                     f"(needs G a power of two, D a multiple of {channels}, and "
                      f"padded_splits({splits}, {g}) = {padded_splits(splits, g)} allocated)")
   chunk = min(split_chunk(g), s_pad)
   o_block = (None, None, s_pad, d, o_part.shape[4]) if channels_major else (None, None, s_pad, o_part.shape[3], d)
   kernel = functools.partial(_kernel, splits=splits, chunk=chunk, g=g, channels_major=channels_major,
-                             interleave16=interleave16)
+                             interleave16=interleave16, channels=channels)
   out, lse = triton_call(
-      kernel, [o_part, lse_part], grid=(b, kh, d // CHANNELS),
+      kernel, [o_part, lse_part], grid=(b, kh, d // channels),
       in_specs=[pl.BlockSpec(o_block, lambda bi, ki, ci: (bi, ki, 0, 0, 0)),
                 pl.BlockSpec((None, None, s_pad, lse_part.shape[3]), lambda bi, ki, ci: (bi, ki, 0, 0))],
-      out_specs=[pl.BlockSpec((None, None, g, CHANNELS), lambda bi, ki, ci: (bi, ki, 0, ci)),
+      out_specs=[pl.BlockSpec((None, None, g, channels), lambda bi, ki, ci: (bi, ki, 0, ci)),
                  pl.BlockSpec((None, None, g), lambda bi, ki, ci: (bi, ki, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, kh, g, d), out_dtype), jax.ShapeDtypeStruct((b, kh, g), jnp.float32)],
-      num_warps=4, num_stages=1, interpret=interpret, name="lcinfer_combine_splits")
+      num_warps=num_warps, num_stages=1, interpret=interpret, name="lcinfer_combine_splits")
   return out.reshape(b, 1, kh * g, d), lse.reshape(b, 1, kh * g)

@@ -105,8 +105,10 @@ def _prepare(g: Geometry, q_BTHD, q_pos_BT):
 def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
   """The splits' partial O^T (rows in the value tile's order) combined by lse -> (out, lse)."""
   if g.fused_combine:
+    # 16 channels per program (64 programs at K = 8): 1.72 us of GPU time against 1.96 at 32 (H200, 128K,
+    # benchmarks/probes/combine_probe.py, session 14)
     return combine.combine_partials(o_part, lse_part, splits=g.splits, g=g.rows, layout="channels",
-                                    interleave16=True, out_dtype=dtype)
+                                    interleave16=True, out_dtype=dtype, channels=16)
   o_part = jnp.swapaxes(o_part, -1, -2)
   o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
   out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows), t)
