@@ -59,11 +59,13 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
   * Splits are combined by lse outside: for one query with G a power of two by one Pallas kernel that
     also puts the channels back in order and writes [B, 1, H, D] (`combine.py`; the kernel's
     partial buffers are then padded to `combine.padded_splits`), else in XLA (`combine.combine_splits`).
-Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-13): H200, 49 splits, 2
-stages: 0.0514 ms of GPU time per call = 0.376x the bf16 call (profiler timeline; two kernels, the
-decode kernel 48.9 us, 167 registers, three CTAs per SM; wall clock with 8 calls per executable
-0.058-0.061 ms = 0.37-0.41x, host dispatch included); the same kernel with no compute (its copies and waits
-only) ~46 us, so it is bound by its loads. Session 11's kernel (52.2 us): with the combination in XLA
+Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-14): H200, 49 splits, 2
+stages: 0.0510 ms of GPU time per call = 0.368x the bf16 call (profiler timeline; two kernels, the
+decode kernel ~49 us, 167 registers, three CTAs per SM; wall clock with 8 calls per executable
+0.058-0.061 ms = 0.36-0.41x, host dispatch included); the same kernel with no compute (its copies and waits
+only) ~46 us, so it is bound by its loads. Tried and not kept (session 14): work stealing between a
+head's CTAs (balances the SMs, the same call time, output not bitwise reproducible run to run) and
+issuing a stage's reload as soon as its codes are in registers (slower). Session 11's kernel (52.2 us): with the combination in XLA
 0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6 kernels).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
