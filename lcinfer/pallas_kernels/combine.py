@@ -110,10 +110,10 @@ def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_
     s0 = i * chunk
     s_ok = s0 + lax.broadcasted_iota(jnp.int32, (chunk, g), 0) < splits          # [chunk, G]
     l = pltriton.load(lse_ref.at[pl.ds(s0, chunk), pl.ds(0, g)], mask=s_ok, other=-jnp.inf)
-    if channels_major:   # [chunk, 32, G]
+    if channels_major:   # [chunk, channels, G]
       o = pltriton.load(o_ref.at[pl.ds(s0, chunk), pl.ds(c * channels, channels), pl.ds(0, g)],
                         mask=jnp.broadcast_to(s_ok[:, None, :], (chunk, channels, g)), other=0.0)
-    else:                # [chunk, G, 32] -> [chunk, 32, G]
+    else:                # [chunk, G, channels] -> [chunk, channels, G]
       o = pltriton.load(o_ref.at[pl.ds(s0, chunk), pl.ds(0, g), pl.ds(c * channels, channels)],
                         mask=jnp.broadcast_to(s_ok[:, :, None], (chunk, g, channels)), other=0.0)
       o = jnp.transpose(o, (0, 2, 1))
@@ -122,7 +122,7 @@ def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_
     alpha = jnp.exp(m - m_safe)
     w = jnp.exp(l - m_safe[None, :])                                               # [chunk, G]
     den = den * alpha + jnp.sum(w, axis=0)
-    acc = acc * alpha[None, :] + jnp.sum(w[:, None, :] * o, axis=0)                # [32, G]
+    acc = acc * alpha[None, :] + jnp.sum(w[:, None, :] * o, axis=0)                # [channels, G]
     return m_new, den, acc
 
   init = (jnp.full((g,), -jnp.inf, jnp.float32), jnp.zeros((g,), jnp.float32),
@@ -130,10 +130,10 @@ def _kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, splits, chunk, g, channels_
   m, den, acc = lax.fori_loop(0, n_chunks, body, init)
   empty = den == 0.0
   den_safe = jnp.where(empty, 1.0, den)
-  out = acc / den_safe[None, :]                                                    # [32, G]
+  out = acc / den_safe[None, :]                                                    # [channels, G]
   if interleave16:   # row 16j + 8e + p holds channel 16j + 2p + e
     out = jnp.transpose(out.reshape(channels // 16, 2, 8, g), (0, 2, 1, 3)).reshape(channels, g)
-  out_ref[...] = jnp.transpose(out).astype(out_ref.dtype)                         # [G, 32]
+  out_ref[...] = jnp.transpose(out).astype(out_ref.dtype)                         # [G, channels]
   lse_out_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(den_safe))
 
 
