@@ -62,13 +62,15 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
 Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-14): H200, 49 splits, 2
 stages: 0.0510 ms of GPU time per call = 0.368x the bf16 call (profiler timeline; two kernels, the
 decode kernel ~49 us, 167 registers, three CTAs per SM; wall clock with 8 calls per executable
-0.058-0.061 ms = 0.36-0.41x, host dispatch included). It is bound by its per-stage compute chain, not by
-its loads (session 14, ncu): two CTAs per SM stream the codes alone as fast as three (~39-40 us), but
-the full kernel then takes 57.7 us at any prefetch depth; the value half (softmax, P through shared
-memory, V^T unpack, P V) is what three warpgroups per SM, all the register file holds, cannot hide. Tried and not kept (session 14): work stealing between a
-head's CTAs (balances the SMs, the same call time, output not bitwise reproducible run to run) and
-issuing a stage's reload as soon as its codes are in registers (slower). Session 11's kernel (52.2 us): with the combination in XLA
-0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6 kernels).
+0.058-0.061 ms = 0.36-0.41x, host dispatch included). It is bound by its per-stage compute chain,
+not by its loads (session 14, ncu): two CTAs per SM stream the codes alone as fast as three (~39-40
+us), but the full kernel then takes 57.7 us at any prefetch depth; the value half (softmax, P
+through shared memory, V^T unpack, P V) is what three warpgroups per SM, all the register file
+holds, cannot hide. Tried and not kept (session 14): work stealing between a head's CTAs (balances
+the SMs, the same call time, output not bitwise reproducible run to run) and issuing a stage's
+reload as soon as its codes are in registers (slower). Session 11's kernel (52.2 us): with the
+combination in XLA 0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6
+kernels).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
 wrapper: the argument checks, the query preparation, the grid and the lse combination.
