@@ -206,14 +206,16 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
              sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4,
-             probe="") -> Geometry:
+             spec_p=False, probe="") -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
   splits combined by one Pallas kernel (None: where `combine.served`); issue_warp, pair, meta,
-  probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
+  spec_p, probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
+  if spec_p and not lazy_max:
+    raise ValueError("spec_p (P before the vote) needs the lazy maximum (lazy_max=True)")
   allowed = stage_blocks(nb, block_k, k_q.group)
   sub = allowed if sub is None else sub
   if sub not in (1, allowed):
@@ -223,7 +225,8 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
                   lazy_max=lazy_max, sub=sub, q_direct=(t == 1) if q_direct is None else q_direct and t == 1,
                   fused_combine=combine.served(t, h // kh, HEAD_DIM) and fused_combine in (None, True),
-                  issue_warp=issue_warp, pair=pair and sub == 2, meta=meta, probe=probe)
+                  issue_warp=issue_warp, pair=pair and sub == 2, meta=meta, spec_p=spec_p,
+                  probe=probe)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -41,6 +41,9 @@ class Geometry:
   pair: bool = True            # a stage's two blocks share one product wait, vote and P fence
   meta: int = 4                # stages per chunk of the small per-key copies (key scale rows, value scales,
                                # zeros, positions), which go through their own two-slot ring
+  spec_p: bool = False         # lazy max: P computed with the current max before the vote, whose flags
+                               # ride on the P fence (one warpgroup barrier per stage, not two); a vote
+                               # that finds a logit above redoes P after the rescale
   probe: str = ""              # measurement only, the output is then not attention: "copies" (waits, no
                                # compute), "codes" (only the two code copies, no compute) or "keys" (keys
                                # unpacked, K Q^T, mask; no softmax or values)
@@ -190,7 +193,8 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
   dequant_k = mi.int4_dequant_regs_fn(half, bk)
   dequant_v = mi.int4_value_regs_fn(half, bk)
-  any_above = mi.any_above_fn() if g.lazy_max else None
+  any_above = mi.any_above_fn() if g.lazy_max and not g.spec_p else None
+  vote = mi.vote_fn() if g.spec_p else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
   bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
@@ -235,10 +239,11 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
       keep = keep & (qpos_b - kp < g.window)
     return jnp.where(keep, s * c, -jnp.inf)
 
-  def back(carry, ss, rows_list, vts):
+  def back(carry, ss, rows_list, vts, vote_at):
     """Online softmax over the blocks' masked S^T tiles `ss` (one block, or a stage's two with
     g.pair), then O^T += V^T P^T for each; carry = (acc, m, l_part, zb_part). One vote, one P fence
-    and one wait for the products whatever the block count."""
+    and one wait for the products whatever the block count. vote_at: the flags buffer (0 / 1) of
+    this vote with g.spec_p (alternate buffers: a warp may vote again before another has read)."""
     acc, m, l_part, zb_part = carry
     s_max = functools.reduce(jnp.maximum, ss)
 
@@ -249,26 +254,42 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
       a2 = bq(alpha)
       return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, zb_part * a2
 
+    def softmax(m, l_part, zb_part):   # P in the max m into its tiles (not yet fenced), and the sums
+      for i, (s, (vs, vz, _)) in enumerate(zip(ss, rows_list)):
+        p = jnp.exp2(s - bq(mi.finite(m)))
+        p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
+        l_part = l_part + p
+        # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
+        zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
+        if g.p_transposed:
+          p_smem[i].transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
+        else:
+          p_smem[i][...] = p16
+      return l_part, zb_part
+
     args = (s_max, m, acc, l_part, zb_part)
-    if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
-      above = any_above(s_max, bq(m + mi.LAZY_TAU), flags)
-      m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], args)
+    if g.spec_p:   # vote, P in the current max, one fence for both; redo after a rescale (rare)
+      vote_flags = flags.at[vote_at]
+      vote(s_max, bq(m + mi.LAZY_TAU), vote_flags)
+      l_new, zb_new = softmax(m, l_part, zb_part)
+      plgpu.commit_smem()
+
+      def redo(args):
+        m, acc, l_part, zb_part = rescale(args)
+        l_part, zb_part = softmax(m, l_part, zb_part)
+        plgpu.commit_smem()
+        return m, acc, l_part, zb_part
+      above = vote_flags[0] + vote_flags[1] + vote_flags[2] + vote_flags[3] > 0
+      m, acc, l_part, zb_part = lax.cond(above, redo, lambda a: (a[1], a[2], l_new, zb_new), args)
     else:
-      m, acc, l_part, zb_part = rescale(args)
-    p_ts = []
-    for i, (s, (vs, vz, _)) in enumerate(zip(ss, rows_list)):
-      p = jnp.exp2(s - bq(mi.finite(m)))
-      p16 = (p * vs).astype(jnp.bfloat16)   # the values' per-token scale, folded into P
-      l_part = l_part + p
-      # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
-      zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
-      p_ref = p_smem[i]
-      if g.p_transposed:
-        p_ref.transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
+      if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
+        above = any_above(s_max, bq(m + mi.LAZY_TAU), flags)
+        m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], args)
       else:
-        p_ref[...] = p16
-      p_ts.append(p_ref.transpose((1, 0)) if g.p_transposed else p_ref)
-    plgpu.commit_smem()
+        m, acc, l_part, zb_part = rescale(args)
+      l_part, zb_part = softmax(m, l_part, zb_part)
+      plgpu.commit_smem()
+    p_ts = [p_smem[i].transpose((1, 0)) if g.p_transposed else p_smem[i] for i in range(len(ss))]
 
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
       for vt, p_t in zip(vts, p_ts):
@@ -276,7 +297,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     return acc, m, l_part, zb_part
 
-  def blocks(carry, slot, at, parts):
+  def blocks(carry, slot, at, parts, vote_at):
     """The stage's blocks `parts` through one product wait: S^T = K Q^T for each (keys fill the
     64-row M side, the queries N; the next block's keys unpacked under the previous product), then
     the V^T tiles unpacked under the products, before the reads."""
@@ -292,7 +313,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     if g.probe == "keys":   # keep the products alive, skip the rest
       acc, m, l_part, zb_part = carry
       return acc, m, functools.reduce(jnp.add, [masked(s, r) for s, r in zip(ss, rows_list)], l_part), zb_part
-    return back(carry, [masked(s, r) for s, r in zip(ss, rows_list)], rows_list, vts)
+    return back(carry, [masked(s, r) for s, r in zip(ss, rows_list)], rows_list, vts, vote_at)
 
   def stage(j, carry):
     pl.when(j + stages - 1 < n_st)(functools.partial(_issue, g, gm, v, split, b, h, j + stages - 1))
@@ -310,9 +331,9 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
       return carry
     at = (mslot, jr * g.stage_keys, _split_start(g, split) + n * g.meta_keys)
     if g.pair:
-      return blocks(carry, slot, at, range(g.sub))
-    for part in range(g.sub):
-      carry = blocks(carry, slot, at, [part])
+      return blocks(carry, slot, at, range(g.sub), lax.rem(j, jnp.int32(2)))
+    for part in range(g.sub):   # sub votes per stage: their flags buffers alternate as they come
+      carry = blocks(carry, slot, at, [part], lax.rem(j * g.sub + part, jnp.int32(2)))
     return carry
 
   acc, m, l_part, zb_part = lax.fori_loop(0, n_st, stage, (acc, m, zeros, zeros))
@@ -347,7 +368,7 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
             for _ in range(g.p_tiles)),                               # P or P^T, one per block at once
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
-      plgpu.SMEM((4,), jnp.int32),                                    # per-warp flags (lazy max)
+      plgpu.SMEM((2, 4) if g.spec_p else (4,), jnp.int32),          # per-warp flags (lazy max)
       plgpu.Barrier(num_arrivals=2, num_barriers=st),                 # code slots
       plgpu.Barrier(num_arrivals=5, num_barriers=2),                  # meta slots
       plgpu.Barrier(),

@@ -301,12 +301,10 @@ def permute_queries_fn(rows: int, n_q: int):
   return permute
 
 
-def any_above_fn(layout=None):
-  """any_above(s, bound, flags) -> a warpgroup-uniform bool scalar: does any element of s exceed
-  bound (same shape, both in `layout`, default WGMMA)? Inline Mosaic GPU: each thread ORs its
-  registers, a warp vote ORs the warp, lane stores put one flag per warp in flags smem [4] int32,
-  then a warpgroup barrier; the four flags are read back. A caller that votes again before every
-  warp has read the flags needs a second flags buffer (or a barrier in between)."""
+def _vote_op(layout, barrier: bool):
+  """The inline op vote(s, bound, flags): each thread ORs its registers' s > bound, a warp vote ORs
+  the warp, lane stores put one flag per warp in flags smem [4] int32; then a warpgroup barrier
+  (barrier=True) or none (the caller's next barrier publishes the flags)."""
   pg = plgpu()
   from jax.experimental.mosaic.gpu import utils as mu
   from jax._src.lib.mlir import ir
@@ -330,7 +328,25 @@ def any_above_fn(layout=None):
                            "selp.u32 $0, 1, 0, q; }", "=r,r")
     warp = arith.remui(mu.warp_idx(sync=False), arith.constant(i32, 4))
     memref.store(vote, flags_ref, [arith.index_cast(ir.IndexType.get(), warp)])
-    mu.warpgroup_barrier()
+    if barrier:
+      mu.warpgroup_barrier()
+
+  return vote
+
+
+def vote_fn(layout=None):
+  """vote(s, bound, flags): one flag per warp in flags [4] int32, whether any element of s exceeds
+  bound (`_vote_op`), with no barrier: the flags may be read after the caller's next warpgroup
+  barrier (e.g. `commit_smem`), and the same buffer written again only after every warp read it."""
+  return _vote_op(layout, barrier=False)
+
+
+def any_above_fn(layout=None):
+  """any_above(s, bound, flags) -> a warpgroup-uniform bool scalar: does any element of s exceed
+  bound (same shape, both in `layout`, default WGMMA)? The vote (`_vote_op`), then a warpgroup
+  barrier; the four flags are read back. A caller that votes again before every warp has read the
+  flags needs a second flags buffer (or a barrier in between)."""
+  vote = _vote_op(layout, barrier=True)
 
   def any_above(s, bound, flags):
     vote(s, bound, flags)
