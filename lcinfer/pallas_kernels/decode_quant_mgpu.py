@@ -206,7 +206,7 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
              sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4,
-             spec_p=False, probe="") -> Geometry:
+             spec_p=None, probe="") -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
   splits combined by one Pallas kernel (None: where `combine.served`); issue_warp, pair, meta,
@@ -214,6 +214,7 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
+  spec_p = lazy_max if spec_p is None else spec_p
   if spec_p and not lazy_max:
     raise ValueError("spec_p (P before the vote) needs the lazy maximum (lazy_max=True)")
   allowed = stage_blocks(nb, block_k, k_q.group)
