@@ -26,6 +26,11 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     exceeds the max by more than LAZY_TAU = 8 (base 2: P <= 256, exact in bf16 and float32).
     Testing that takes one warp vote and a 4-flag exchange. H100, 128K: 0.107-0.114 ms against
     0.122-0.129 with the max recomputed every block, in the same runs.
+  * Speculative P (`spec_p`, on with the lazy maximum): P is computed in the current max before
+    the vote is known, and the vote's flags are published by the P fence's warpgroup barrier
+    (two flag buffers, alternating), so a stage waits at one warpgroup barrier, not two; a vote
+    that finds a logit above the bound redoes P after the rescale. H200, 128K (ncu, same run):
+    the kernel 49.09 -> 47.49 us, 168 registers (still three CTAs per SM).
   * TMA brings stage j + stages - 1 (the key and value codes) into a ring slot while stage j is
     computed; one barrier per slot. A stage is two 64-key blocks where every split holds whole
     stages and the key scales allow (`stage_blocks`). The small per-key rows (key-scale rows, value
@@ -60,16 +65,17 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     also puts the channels back in order and writes [B, 1, H, D] (`combine.py`; the kernel's
     partial buffers are then padded to `combine.padded_splits`), else in XLA (`combine.combine_splits`).
 Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-14): H200, 49 splits, 2
-stages: 0.0510 ms of GPU time per call = 0.368x the bf16 call (profiler timeline; two kernels, the
-decode kernel ~49 us, 167 registers, three CTAs per SM; wall clock with 8 calls per executable
-0.058-0.061 ms = 0.36-0.41x, host dispatch included). It is bound by its per-stage compute chain,
-not by its loads (session 14, ncu): two CTAs per SM stream the codes alone as fast as three (~39-40
-us), but the full kernel then takes 57.7 us at any prefetch depth; the value half (softmax, P
-through shared memory, V^T unpack, P V) is what three warpgroups per SM, all the register file
-holds, cannot hide. Tried and not kept (session 14): work stealing between a head's CTAs (balances
-the SMs, the same call time, output not bitwise reproducible run to run) and issuing a stage's
-reload as soon as its codes are in registers (slower). Session 11's kernel (52.2 us): with the
-combination in XLA 0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6
+stages, before speculative P: 0.0510 ms of GPU time per call = 0.368x the bf16 call (profiler
+timeline; two kernels, the decode kernel ~49 us, 167 registers, three CTAs per SM; speculative P
+then took the kernel to 47.5 us by ncu, the whole call not yet timed again; wall clock with 8 calls
+per executable 0.058-0.061 ms = 0.36-0.41x, host dispatch included). It is bound by its per-stage
+compute chain, not by its loads (session 14, ncu): two CTAs per SM stream the codes alone as fast as
+three (~39-40 us), but the full kernel then takes 57.7 us at any prefetch depth; the value half
+(softmax, P through shared memory, V^T unpack, P V) is what three warpgroups per SM, all the
+register file holds, cannot hide. Tried and not kept (session 14): work stealing between a head's
+CTAs (balances the SMs, the same call time, output not bitwise reproducible run to run) and issuing
+a stage's reload as soon as its codes are in registers (slower). Session 11's kernel (52.2 us): with
+the combination in XLA 0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6
 kernels).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
 The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
