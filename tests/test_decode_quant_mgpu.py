@@ -312,17 +312,19 @@ def test_kernel_matches_oracle_gpu(case):
   np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(out, np.float32))
 
 
+@pytest.mark.parametrize("spec", [True, False])
 @pytest.mark.parametrize("t,h,kh,window,sub,pair", [
     (1, 32, 8, None, 2, True), (2, 32, 2, 100, 2, True), (1, 64, 1, None, 2, False), (2, 16, 2, None, 1, False)])
-def test_speculative_p_lowers_to_mosaic_gpu(t, h, kh, window, sub, pair):
+def test_speculative_p_lowers_to_mosaic_gpu(t, h, kh, window, sub, pair, spec):
   """spec_p (P before the vote, the flags on the P fence, a redo after a rescale) lowers for N = 8
   (P transposed), 16 and 64, a stage's two blocks paired or voting one after the other (alternate
-  flags buffers), one block per stage; without the lazy maximum it is a clear error."""
+  flags buffers), one block per stage; so does the lazy maximum's own-barrier vote (spec_p=False,
+  no longer the default); spec_p without the lazy maximum is a clear error."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=2, sub=sub, pair=pair, fused_combine=False, spec_p=True)
+                            block_k=64, num_stages=2, sub=sub, pair=pair, fused_combine=False, spec_p=spec)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   with pytest.raises(ValueError, match="spec_p"):
@@ -333,11 +335,12 @@ SPEC_CASES = [c for c in CASES if not c[7].get("residual")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pair", [True, False])
+@pytest.mark.parametrize("pair,spec", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("case", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
-def test_speculative_p_matches_oracle_gpu(case, pair):
+def test_speculative_p_matches_oracle_gpu(case, pair, spec):
   """spec_p against the oracle, with pair and with a stage's blocks voting in turn: a redo that
-  missed a rescale (rising logits: many), a stale flag or a P tile not rewritten would show."""
+  missed a rescale (rising logits: many), a stale flag or a P tile not rewritten would show. Also
+  the lazy maximum's own-barrier vote (spec_p=False), which the default no longer runs."""
   name, b, t, h, kh, c, opts, kw = case
   if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
@@ -345,7 +348,7 @@ def test_speculative_p_matches_oracle_gpu(case, pair):
   ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"))
   out, lse = mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"), residual=None,
                               num_splits=kw.get("num_splits", 8), block_k=64, num_stages=kw.get("num_stages", 2),
-                              pair=pair, spec_p=True)
+                              pair=pair, spec_p=spec)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert_matches_oracle(name, out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
 
