@@ -16,7 +16,7 @@ from lcinfer.pallas_kernels import decode_quant_mgpu as mq
 from lcinfer.pallas_kernels import dispatch, quant
 from lcinfer.pallas_kernels.decode_quant import quantized_decode_reference
 from lcinfer.pallas_kernels.launch import hopper_device
-from lcinfer.pallas_kernels.mgpu_inline import int4_unpack_asm
+from lcinfer.pallas_kernels.mgpu_int4 import int4_unpack_asm
 
 
 def test_key_unpacking_ptx_makes_the_dequantized_values():
@@ -75,7 +75,7 @@ def test_register_key_tile_column_order_matches_the_layouts():
   the element at A column kappa must be channel key_channel_order[kappa] of the same key row, so
   that q[..., order] makes the product exact. Checked on both layouts' own tiling arithmetic."""
   from jax.experimental.mosaic.gpu import fragmented_array as fa
-  from lcinfer.pallas_kernels.mgpu_inline import a_column_tile, key_channel_order
+  from lcinfer.pallas_kernels.mgpu_int4 import a_column_tile, key_channel_order
   order = key_channel_order(64)
   assert sorted(order.tolist()) == list(range(128))
   codes = _layout_cells(fa.WGMMA_LAYOUT_8BIT, (64, 64))
@@ -90,23 +90,74 @@ def test_register_key_tile_column_order_matches_the_layouts():
   assert checked == 64 * 128
 
 
-def test_register_value_tile_rows_match_ldmatrix_and_the_layout():
+def _tma_code_tile(tile, swizzle):
+  """A [keys, 64] uint8 code tile as TMA writes it into shared memory (CUDA's tensor-map swizzles):
+  64-byte swizzle, one 64-byte row per key, 16-byte chunk c of row r at chunk c ^ (r // 2) % 4; or
+  the wide tile, 128-byte rows of two keys (the [C / 2, 128] view of the codes), chunk c of row r at
+  chunk c ^ r % 8."""
+  smem = np.zeros(tile.size, np.uint8)
+  for key, byte in np.ndindex(*tile.shape):
+    if swizzle == 64:
+      smem[64 * key + 16 * ((byte // 16) ^ ((key >> 1) & 3)) + byte % 16] = tile[key, byte]
+    else:
+      r, col = key // 2, 64 * (key % 2) + byte
+      smem[128 * r + 16 * ((col // 16) ^ (r % 8)) + col % 16] = tile[key, byte]
+  return smem
+
+
+@pytest.mark.parametrize("swizzle", [64, 128])
+def test_code_offsets_follow_the_tma_swizzle(swizzle):
+  """`code_offset` (the addresses of the key tile's shared loads and of ldmatrix's rows) finds every
+  code byte where TMA put it, for the 64-byte tile and the wide one; other swizzles are an error."""
+  from lcinfer.pallas_kernels.mgpu_inline import _IntOps
+  from lcinfer.pallas_kernels.mgpu_int4 import code_offset
+  tile = np.random.default_rng(5).integers(0, 256, (128, 64), dtype=np.uint8)
+  smem = _tma_code_tile(tile, swizzle)
+  for key, byte in np.ndindex(*tile.shape):
+    assert smem[code_offset(_IntOps, key, byte, swizzle)] == tile[key, byte], (key, byte)
+  with pytest.raises(ValueError, match="swizzle"):
+    code_offset(_IntOps, 0, 0, 32)
+
+
+@pytest.mark.parametrize("swizzle", [64, 128])
+def test_key_codes_by_ldmatrix_fill_the_8bit_layout(swizzle):
+  """The key tile's two `ldmatrix.x4` per thread (rows at `key_ldmatrix_offsets`, fragments as the
+  PTX ISA gives them: lane l gets word l % 4 of row l // 4 of each 8x8 b16 matrix) must hand every
+  thread, in its register (j, rh), the four code bytes that Mosaic's 8-bit WGMMA layout puts
+  there, for the 64-byte tile and the wide one."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from lcinfer.pallas_kernels.mgpu_int4 import key_ldmatrix_offsets
+  tile = np.random.default_rng(9).integers(0, 256, (64, 64), dtype=np.uint8)
+  smem = _tma_code_tile(tile, swizzle)
+  offsets = key_ldmatrix_offsets(swizzle)
+  got = {}
+  for x, w in np.ndindex(2, 4):
+    for i in range(4):
+      mat = np.stack([smem[a:a + 16] for a in offsets[x, w, 8 * i:8 * i + 8]])   # [8 rows, 16 bytes]
+      for lane in range(32):
+        got[((0, 2 * x + i // 2, 0, 0, i % 2, 0, 0, 0, 0), w, lane)] = mat[lane // 4, 4 * (lane % 4):4 * (lane % 4) + 4]
+  cells = _layout_cells(fa.WGMMA_LAYOUT_8BIT, (64, 64))
+  for (reg, w, lane, v), (row, byte) in cells.items():
+    assert got[(reg, w, lane)][v] == tile[row, byte], (reg, w, lane, v)
+  assert len(cells) == 64 * 64
+
+
+@pytest.mark.parametrize("swizzle", [64, 128])
+def test_register_value_tile_rows_match_ldmatrix_and_the_layout(swizzle):
   """The value tile built in wgmma's A registers (V^T, [128, 64]) by two `ldmatrix.x4.trans` per
   thread and VALUE_UNPACK_ASM: for every thread, the element at A row R, key column kappa must be
-  128 + the code of channel value_channel_order[R] of key kappa. Models: the 64-byte TMA swizzle
-  of the code tile, ldmatrix's transposed 8x8 b16 fragments (PTX ISA), the unpacking PTX (numpy),
-  and the A layout from Mosaic's own tiling arithmetic."""
+  128 + the code of channel value_channel_order[R] of key kappa. Models: the TMA swizzle of the
+  code tile (64 bytes, or the wide tile's 128), ldmatrix's transposed 8x8 b16 fragments (PTX ISA),
+  the unpacking PTX (numpy), and the A layout from Mosaic's own tiling arithmetic."""
   from jax.experimental.mosaic.gpu import fragmented_array as fa
-  from lcinfer.pallas_kernels.mgpu_inline import VALUE_UNPACK_ASM, ldmatrix_row_offsets, value_channel_order
+  from lcinfer.pallas_kernels.mgpu_int4 import VALUE_UNPACK_ASM, ldmatrix_row_offsets, value_channel_order
   order = value_channel_order(64)
   assert sorted(order.tolist()) == list(range(128))
   rng = np.random.default_rng(3)
   tile = rng.integers(0, 256, (64, 64), dtype=np.uint8)               # [key, byte]
   codes = np.concatenate([tile & 0xF, tile >> 4], axis=1)              # [key, channel]
-  smem = np.zeros(64 * 64, np.uint8)                                   # the tile as TMA writes it
-  for key, byte in np.ndindex(64, 64):
-    smem[64 * key + 16 * ((byte // 16) ^ ((key >> 1) & 3)) + byte % 16] = tile[key, byte]
-  offsets = ldmatrix_row_offsets(64)
+  smem = _tma_code_tile(tile, swizzle)                                 # the tile as TMA writes it
+  offsets = ldmatrix_row_offsets(64, swizzle)
   a_regs = _layout_cells(fa.WGMMA_LAYOUT, (128, 64))
   checked = 0
   for w in range(4):
@@ -129,15 +180,17 @@ def test_register_value_tile_rows_match_ldmatrix_and_the_layout():
   assert checked == 128 * 64
 
 
-@pytest.mark.parametrize("rows,n_q", [(4, 8), (8, 8), (12, 16), (64, 64)])
-def test_query_tile_offsets_build_the_permuted_swizzled_tile(rows, n_q):
+@pytest.mark.parametrize("rows,n_q,shift", [(4, 8, 0), (8, 8, 0), (12, 16, 0), (64, 64, 0), (4, 8, 4), (2, 8, 4)])
+def test_query_tile_offsets_build_the_permuted_swizzled_tile(rows, n_q, shift):
   """`permute_queries_fn`'s addresses (numpy model): gathering raw query rows by them must give,
-  for every row r and wgmma K index kappa, q[r, key_channel_order[kappa]] (zero past `rows`) at the
-  place TMA would have put element (r, kappa) of a [n_q, 128] tile: 8 x 64 tiles, 128-byte swizzle."""
-  from lcinfer.pallas_kernels.mgpu_inline import key_channel_order, query_tile_offsets
+  for every row r and wgmma K index kappa, q[r - shift, key_channel_order[kappa]] (zero outside
+  the rows) at the place TMA would have put element (r, kappa) of a [n_q, 128] tile: 8 x 64 tiles,
+  128-byte swizzle. shift 4: block 1's query tile of the packed logits."""
+  from lcinfer.pallas_kernels.mgpu_inline import query_tile_offsets
+  from lcinfer.pallas_kernels.mgpu_int4 import key_channel_order
   rng = np.random.default_rng(5)
   raw = rng.integers(1, 1 << 15, (rows, 128)).astype(np.uint16)
-  src, dst = query_tile_offsets(rows, n_q)
+  src, dst = query_tile_offsets(rows, n_q, shift)
   tile = np.zeros(n_q * 256, np.uint8)
   written = np.zeros(n_q * 256, bool)
   raw_bytes = raw.view(np.uint8).reshape(-1)
@@ -148,10 +201,24 @@ def test_query_tile_offsets_build_the_permuted_swizzled_tile(rows, n_q):
   assert written.all()
   order = key_channel_order(64)
   want = np.zeros((n_q, 128), np.uint16)
-  want[:rows] = raw[:, order]
+  want[shift:shift + rows] = raw[:, order]
   for r, kappa in np.ndindex(n_q, 128):   # TMA's placement of (r, kappa): tiled (8, 64), 128-byte swizzle
     off = 1024 * (2 * (r // 8) + kappa // 64) + 128 * (r % 8) + 16 * (((kappa % 64) // 8) ^ (r % 8)) + 2 * (kappa % 8)
     assert tile[off:off + 2].view(np.uint16)[0] == want[r, kappa], (r, kappa)
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (128, 8)])
+def test_column_halves_follow_the_lanes(shape):
+  """The packed logits' inline helpers rest on the WGMMA layout of an 8-column tile (Mosaic's own
+  tiling arithmetic): every element a thread holds is in column half (lane >> 1) & 1
+  (`column_half_fn`), and lane ^ 2 holds, in the same register slot, the same row's column c ^ 4
+  (`swap_column_halves_fn`'s shfl.bfly 2)."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  cells = _layout_cells(fa.WGMMA_LAYOUT, shape)
+  for (reg, w, lane, v), (row, col) in cells.items():
+    assert col // 4 == (lane >> 1) & 1, (reg, w, lane, v)
+    assert cells[(reg, w, lane ^ 2, v)] == (row, col ^ 4), (reg, w, lane, v)
+  assert len(cells) == shape[0] * shape[1]
 
 
 def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad_row=False, trend=None):
@@ -183,17 +250,18 @@ def _inputs(b, t, h, kh, c, *, seed, holes=False, shuffled=False, kgroup=64, bad
     (1, 8, 8, None, 3, False, 1, True, False, False), (1, 32, 8, None, 2, True, 2, True, True, False),
     (2, 16, 2, 100, 3, True, 1, False, True, False), (1, 32, 8, None, 2, True, 2, True, False, True),
     (2, 32, 2, 100, 2, False, 2, False, True, True)])
-def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, direct, warp, pair):
+@pytest.mark.parametrize("wide", [True, False])
+def test_kernel_lowers_to_mosaic_gpu(t, h, kh, window, stages, lazy, sub, direct, warp, pair, wide):
   """Every construct lowers to Mosaic GPU for a CUDA target (no GPU needed): N = 8 (P stored
   transposed), 16, 32 and 64, the lazy and the every-block maximum, one or two blocks per stage,
   queries prepared in XLA or permuted in the kernel (q_direct), copies issued by one warp, a
-  stage's two blocks through one product wait (pair)."""
+  stage's two blocks through one product wait (pair), code tiles of 64-byte rows or wide ones."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
                             block_k=64, num_stages=stages, lazy_max=lazy, sub=sub, q_direct=direct,
-                            fused_combine=False, issue_warp=warp, pair=pair)
+                            fused_combine=False, issue_warp=warp, pair=pair, wide=wide)
     # fused_combine=False: the combination is a Triton call, whose lowering needs a GPU (test_pallas_combine)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -334,6 +402,29 @@ def test_speculative_p_lowers_to_mosaic_gpu(t, h, kh, window, sub, pair, spec):
 SPEC_CASES = [c for c in CASES if not c[7].get("residual")]
 
 
+def _matches_oracle_with_knobs_gpu(case, **knobs):
+  """A CASES entry through `_dispatch_run` with `geometry` knobs, against the oracle (its residual,
+  if any, merged after the kernel as the public call does)."""
+  name, b, t, h, kh, c, opts, kw = case
+  if hopper_device() is None:
+    pytest.skip("needs a Hopper GPU")
+  q, k_q, v_q, pos, q_pos = _inputs(b, t, h, kh, c, seed=zlib.crc32(name.encode()), **opts)
+  residual = None
+  if kw.get("residual"):
+    n, rng = kw["residual"], np.random.default_rng(7)
+    rk, rv = (jnp.asarray(rng.standard_normal((b, kh, n, 128)), jnp.bfloat16) for _ in range(2))
+    rp = jnp.asarray(np.tile(np.arange(c, c + n, dtype=np.int32), (b, kh, 1)))
+    q_pos = q_pos + n
+    residual = (rk, rv, rp)
+  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"),
+                                            residual=residual)
+  out, lse = mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"), residual=residual,
+                              num_splits=kw.get("num_splits", 8), block_k=64, num_stages=kw.get("num_stages", 2),
+                              **knobs)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_matches_oracle(name, out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pair,spec", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("case", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
@@ -341,16 +432,47 @@ def test_speculative_p_matches_oracle_gpu(case, pair, spec):
   """spec_p against the oracle, with pair and with a stage's blocks voting in turn: a redo that
   missed a rescale (rising logits: many), a stale flag or a P tile not rewritten would show. Also
   the lazy maximum's own-barrier vote (spec_p=False), which the default no longer runs."""
-  name, b, t, h, kh, c, opts, kw = case
-  if hopper_device() is None:
-    pytest.skip("needs a Hopper GPU")
-  q, k_q, v_q, pos, q_pos = _inputs(b, t, h, kh, c, seed=zlib.crc32(name.encode()), **opts)
-  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"))
-  out, lse = mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"), residual=None,
-                              num_splits=kw.get("num_splits", 8), block_k=64, num_stages=kw.get("num_stages", 2),
-                              pair=pair, spec_p=spec)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  assert_matches_oracle(name, out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
+  _matches_oracle_with_knobs_gpu(case, pair=pair, spec_p=spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wide", [True, False])
+@pytest.mark.parametrize("case", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_code_tile_rows_match_oracle_gpu(case, wide):
+  """The code tiles as wide 128-byte rows of two keys (ldmatrix's rows at `code_offset` under the
+  128-byte swizzle, the default) and as 64-byte rows, against the oracle: one block per stage (32
+  rows), two (64), three stages, windows, holes."""
+  _matches_oracle_with_knobs_gpu(case, wide=wide)
+
+
+@pytest.mark.parametrize("h,kh,window,spec,lazy", [
+    (32, 8, None, None, True), (16, 8, 100, None, True), (8, 8, None, False, False), (32, 8, None, False, True)])
+def test_packed_logits_lower_to_mosaic_gpu(h, kh, window, spec, lazy):
+  """The packed logit tile (a stage's two blocks in one [64, 8] tile) lowers for G = 4, 2 and 1,
+  with a window, with speculative P, the own-barrier vote and the every-block maximum; asked for
+  where it does not apply (G = 8, two queries, one block per stage), it is a clear error."""
+  q, k_q, v_q, pos, q_pos = _inputs(1, 1, h, kh, 1024, seed=0)
+
+  def run(q, k_q, v_q, pos, q_pos):
+    return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
+                            block_k=64, num_stages=2, fused_combine=False, packed=True, spec_p=spec, lazy_max=lazy)
+  text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  for b, t, h_, kh_, sub in [(1, 1, 64, 8, None), (1, 2, 8, 4, None), (1, 1, 32, 8, 1)]:
+    q2, k2, *_ = _inputs(b, t, h_, kh_, 1024, seed=0)
+    with pytest.raises(ValueError, match="packed needs"):
+      mq.geometry(q2, k2, scale=0.1, window=None, num_splits=3, block_k=64, num_stages=2, sub=sub, packed=True)
+
+
+PACKED_CASES = [c for c in CASES if c[2] == 1 and c[3] // c[4] <= 4 and c[0] != "holes_shuffled"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_packed_logits_match_oracle_gpu(case):
+  """The packed logit tile against the oracle (G = 4 and 2, windows, rising logits: each half's
+  own rescales, then the merge by lse; key groups of 128; the bf16 residual merged after)."""
+  _matches_oracle_with_knobs_gpu(case, packed=True)
 
 
 def test_triton_knobs_fall_through_and_misspelt_ones_fail():

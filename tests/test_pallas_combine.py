@@ -6,7 +6,7 @@ import pytest
 
 from lcinfer.pallas_kernels import combine
 from lcinfer.pallas_kernels.combine import combine_splits, from_kv_head_rows
-from lcinfer.pallas_kernels.mgpu_inline import value_channel_order
+from lcinfer.pallas_kernels.mgpu_int4 import value_channel_order
 
 
 def test_combine_splits_matches_float64_logsumexp():

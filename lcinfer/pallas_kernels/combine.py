@@ -16,7 +16,7 @@ Layout: o_part [B, K, S_pad, G_pad, D] ("rows") or [B, K, S_pad, D, G_pad] ("cha
 int4 kernel's O^T), lse_part [B, K, S_pad, G_pad]; only the first S splits and G rows are read
 (masked loads), so padded splits and rows may hold anything. S_pad must be a multiple of
 `split_chunk(G)` (`padded_splits`): a program walks the splits in chunks of that many with a running
-maximum. interleave16: the partial's channels come in `mgpu_inline.value_channel_order` (within
+maximum. interleave16: the partial's channels come in `mgpu_int4.value_channel_order` (within
 each 16 channels, the even ones then the odd ones); they are put back in order before the store.
 Grid (B, K, D / channels): each program owns `channels` (32, or 16 / 8) channels of one kv head's G
 rows. The int4 Hopper decode's O^T partials take 16 (H200, 128K, K = 8: 1.72 us of GPU time against

@@ -44,10 +44,11 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     the same fence; a meta slot is reissued a whole stage after its last reader).
   * Both int4 tiles go straight into wgmma's A registers, by the "magic number" of fast int4 GEMMs
     (Kim et al. 2022, Sec. 4): lop3 ORs a nibble into the mantissa of 128.0, so x = 128 + c exactly.
-      keys:   4 code bytes of a row (byte j holds channel j in its low nibble and channel j + D/2
-              in its high one) -> prmt, lop3, then sub.bf16x2 and fma.bf16x2 make c * s + z
+      keys:   two `ldmatrix.x4` per thread put the codes in the 8-bit WGMMA layout; 4 code bytes
+              of a row (byte j holds channel j in its low nibble and channel j + D/2 in its high
+              one) -> prmt, lop3, then sub.bf16x2 and fma.bf16x2 make c * s + z
               (per-channel scale row; one rounding). Each thread's pairs land in A columns other
-              than their channels, a fixed permutation (`mgpu_inline.key_channel_order`) that the
+              than their channels, a fixed permutation (`mgpu_int4.key_channel_order`) that the
               queries (the B side) take too.
       values: V^T (A of O^T = V^T P^T) read by two `ldmatrix.x4.trans` per thread: the transposed
               8x8 b16 load hands a thread one byte pair of two consecutive keys per register, so
@@ -57,6 +58,16 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
               query: out = (O^T + sum_t (p_t z_t - 128 p'_t)) / l, one per-thread sum. It uses
               the same rounded p' as the MMA, so the 128 offset cancels up to float32 rounding.
   * The value tile is unpacked while the QK^T wgmma runs.
+  * Wide code tiles (`wide`): a stage's codes come as 128-byte TMA rows of two keys (a [C / 2, 128]
+    view of the [C, 64] codes, 128-byte swizzle), which both ldmatrix paths address by
+    `mgpu_int4.code_offset`. With 64-byte rows the TMA held the copies alone at ~67% of peak DRAM
+    (H200, 128K, no compute: 48.2 us); with 128-byte rows 85% (38.0 us).
+  * Packed logits (`packed`; one query, G <= 4, paired blocks): at G = 4 half of the [64, 8] logit
+    tile's columns were padding, and the lanes holding them did half the softmax for nothing. Block
+    1's K Q^T takes the queries 4 rows down and accumulates into block 0's tile, so columns 0-3 are
+    block 0's logits and 4-7 block 1's; each half keeps its own online softmax (max, sums, O^T
+    columns), P goes to two tiles each with the other half zero, and the halves are merged by lse
+    at the end (a shfl.bfly 2 swaps columns c and c ^ 4). H200, 128K: 47.2 -> 45.9 us.
   * One query (T = 1, `q_direct`): the kernel takes q as a [B, K, G, D] view of [B, 1, H, D] (no
     copy), TMAs a head's G rows and builds the permuted, swizzled wgmma B tile itself (rows past G
     zero; one position for all rows), so no XLA kernel runs before it. T > 1 goes through
@@ -64,22 +75,23 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
   * Splits are combined by lse outside: for one query with G a power of two by one Pallas kernel that
     also puts the channels back in order and writes [B, 1, H, D] (`combine.py`; the kernel's
     partial buffers are then padded to `combine.padded_splits`), else in XLA (`combine.combine_splits`).
-Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-14): H200, 49 splits, 2
-stages, before speculative P: 0.0510 ms of GPU time per call = 0.368x the bf16 call (profiler
-timeline; two kernels, the decode kernel ~49 us, 167 registers, three CTAs per SM; speculative P
-then took the kernel to 47.5 us by ncu, the whole call not yet timed again; wall clock with 8 calls
-per executable 0.058-0.061 ms = 0.36-0.41x, host dispatch included). It is bound by its per-stage
-compute chain, not by its loads (session 14, ncu): two CTAs per SM stream the codes alone as fast as
-three (~39-40 us), but the full kernel then takes 57.7 us at any prefetch depth; the value half
-(softmax, P through shared memory, V^T unpack, P V) is what three warpgroups per SM, all the
-register file holds, cannot hide. Tried and not kept (session 14): work stealing between a head's
-CTAs (balances the SMs, the same call time, output not bitwise reproducible run to run) and issuing
-a stage's reload as soon as its codes are in registers (slower). Session 11's kernel (52.2 us): with
+Measured (B=1, H=32, K=8, D=128, 128K; benchmarks/NOTES.md, sessions 11-15): H200, 49 splits, 2
+stages: 0.0469 ms of GPU time per call = 0.343x the bf16 call's 0.1366 (profiler timeline; two
+kernels, the decode kernel 45.9 us by ncu, three CTAs per SM by registers; wall clock with 8 calls
+per executable 0.056 ms = 0.387x in the same run, host dispatch included; session 14: 0.0510 ms =
+0.368x on both). It is bound by its instruction issue at three warpgroups per SM (session 15's SASS:
+735 instructions per warp per stage, half of them the int4 unpacking, ~0.52 issued per scheduler
+per cycle), not by its loads. Tried and not kept: work stealing between a head's CTAs (balances the
+SMs, the same call time, output not bitwise reproducible run to run), issuing a stage's reload as
+soon as its codes are in registers (slower), the values unpacked after the products (`late-v`:
+slower, no fourth CTA), P V left in flight across stages (no faster), four unpaired CTAs per SM
+(slower). Session 11's kernel (52.2 us): with
 the combination in XLA 0.069-0.075 ms (4 kernels), with the queries prepared in XLA too 0.079 ms (6
 kernels).
 No interpret mode (wgmma): CPU tests lower it for a CUDA target, the GPU tests run it.
-The kernel itself (geometry, body, launch) is in `decode_quant_mgpu_kernel.py`; this file holds the
-wrapper: the argument checks, the query preparation, the grid and the lse combination.
+The kernel itself (body, launch) is in `decode_quant_mgpu_kernel.py`, its geometry in
+`decode_quant_mgpu_geometry.py`; this file holds the wrapper: the argument checks, the query
+preparation, the grid and the lse combination.
 """
 
 from __future__ import annotations
@@ -91,11 +103,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcinfer.pallas_kernels import combine, dispatch
-from lcinfer.pallas_kernels import mgpu_inline as mi
+from lcinfer.pallas_kernels import mgpu_int4
 from lcinfer.pallas_kernels.combine import combine_splits, from_kv_head_rows
 from lcinfer.pallas_kernels.decode import kv_head_rows
 from lcinfer.pallas_kernels.decode_quant import _check, merge_residual  # one argument check, one merge
-from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import HEAD_DIM, Geometry
+from lcinfer.pallas_kernels.decode_quant_mgpu_geometry import Geometry
+from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import HEAD_DIM
 from lcinfer.pallas_kernels.decode_quant_mgpu_kernel import call_kernel as _call
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.quant import QuantizedTensor
@@ -111,7 +124,7 @@ def _prepare(g: Geometry, q_BTHD, q_pos_BT):
     b, _, h, d = q_BTHD.shape
     return q_BTHD.reshape(b, g.kh, h // g.kh, d), q_pos_BT.astype(jnp.int32)
   q, qpos = kv_head_rows(q_BTHD, q_pos_BT, g.kh, g.n_q)
-  return q[..., mi.key_channel_order(HEAD_DIM // 2)].astype(jnp.bfloat16), qpos
+  return q[..., mgpu_int4.key_channel_order(HEAD_DIM // 2)].astype(jnp.bfloat16), qpos
 
 
 def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
@@ -122,7 +135,7 @@ def _finish(g: Geometry, o_part, lse_part, t: int, dtype):
     return combine.combine_partials(o_part, lse_part, splits=g.splits, g=g.rows, layout="channels",
                                     interleave16=True, out_dtype=dtype, channels=16)
   o_part = jnp.swapaxes(o_part, -1, -2)
-  o_part = o_part[..., np.argsort(mi.value_channel_order(HEAD_DIM // 2))]
+  o_part = o_part[..., np.argsort(mgpu_int4.value_channel_order(HEAD_DIM // 2))]
   out, lse = from_kv_head_rows(*combine_splits(o_part, lse_part, g.rows), t)
   return out.astype(dtype), lse
 
@@ -132,7 +145,8 @@ def _cache_args(g: Geometry, k_q, v_q, pos_BKC):
   sk] views (no copy), one row per TMA stage, so a chunk of them is one copy of <= 256 per side."""
   b, kh, c = pos_BKC.shape
   rows = lambda x: x.reshape(b, kh, c // g.stage_keys, g.stage_keys)
-  return (k_q.codes, k_q.scale, k_q.zero, v_q.codes, rows(v_q.scale[..., 0]), rows(v_q.zero[..., 0]),
+  codes = lambda x: x.reshape(b, kh, c // g.code_rows, -1)   # g.wide: 128-byte rows of two keys (a view)
+  return (codes(k_q.codes), k_q.scale, k_q.zero, codes(v_q.codes), rows(v_q.scale[..., 0]), rows(v_q.zero[..., 0]),
           rows(pos_BKC.astype(jnp.int32)))
 
 
@@ -212,11 +226,12 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
              sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4,
-             spec_p=None, probe="") -> Geometry:
+             spec_p=None, wide=True, packed=None, probe="") -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
   splits combined by one Pallas kernel (None: where `combine.served`); issue_warp, pair, meta,
-  spec_p, probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
+  packed: a stage's two blocks in one logit tile (None: where it applies: one query, G <= 4, pair);
+  spec_p, wide, probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
@@ -228,12 +243,18 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   if sub not in (1, allowed):
     raise ValueError(f"{sub} blocks per stage: C = {c} and the key group {k_q.group} allow {allowed}")
   bps = sub * -(-nb // (sub * max(1, min(num_splits, nb // sub))))   # whole stages per split
+  q_direct = (t == 1) if q_direct is None else q_direct and t == 1
+  pair = pair and sub == 2
+  fits = q_direct and pair and (h // kh) * t <= 4
+  if packed and not fits:
+    raise ValueError("packed needs one query (T = 1, q_direct), G <= 4 and a stage's two blocks paired (pair, sub = 2)")
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
-                  lazy_max=lazy_max, sub=sub, q_direct=(t == 1) if q_direct is None else q_direct and t == 1,
+                  lazy_max=lazy_max, sub=sub, q_direct=q_direct,
                   fused_combine=combine.served(t, h // kh, HEAD_DIM) and fused_combine in (None, True),
-                  issue_warp=issue_warp, pair=pair and sub == 2, meta=meta, spec_p=spec_p,
-                  probe=probe)
+                  issue_warp=issue_warp, pair=pair, meta=meta, spec_p=spec_p,
+                  packed=fits if packed is None else bool(packed),
+                  wide=wide, probe=probe)
 
 
 def _dispatch_run(q_BTHD, k_q, v_q, pos_BKC, q_pos_BT, *, scale, window, residual, **knobs):

@@ -1,10 +1,9 @@
-"""The Hopper int4 KIVI flash-decoding kernel (Pallas, Mosaic GPU lowering): its geometry, body and
-launch. Design, contract and measurements: `decode_quant_mgpu.py`, whose wrapper prepares the
-queries, builds the `Geometry` and combines the splits."""
+"""The Hopper int4 KIVI flash-decoding kernel (Pallas, Mosaic GPU lowering): its body and launch (its
+`Geometry`: `decode_quant_mgpu_geometry.py`). Design, contract and measurements: `decode_quant_mgpu.py`,
+whose wrapper prepares the queries, builds the `Geometry` and combines the splits."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -13,85 +12,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lcinfer.pallas_kernels import combine
 from lcinfer.pallas_kernels import mgpu_inline as mi
+from lcinfer.pallas_kernels import mgpu_int4
+from lcinfer.pallas_kernels.decode_quant_mgpu_geometry import Geometry
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 HEAD_DIM = 128
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  b: int
-  kh: int
-  rows: int            # G * T real query rows per kv head
-  c: int
-  block_k: int
-  splits: int
-  blocks_per_split: int
-  stages: int
-  group: int           # the keys' token group
-  scale: float
-  window: int | None
-  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
-  sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
-  q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
-  fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
-  issue_warp: bool = True      # one warp issues a stage's copies, warp j % 4 for stage j
-  pair: bool = True            # a stage's two blocks share one product wait, vote and P fence
-  meta: int = 4                # stages per chunk of the small per-key copies (key scale rows, value scales,
-                               # zeros, positions), which go through their own two-slot ring
-  spec_p: bool = False         # lazy max: P computed with the current max before the vote, whose flags
-                               # ride on the P fence (one warpgroup barrier per stage, not two); a vote
-                               # that finds a logit above redoes P after the rescale
-  probe: str = ""              # measurement only, the output is then not attention: "copies" (waits, no
-                               # compute), "codes" (only the two code copies, no compute) or "keys" (keys
-                               # unpacked, K Q^T, mask; no softmax or values)
-
-  @property
-  def n_blocks(self) -> int:
-    return self.c // self.block_k
-
-  @property
-  def out_splits(self) -> int:  # splits of the partial outputs: padded for the combination kernel
-    return combine.padded_splits(self.splits, self.rows) if self.fused_combine else self.splits
-
-  @property
-  def n_q(self) -> int:  # the wgmma N side: query rows padded to 8, 16, 32 or 64
-    return next(n for n in (8, 16, 32, 64) if n >= self.rows)
-
-  @property
-  def stage_keys(self) -> int:
-    return self.sub * self.block_k
-
-  @property
-  def meta_keys(self) -> int:  # keys of one chunk of the per-key rows
-    return self.meta * self.stage_keys
-
-  @property
-  def meta_rows(self) -> int:  # key-scale rows a chunk copies: its keys' groups, one more where a chunk
-    # may start inside a group (a row past the cache is zero-filled by the TMA and never read)
-    aligned = (self.blocks_per_split * self.block_k) % self.group == 0 and self.meta_keys % self.group == 0
-    return -(-self.meta_keys // self.group) + (0 if aligned else 1)
-
-  @property
-  def p_transposed(self) -> bool:  # N = 8: P is kept as [n_q, bk] (16-byte rows cannot be swizzled)
-    return self.n_q == 8
-
-  @property
-  def p_tiles(self) -> int:  # P tiles in shared memory: one per block handled at once
-    return self.sub if self.pair else 1
-
-  @property
-  def p_swizzle(self) -> int:  # the P tile's rows
-    return 2 * self.block_k if self.p_transposed else 2 * self.n_q
 
 
 class _Views(NamedTuple):
   """The CTA's shared memory: queries, TMA ring of the codes, the two-slot ring of the per-key rows
   (ks, kz, vs, vz, pos), P, O^T / lse staging, vote flags, the rings' barriers (`full`, one per code
   slot; `meta_full`, one per meta slot) and the queries' (`q_bar`); q_raw: the raw query rows
-  (q_direct) or None."""
+  (q_direct) or None; q_hi: block 1's query tile (packed) or None."""
   q_smem: Any
   kc: Any
   vc: Any
@@ -108,6 +41,7 @@ class _Views(NamedTuple):
   meta_full: Any
   q_bar: Any
   q_raw: Any
+  q_hi: Any
 
 
 def _n_stages(g: Geometry, split):
@@ -121,11 +55,14 @@ def _split_start(g: Geometry, split):
 
 
 def _issue(g: Geometry, gm, v: _Views, split, b, h, j):
-  """Stage j of `split` (blocks first + sub j ..): its two code tiles into ring slot j % stages."""
+  """Stage j of `split` (blocks first + sub j ..): its two code tiles into ring slot j % stages (code
+  rows of the [B, K, C / code_rows, 64 code_rows] views)."""
   kc_ref, vc_ref = gm[2], gm[5]
   slot = lax.rem(j, jnp.int32(g.stages))
-  keys = pl.ds(pl.multiple_of(_split_start(g, split) + j * g.stage_keys, g.stage_keys), g.stage_keys)
-  _copies(g, j, [(kc_ref.at[b, h, keys], v.kc.at[slot]), (vc_ref.at[b, h, keys], v.vc.at[slot])], v.full.at[slot])
+  n = g.stage_keys // g.code_rows   # code rows per stage
+  first = lax.div(_split_start(g, split) + j * g.stage_keys, jnp.int32(g.code_rows))
+  rows = pl.ds(pl.multiple_of(first, n), n)
+  _copies(g, j, [(kc_ref.at[b, h, rows], v.kc.at[slot]), (vc_ref.at[b, h, rows], v.vc.at[slot])], v.full.at[slot])
 
 
 def _issue_meta(g: Geometry, gm, v: _Views, split, b, h, n):
@@ -165,9 +102,9 @@ def _copies(g: Geometry, j, pairs, barrier):
 def _body(g: Geometry, *refs):
   """One warpgroup per CTA: it issues its own TMA stages and computes."""
   gm, sc = refs[:11], refs[11:]
-  q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, meta_full, q_bar, *q_raw = sc
+  q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, meta_full, q_bar, *rest = sc
   v = _Views(q_smem, kc, vc, ks, kz, vs, vz, pos, p, o, lse, flags, full, meta_full, q_bar,
-             q_raw[0] if q_raw else None)
+             rest[0] if g.q_direct else None, rest[-1] if g.packed else None)
   split, h, b = lax.axis_index("split"), lax.axis_index("head"), lax.axis_index("batch")
   plgpu = mi.plgpu()
   plgpu.copy_gmem_to_smem(gm[0].at[b, h], v.q_raw if g.q_direct else v.q_smem, v.q_bar)
@@ -191,8 +128,9 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   wgmma_layout = plgpu.Layout.WGMMA
   key_layout, query_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)   # S^T: [keys, queries]
   scol = plgpu.Layout.WGMMA_8BIT.reduce(0)
-  dequant_k = mi.int4_dequant_regs_fn(half, bk)
-  dequant_v = mi.int4_value_regs_fn(half, bk)
+  dequant_k = mgpu_int4.int4_dequant_regs_fn(half, bk, g.code_swizzle)
+  dequant_v = mgpu_int4.int4_value_regs_fn(half, bk, g.code_swizzle)
+  tile = lambda part: pl.ds(part * bk // g.code_rows, bk // g.code_rows)   # a block's rows of a code tile
   any_above = mi.any_above_fn() if g.lazy_max and not g.spec_p else None
   vote = mi.vote_fn() if g.spec_p else None
   shape = (bk, nq)
@@ -209,31 +147,33 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   plgpu.barrier_wait(v.q_bar)
   if g.q_direct:
     mi.permute_queries_fn(g.rows, nq)(v.q_raw, q_smem)
+    if g.packed:   # block 1's queries: the same rows, 4 down
+      mi.permute_queries_fn(g.rows, nq, shift=nq // 2)(v.q_raw, v.q_hi)
     plgpu.commit_smem()
 
   q_t = q_smem.transpose((1, 0))
+  q_ts = (q_t, v.q_hi.transpose((1, 0))) if g.packed else (q_t, q_t)
+  hi = mi.column_half_fn(shape)() == 1 if g.packed else None   # g.packed: the columns of block 1
 
   def front(slot, at, part):
     """The part-th block_k keys of the stage in code slot `slot`, whose per-key rows start at
     at = (meta slot, key offset in the chunk, the chunk's first key): key tile and per-key rows."""
     mslot, off, first = at
-    keys = pl.ds(part * bk, bk)
     row = lax.div(first + off + part * bk, jnp.int32(g.group)) - lax.div(first, jnp.int32(g.group))
     kscales = tuple(plgpu.load(r.at[mslot, row, pl.ds(p * half, half)], layout=scol, optimized=False)
                     for r in (ks_smem, kz_smem) for p in (0, 1))
-    kd = dequant_k(kc_smem.at[slot, keys], kscales)    # wgmma A registers, columns in key_channel_order
+    kd = dequant_k(kc_smem.at[slot, tile(part)], kscales)    # wgmma A registers, columns in key_channel_order
     jr, mkeys = lax.div(off, jnp.int32(g.stage_keys)), pl.ds(part * bk, bk)
     vs = bkey(plgpu.load(vs_smem.at[mslot, jr, mkeys], layout=key_layout, optimized=False).astype(jnp.float32))
     vz = bkey(plgpu.load(vz_smem.at[mslot, jr, mkeys], layout=key_layout, optimized=False).astype(jnp.float32))
     kpos = plgpu.load(pos_smem.at[mslot, jr, mkeys], layout=key_layout, optimized=False)
-    return kd, (vs, vz, kpos)
+    return kd, (vs, vz, bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max)))   # empty slots: never seen
 
   def values(slot, part):  # V^T's registers (wgmma A), read while a product runs
-    return dequant_v(vc_smem.at[slot, pl.ds(part * bk, bk)])
+    return dequant_v(vc_smem.at[slot, tile(part)])
 
   def masked(s, rows_):  # logits in base-2 units, invisible keys -inf
-    _, _, kpos = rows_
-    kp = bkey(jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max))
+    _, _, kp = rows_
     keep = kp <= qpos_b
     if g.window is not None:
       keep = keep & (qpos_b - kp < g.window)
@@ -254,6 +194,12 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
       a2 = bq(alpha)
       return m_new, acc * lax.broadcast_in_dim(alpha, acc.shape, [1]), l_part * a2, zb_part * a2
 
+    def store_p(i, p16):
+      if g.p_transposed:
+        p_smem[i].transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
+      else:
+        p_smem[i][...] = p16
+
     def softmax(m, l_part, zb_part):   # P in the max m into its tiles (not yet fenced), and the sums
       for i, (s, (vs, vz, _)) in enumerate(zip(ss, rows_list)):
         p = jnp.exp2(s - bq(mi.finite(m)))
@@ -261,10 +207,11 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
         l_part = l_part + p
         # the values' zero, less the tile's 128 offset times the rounded P the MMA used (exact in f32)
         zb_part = zb_part + (p * vz - float(1 << 7) * p16.astype(jnp.float32))
-        if g.p_transposed:
-          p_smem[i].transpose((1, 0))[...] = plgpu.layout_cast(p16, plgpu.Layout.WGMMA_TRANSPOSED)
+        if g.packed:   # block 0's P (columns 0-3) and block 1's (4-7), each beside zeros, for its own P V
+          store_p(0, jnp.where(hi, jnp.bfloat16(0), p16))
+          store_p(1, jnp.where(hi, p16, jnp.bfloat16(0)))
         else:
-          p_smem[i][...] = p16
+          store_p(i, p16)
       return l_part, zb_part
 
     args = (s_max, m, acc, l_part, zb_part)
@@ -289,7 +236,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
         m, acc, l_part, zb_part = rescale(args)
       l_part, zb_part = softmax(m, l_part, zb_part)
       plgpu.commit_smem()
-    p_ts = [p_smem[i].transpose((1, 0)) if g.p_transposed else p_smem[i] for i in range(len(ss))]
+    p_ts = [p_smem[i].transpose((1, 0)) if g.p_transposed else p_smem[i] for i in range(len(vts))]
 
     def pv(acc_ref):  # O^T += V^T P^T (V tile holds 128 + code; registers: rows in value_channel_order)
       for vt, p_t in zip(vts, p_ts):
@@ -303,13 +250,16 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     the V^T tiles unpacked under the products, before the reads."""
     def qk(*acc_s):
       rows_list = []
-      for acc_ref, part in zip(acc_s, parts):
+      for i, part in enumerate(parts):   # g.packed: both blocks into one accumulator, block 1 in columns 4-7
         kd, rows_ = front(slot, at, part)
-        plgpu.wgmma(acc_ref, kd, q_t)
+        plgpu.wgmma(acc_s[0 if g.packed else i], kd, q_ts[i])
         rows_list.append(rows_)
       vts = [values(slot, part) for part in parts]
       return [acc_ref[...] for acc_ref in acc_s], rows_list, vts   # the first read waits for every product
-    ss, rows_list, vts = pl.run_scoped(qk, *(plgpu.ACC(shape, jnp.float32) for _ in parts))
+    n_acc = 1 if g.packed else len(parts)
+    ss, rows_list, vts = pl.run_scoped(qk, *(plgpu.ACC(shape, jnp.float32) for _ in range(n_acc)))
+    if g.packed:   # each column's per-key rows from its block
+      rows_list = [tuple(jnp.where(hi, r1, r0) for r0, r1 in zip(*rows_list))]
     if g.probe == "keys":   # keep the products alive, skip the rest
       acc, m, l_part, zb_part = carry
       return acc, m, functools.reduce(jnp.add, [masked(s, r) for s, r in zip(ss, rows_list)], l_part), zb_part
@@ -341,8 +291,19 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
   bc = lambda x: lax.broadcast_in_dim(x, acc.shape, [1])
-  o_smem[...] = (acc + bc(zb)) * bc(1.0 / l_safe)
-  lse_smem[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  out = (acc + bc(zb)) * bc(1.0 / l_safe)
+  lse2 = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)   # base 2
+  if g.packed:   # the two halves' online softmaxes (columns n, n + 4: the same query) merged by lse
+    swap = mi.swap_column_halves_fn(acc.shape)
+    lse2_b = bc(lse2)
+    other_b = swap(lse2_b)
+    top = mi.finite(jnp.maximum(lse2_b, other_b))
+    w, w_other = jnp.exp2(lse2_b - top), jnp.exp2(other_b - top)
+    tot = w + w_other
+    out = (out * w + swap(out) * w_other) / jnp.where(tot > 0.0, tot, 1.0)
+    lse2 = jnp.where(tot > 0.0, top + jnp.log2(jnp.where(tot > 0.0, tot, 1.0)), -jnp.inf).max(axis=0)
+  o_smem[...] = out
+  lse_smem[...] = lse2 * LN2
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, h, split])
   plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, split])
@@ -353,12 +314,13 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
   """One launch: partial O^T [B, K, splits, D, n_q] (rows in value_channel_order) and lse [B, K, splits, n_q]."""
   plgpu = mi.plgpu()
   bk, d, half, st, nq, sk = g.block_k, HEAD_DIM, HEAD_DIM // 2, g.stages, g.n_q, g.stage_keys
-  t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(half, jnp.uint8)
+  cw = half * g.code_rows   # bytes per row of a code tile
+  t128, tcode = mi.tiled(128, jnp.bfloat16), mi.tiled(g.code_swizzle, jnp.uint8)
   tp = mi.tiled(g.p_swizzle, jnp.bfloat16)
   scratch = (
       plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),            # queries
-      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # key codes
-      plgpu.SMEM((st, sk, half), jnp.uint8, transforms=tcode),        # value codes
+      plgpu.SMEM((st, sk // g.code_rows, cw), jnp.uint8, transforms=tcode),   # key codes
+      plgpu.SMEM((st, sk // g.code_rows, cw), jnp.uint8, transforms=tcode),   # value codes
       plgpu.SMEM((2, g.meta_rows, d), jnp.bfloat16),                  # key scale rows (meta ring)
       plgpu.SMEM((2, g.meta_rows, d), jnp.bfloat16),                  # key zero rows
       plgpu.SMEM((2, g.meta, sk), jnp.bfloat16),                      # value scales
@@ -372,7 +334,8 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
       plgpu.Barrier(num_arrivals=2, num_barriers=st),                 # code slots
       plgpu.Barrier(num_arrivals=5, num_barriers=2),                  # meta slots
       plgpu.Barrier(),
-  ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ())   # raw queries (q_direct)
+  ) + ((plgpu.SMEM((g.rows, d), jnp.bfloat16),) if g.q_direct else ()  # raw queries (q_direct)
+  ) + ((plgpu.SMEM((nq, d), jnp.bfloat16, transforms=t128),) if g.packed else ())   # block 1's queries
   out_type = (jax.ShapeDtypeStruct((g.b, g.kh, g.out_splits, d, nq), jnp.float32),
               jax.ShapeDtypeStruct((g.b, g.kh, g.out_splits, nq), jnp.float32))
   params = plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True)
