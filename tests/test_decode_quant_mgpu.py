@@ -353,6 +353,9 @@ CASES = [
     # the lazy maximum: logits that rise along the cache (many rescales) or fall (few)
     ("rising_logits", 1, 1, 32, 8, 4096, dict(trend=(0.1, 6.0)), dict(num_splits=4)),
     ("falling_logits", 1, 2, 16, 4, 4096, dict(trend=(6.0, 0.1), holes=True), dict(num_splits=4)),
+    # one query at G = 1 and 2 (packed logits apply, not the default yet)
+    ("mha_one_query", 1, 1, 8, 8, 1024, {}, {}),
+    ("g2_window_holes", 2, 1, 16, 8, 1024, dict(holes=True), dict(window=300)),
 ]
 
 
@@ -380,23 +383,19 @@ def test_kernel_matches_oracle_gpu(case):
   np.testing.assert_array_equal(np.asarray(via_dispatch, np.float32), np.asarray(out, np.float32))
 
 
-@pytest.mark.parametrize("spec", [True, False])
 @pytest.mark.parametrize("t,h,kh,window,sub,pair", [
     (1, 32, 8, None, 2, True), (2, 32, 2, 100, 2, True), (1, 64, 1, None, 2, False), (2, 16, 2, None, 1, False)])
-def test_speculative_p_lowers_to_mosaic_gpu(t, h, kh, window, sub, pair, spec):
-  """spec_p (P before the vote, the flags on the P fence, a redo after a rescale) lowers for N = 8
-  (P transposed), 16 and 64, a stage's two blocks paired or voting one after the other (alternate
-  flags buffers), one block per stage; so does the lazy maximum's own-barrier vote (spec_p=False,
-  no longer the default); spec_p without the lazy maximum is a clear error."""
+def test_speculative_p_lowers_to_mosaic_gpu(t, h, kh, window, sub, pair):
+  """Speculative P (the lazy maximum's P before the vote, the flags on the P fence, a redo after a
+  rescale) lowers for N = 8 (P transposed), 16 and 64, a stage's two blocks paired or voting one
+  after the other (alternate flags buffers), one block per stage."""
   q, k_q, v_q, pos, q_pos = _inputs(1, t, h, kh, 256, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=2, sub=sub, pair=pair, fused_combine=False, spec_p=spec)
+                            block_k=64, num_stages=2, sub=sub, pair=pair, fused_combine=False)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
-  with pytest.raises(ValueError, match="spec_p"):
-    mq.geometry(q, k_q, scale=0.1, window=None, num_splits=3, block_k=64, num_stages=2, lazy_max=False, spec_p=True)
 
 
 SPEC_CASES = [c for c in CASES if not c[7].get("residual")]
@@ -426,13 +425,13 @@ def _matches_oracle_with_knobs_gpu(case, **knobs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pair,spec", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("pair", [True, False])
 @pytest.mark.parametrize("case", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
-def test_speculative_p_matches_oracle_gpu(case, pair, spec):
-  """spec_p against the oracle, with pair and with a stage's blocks voting in turn: a redo that
-  missed a rescale (rising logits: many), a stale flag or a P tile not rewritten would show. Also
-  the lazy maximum's own-barrier vote (spec_p=False), which the default no longer runs."""
-  _matches_oracle_with_knobs_gpu(case, pair=pair, spec_p=spec)
+def test_speculative_p_matches_oracle_gpu(case, pair):
+  """Speculative P against the oracle, with pair (and packed logits where they apply) and with a
+  stage's blocks voting in turn: a redo that missed a rescale (rising logits: many), a stale flag
+  or a P tile not rewritten would show."""
+  _matches_oracle_with_knobs_gpu(case, pair=pair)
 
 
 @pytest.mark.gpu
@@ -445,17 +444,16 @@ def test_code_tile_rows_match_oracle_gpu(case, wide):
   _matches_oracle_with_knobs_gpu(case, wide=wide)
 
 
-@pytest.mark.parametrize("h,kh,window,spec,lazy", [
-    (32, 8, None, None, True), (16, 8, 100, None, True), (8, 8, None, False, False), (32, 8, None, False, True)])
-def test_packed_logits_lower_to_mosaic_gpu(h, kh, window, spec, lazy):
+@pytest.mark.parametrize("h,kh,window,lazy", [(32, 8, None, True), (16, 8, 100, True), (8, 8, None, False)])
+def test_packed_logits_lower_to_mosaic_gpu(h, kh, window, lazy):
   """The packed logit tile (a stage's two blocks in one [64, 8] tile) lowers for G = 4, 2 and 1,
-  with a window, with speculative P, the own-barrier vote and the every-block maximum; asked for
+  with a window, with the lazy maximum (speculative P) and the every-block maximum; asked for
   where it does not apply (G = 8, two queries, one block per stage), it is a clear error."""
   q, k_q, v_q, pos, q_pos = _inputs(1, 1, h, kh, 1024, seed=0)
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
-                            block_k=64, num_stages=2, fused_combine=False, packed=True, spec_p=spec, lazy_max=lazy)
+                            block_k=64, num_stages=2, fused_combine=False, packed=True, lazy_max=lazy)
   text = jax.jit(run).trace(q, k_q, v_q, pos, q_pos).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
   for b, t, h_, kh_, sub in [(1, 1, 64, 8, None), (1, 2, 8, 4, None), (1, 1, 32, 8, 1)]:
@@ -470,8 +468,8 @@ PACKED_CASES = [c for c in CASES if c[2] == 1 and c[3] // c[4] <= 4 and c[0] != 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
 def test_packed_logits_match_oracle_gpu(case):
-  """The packed logit tile against the oracle (G = 4 and 2, windows, rising logits: each half's
-  own rescales, then the merge by lse; key groups of 128; the bf16 residual merged after)."""
+  """The packed logit tile against the oracle (G = 4, 2 and 1, windows, holes, rising logits: each
+  half's own rescales, then the merge by lse; key groups of 128; the bf16 residual merged after)."""
   _matches_oracle_with_knobs_gpu(case, packed=True)
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 WARM, REPS = 1, 5
-BOOL_KNOBS = ("lazy_max", "q_direct", "fused_combine", "issue_warp", "pair", "spec_p", "wide", "packed")
+BOOL_KNOBS = ("lazy_max", "q_direct", "fused_combine", "issue_warp", "pair", "wide", "packed")
 
 
 def knobs(variant: str) -> dict:

@@ -26,11 +26,12 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     exceeds the max by more than LAZY_TAU = 8 (base 2: P <= 256, exact in bf16 and float32).
     Testing that takes one warp vote and a 4-flag exchange. H100, 128K: 0.107-0.114 ms against
     0.122-0.129 with the max recomputed every block, in the same runs.
-  * Speculative P (`spec_p`, on with the lazy maximum): P is computed in the current max before
-    the vote is known, and the vote's flags are published by the P fence's warpgroup barrier
-    (two flag buffers, alternating), so a stage waits at one warpgroup barrier, not two; a vote
-    that finds a logit above the bound redoes P after the rescale. H200, 128K (ncu, same run):
-    the kernel 49.09 -> 47.49 us, 168 registers (still three CTAs per SM).
+  * Speculative P (with the lazy maximum): P is computed in the current max before the vote is
+    known, and the vote's flags are published by the P fence's warpgroup barrier (two flag
+    buffers, alternating), so a stage waits at one warpgroup barrier, not two; a vote that finds
+    a logit above the bound redoes P after the rescale. H200, 128K (ncu, same run): the kernel
+    49.09 -> 47.49 us, 168 registers (still three CTAs per SM); the whole call 0.368x -> 0.355x of
+    bf16 (session 15), so the vote with its own barrier was removed.
   * TMA brings stage j + stages - 1 (the key and value codes) into a ring slot while stage j is
     computed; one barrier per slot. A stage is two 64-key blocks where every split holds whole
     stages and the key scales allow (`stage_blocks`). The small per-key rows (key-scale rows, value
@@ -62,7 +63,8 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     view of the [C, 64] codes, 128-byte swizzle), which both ldmatrix paths address by
     `mgpu_int4.code_offset`. With 64-byte rows the TMA held the copies alone at ~67% of peak DRAM
     (H200, 128K, no compute: 48.2 us); with 128-byte rows 85% (38.0 us).
-  * Packed logits (`packed`; one query, G <= 4, paired blocks): at G = 4 half of the [64, 8] logit
+  * Packed logits (`packed`; one query, G <= 4, paired blocks; the default at G = 4, the case run
+    on a GPU so far): at G = 4 half of the [64, 8] logit
     tile's columns were padding, and the lanes holding them did half the softmax for nothing. Block
     1's K Q^T takes the queries 4 rows down and accumulates into block 0's tile, so columns 0-3 are
     block 0's logits and 4-7 block 1's; each half keeps its own online softmax (max, sums, O^T
@@ -226,18 +228,16 @@ def stage_blocks(nb: int, block_k: int, group: int) -> int:
 
 def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, lazy_max=True,
              sub=None, q_direct=None, fused_combine=None, issue_warp=True, pair=True, meta=4,
-             spec_p=None, wide=True, packed=None, probe="") -> Geometry:
+             wide=True, packed=None, probe="") -> Geometry:
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
-  splits combined by one Pallas kernel (None: where `combine.served`); issue_warp, pair, meta,
-  packed: a stage's two blocks in one logit tile (None: where it applies: one query, G <= 4, pair);
-  spec_p, wide, probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
+  splits combined by one Pallas kernel (None: where `combine.served`); packed: a stage's two blocks
+  in one logit tile (it applies to one query, G <= 4, pair; None: at G = 4, the case run on a GPU
+  so far); issue_warp, pair, meta,
+  wide, probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
-  spec_p = lazy_max if spec_p is None else spec_p
-  if spec_p and not lazy_max:
-    raise ValueError("spec_p (P before the vote) needs the lazy maximum (lazy_max=True)")
   allowed = stage_blocks(nb, block_k, k_q.group)
   sub = allowed if sub is None else sub
   if sub not in (1, allowed):
@@ -246,14 +246,15 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   q_direct = (t == 1) if q_direct is None else q_direct and t == 1
   pair = pair and sub == 2
   fits = q_direct and pair and (h // kh) * t <= 4
+  verified = fits and (h // kh) * t == 4   # the default only where a GPU has run it (G = 4; G = 1, 2 lower)
   if packed and not fits:
     raise ValueError("packed needs one query (T = 1, q_direct), G <= 4 and a stage's two blocks paired (pair, sub = 2)")
   return Geometry(b=b, kh=kh, rows=(h // kh) * t, c=c, block_k=block_k, splits=-(-nb // bps),
                   blocks_per_split=bps, stages=num_stages, group=k_q.group, scale=float(scale), window=window,
                   lazy_max=lazy_max, sub=sub, q_direct=q_direct,
                   fused_combine=combine.served(t, h // kh, HEAD_DIM) and fused_combine in (None, True),
-                  issue_warp=issue_warp, pair=pair, meta=meta, spec_p=spec_p,
-                  packed=fits if packed is None else bool(packed),
+                  issue_warp=issue_warp, pair=pair, meta=meta,
+                  packed=verified if packed is None else bool(packed),
                   wide=wide, probe=probe)
 
 

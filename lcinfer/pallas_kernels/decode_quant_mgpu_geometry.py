@@ -23,7 +23,10 @@ class Geometry:
   group: int           # the keys' token group
   scale: float
   window: int | None
-  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU (module docstring)
+  lazy_max: bool = True  # keep the running max unless a logit exceeds it by LAZY_TAU, with speculative P:
+                         # P computed in the current max before the vote, whose flags ride on the P
+                         # fence (one warpgroup barrier per stage); a vote that finds a logit above
+                         # redoes P after the rescale (module docstring)
   sub: int = 1           # 64-key blocks per TMA stage (2: half the copies and their barriers per key)
   q_direct: bool = False  # T = 1: queries straight from [B, 1, H, D], permuted in the kernel
   fused_combine: bool = False  # the splits combined by `combine.combine_partials` (padded split buffers)
@@ -31,9 +34,6 @@ class Geometry:
   pair: bool = True            # a stage's two blocks share one product wait, vote and P fence
   meta: int = 4                # stages per chunk of the small per-key copies (key scale rows, value scales,
                                # zeros, positions), which go through their own two-slot ring
-  spec_p: bool = False         # lazy max: P computed with the current max before the vote, whose flags
-                               # ride on the P fence (one warpgroup barrier per stage, not two); a vote
-                               # that finds a logit above redoes P after the rescale
   packed: bool = False         # G <= 4, one query, pair: a stage's two blocks share one [64, 8] logit tile,
                                # block 0's queries in columns 0-3, block 1's in 4-7 (its product takes the
                                # queries 4 rows down), so the softmax does no work on padded columns;

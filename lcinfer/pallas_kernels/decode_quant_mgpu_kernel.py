@@ -131,8 +131,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
   dequant_k = mgpu_int4.int4_dequant_regs_fn(half, bk, g.code_swizzle)
   dequant_v = mgpu_int4.int4_value_regs_fn(half, bk, g.code_swizzle)
   tile = lambda part: pl.ds(part * bk // g.code_rows, bk // g.code_rows)   # a block's rows of a code tile
-  any_above = mi.any_above_fn() if g.lazy_max and not g.spec_p else None
-  vote = mi.vote_fn() if g.spec_p else None
+  vote = mi.vote_fn() if g.lazy_max else None
   shape = (bk, nq)
   bq = lambda x: lax.broadcast_in_dim(x, shape, [1])   # [nq] -> [bk, nq]
   bkey = lambda x: lax.broadcast_in_dim(x, shape, [0])  # [bk] -> [bk, nq]
@@ -183,7 +182,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     """Online softmax over the blocks' masked S^T tiles `ss` (one block, or a stage's two with
     g.pair), then O^T += V^T P^T for each; carry = (acc, m, l_part, zb_part). One vote, one P fence
     and one wait for the products whatever the block count. vote_at: the flags buffer (0 / 1) of
-    this vote with g.spec_p (alternate buffers: a warp may vote again before another has read)."""
+    this vote (alternate buffers: a warp may vote again before another has read)."""
     acc, m, l_part, zb_part = carry
     s_max = functools.reduce(jnp.maximum, ss)
 
@@ -215,7 +214,7 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
       return l_part, zb_part
 
     args = (s_max, m, acc, l_part, zb_part)
-    if g.spec_p:   # vote, P in the current max, one fence for both; redo after a rescale (rare)
+    if g.lazy_max:   # speculative P: vote, P in the current max, one fence for both; redo after a rescale (rare)
       vote_flags = flags.at[vote_at]
       vote(s_max, bq(m + mi.LAZY_TAU), vote_flags)
       l_new, zb_new = softmax(m, l_part, zb_part)
@@ -228,12 +227,8 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
         return m, acc, l_part, zb_part
       above = vote_flags[0] + vote_flags[1] + vote_flags[2] + vote_flags[3] > 0
       m, acc, l_part, zb_part = lax.cond(above, redo, lambda a: (a[1], a[2], l_new, zb_new), args)
-    else:
-      if g.lazy_max:  # most blocks: no logit above m + TAU, so m stays and nothing is rescaled
-        above = any_above(s_max, bq(m + mi.LAZY_TAU), flags)
-        m, acc, l_part, zb_part = lax.cond(above, rescale, lambda a: a[1:], args)
-      else:
-        m, acc, l_part, zb_part = rescale(args)
+    else:   # the max recomputed every block
+      m, acc, l_part, zb_part = rescale(args)
       l_part, zb_part = softmax(m, l_part, zb_part)
       plgpu.commit_smem()
     p_ts = [p_smem[i].transpose((1, 0)) if g.p_transposed else p_smem[i] for i in range(len(vts))]
@@ -330,7 +325,7 @@ def call_kernel(g: Geometry, q, qpos, kc, ks, kz, vc, vs, vz, pos):
             for _ in range(g.p_tiles)),                               # P or P^T, one per block at once
       plgpu.SMEM((d, nq), jnp.float32),                               # O^T
       plgpu.SMEM((nq,), jnp.float32),                                 # lse
-      plgpu.SMEM((2, 4) if g.spec_p else (4,), jnp.int32),          # per-warp flags (lazy max)
+      plgpu.SMEM((2, 4), jnp.int32),                                  # per-warp flags (lazy max), two buffers
       plgpu.Barrier(num_arrivals=2, num_barriers=st),                 # code slots
       plgpu.Barrier(num_arrivals=5, num_barriers=2),                  # meta slots
       plgpu.Barrier(),
