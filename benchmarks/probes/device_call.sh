@@ -20,6 +20,8 @@
 #   trace            probes/decode_trace_probe.py (GPU timeline of the decode executables: kernels, gaps)
 #   combine          probes/combine_probe.py (the split-combination kernel per channels per program and warps)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
+#   host             probes/host_dispatch_probe.py (the host's time per execution beside the GPU's: decode
+#                    calls, and Mosaic GPU kernels with 2-11 TMA descriptors)
 # Example: bash benchmarks/probes/device_call.sh "tests=vertical_slash or ranges" vs prep
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -57,6 +59,8 @@ for step in "$@"; do
              | grep -E "^trace|rror" | tee -a "$out/trace.log" ;;
     combine) timeout 200 python3 benchmarks/probes/combine_probe.py 2>&1 | grep -E "^combine|rror" | tee -a "$out/combine.log" ;;
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass)"; exit 2 ;;
+    host) timeout 240 python3 benchmarks/probes/host_dispatch_probe.py 2>&1 | grep -E "^host|rror" \
+            | tee -a "$out/host.log" ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host)"; exit 2 ;;
   esac
 done
