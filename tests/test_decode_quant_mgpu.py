@@ -359,9 +359,9 @@ CASES = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_kernel_matches_oracle_gpu(case):
+def _case_inputs(case):
+  """A CASES entry's inputs on a Hopper GPU (else a skip): (q, k_q, v_q, pos, q_pos, kernel options),
+  its `residual` count made into a bf16 window after the cache (the queries' positions past it)."""
   name, b, t, h, kh, c, opts, kw = case
   if hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
@@ -373,6 +373,14 @@ def test_kernel_matches_oracle_gpu(case):
     rp = jnp.asarray(np.tile(np.arange(c, c + n, dtype=np.int32), (b, kh, 1)))
     q_pos = q_pos + n
     kw["residual"] = (rk, rv, rp)
+  return q, k_q, v_q, pos, q_pos, kw
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_oracle_gpu(case):
+  name = case[0]
+  q, k_q, v_q, pos, q_pos, kw = _case_inputs(case)
   out, lse = mq.quantized_decode_attention_mgpu(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, **kw)
   ref_kw = {key: val for key, val in kw.items() if key in ("window", "residual")}
   ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, **ref_kw)
@@ -404,24 +412,15 @@ SPEC_CASES = [c for c in CASES if not c[7].get("residual")]
 def _matches_oracle_with_knobs_gpu(case, **knobs):
   """A CASES entry through `_dispatch_run` with `geometry` knobs, against the oracle (its residual,
   if any, merged after the kernel as the public call does)."""
-  name, b, t, h, kh, c, opts, kw = case
-  if hopper_device() is None:
-    pytest.skip("needs a Hopper GPU")
-  q, k_q, v_q, pos, q_pos = _inputs(b, t, h, kh, c, seed=zlib.crc32(name.encode()), **opts)
-  residual = None
-  if kw.get("residual"):
-    n, rng = kw["residual"], np.random.default_rng(7)
-    rk, rv = (jnp.asarray(rng.standard_normal((b, kh, n, 128)), jnp.bfloat16) for _ in range(2))
-    rp = jnp.asarray(np.tile(np.arange(c, c + n, dtype=np.int32), (b, kh, 1)))
-    q_pos = q_pos + n
-    residual = (rk, rv, rp)
-  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"),
+  q, k_q, v_q, pos, q_pos, kw = _case_inputs(case)
+  window, residual = kw.get("window"), kw.get("residual")
+  ref, ref_lse = quantized_decode_reference(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=window,
                                             residual=residual)
-  out, lse = mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=kw.get("window"), residual=residual,
+  out, lse = mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=128 ** -0.5, window=window, residual=residual,
                               num_splits=kw.get("num_splits", 8), block_k=64, num_stages=kw.get("num_stages", 2),
                               **knobs)
   assert out.shape == q.shape and out.dtype == q.dtype
-  assert_matches_oracle(name, out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
+  assert_matches_oracle(case[0], out, lse, ref.astype(jnp.float32), ref_lse, "bfloat16")
 
 
 @pytest.mark.gpu

@@ -64,8 +64,8 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     `mgpu_int4.code_offset`. With 64-byte rows the TMA held the copies alone at ~67% of peak DRAM
     (H200, 128K, no compute: 48.2 us); with 128-byte rows 85% (38.0 us).
   * Packed logits (`packed`; one query, G <= 4, paired blocks; the default at G = 4, the case run
-    on a GPU so far): at G = 4 half of the [64, 8] logit
-    tile's columns were padding, and the lanes holding them did half the softmax for nothing. Block
+    on a GPU so far): at G = 4 half of the [64, 8] logit tile's columns were padding, and the
+    lanes holding them did half the softmax for nothing. Block
     1's K Q^T takes the queries 4 rows down and accumulates into block 0's tile, so columns 0-3 are
     block 0's logits and 4-7 block 1's; each half keeps its own online softmax (max, sums, O^T
     columns), P goes to two tiles each with the other half zero, and the halves are merged by lse

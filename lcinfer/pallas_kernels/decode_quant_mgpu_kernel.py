@@ -295,8 +295,9 @@ def _consume(g: Geometry, gm, v: _Views, split, b, h):
     top = mi.finite(jnp.maximum(lse2_b, other_b))
     w, w_other = jnp.exp2(lse2_b - top), jnp.exp2(other_b - top)
     tot = w + w_other
-    out = (out * w + swap(out) * w_other) / jnp.where(tot > 0.0, tot, 1.0)
-    lse2 = jnp.where(tot > 0.0, top + jnp.log2(jnp.where(tot > 0.0, tot, 1.0)), -jnp.inf).max(axis=0)
+    tot_safe = jnp.where(tot > 0.0, tot, 1.0)
+    out = (out * w + swap(out) * w_other) / tot_safe
+    lse2 = jnp.where(tot > 0.0, top + jnp.log2(tot_safe), -jnp.inf).max(axis=0)   # (equal rows)
   o_smem[...] = out
   lse_smem[...] = lse2 * LN2
   plgpu.commit_smem()

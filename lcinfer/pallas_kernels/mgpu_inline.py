@@ -54,7 +54,6 @@ def _ir_ops():
   v = lambda x: arith.constant(i32, x) if isinstance(x, int) else x  # noqa: E731
 
   class Ops:
-    const = staticmethod(v)
     add = staticmethod(lambda a, b: arith.addi(v(a), v(b)))
     mul = staticmethod(lambda a, b: arith.muli(v(a), v(b)))
     shl = staticmethod(lambda a, b: arith.shli(v(a), v(b)))
@@ -64,6 +63,13 @@ def _ir_ops():
     lt = staticmethod(lambda a, b: arith.cmpi(arith.CmpIPredicate.ult, v(a), v(b)))
     select = staticmethod(lambda c, a, b: arith.select(c, v(a), v(b)))
   return Ops
+
+
+def lane_and_warp(o):
+  """(lane, warp in the warpgroup) of this thread, as i32 values (o: `_ir_ops()`)."""
+  from jax.experimental.mosaic.gpu import utils as mu
+  tid = mu.thread_idx()
+  return o.and_(tid, 31), o.and_(o.shr(tid, 5), 3)
 
 
 def _query_addresses(o, tid, i: int, rows: int, shift: int = 0):

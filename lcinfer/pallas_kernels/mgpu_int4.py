@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from lcinfer.pallas_kernels.mgpu_inline import _IntOps, _ir_ops, plgpu, tiled
+from lcinfer.pallas_kernels.mgpu_inline import _IntOps, _ir_ops, lane_and_warp, plgpu, tiled
 
 
 def int4_unpack_asm() -> str:
@@ -134,8 +134,7 @@ def int4_dequant_regs_fn(code_bytes: int, bk: int, swizzle: int = 64):
   def codes_in_registers(codes_ref):
     i32 = ir.IntegerType.get_signless(32)
     o, layout = _ir_ops(), fa.WGMMA_LAYOUT_8BIT
-    tid = mu.thread_idx()
-    lane, warp = arith.andi(tid, o.const(31)), arith.andi(arith.shrui(tid, o.const(5)), o.const(3))
+    lane, warp = lane_and_warp(o)
     base = llvm.ptrtoint(i32, mu.memref_ptr(codes_ref))
     regs = np.empty(layout.registers_shape((bk, code_bytes)), dtype=object)
     quad = llvm.StructType.get_literal([i32] * 4)
@@ -225,16 +224,15 @@ def int4_value_regs_fn(code_bytes: int, bk: int, swizzle: int = 64):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
-    k = lambda v: arith.constant(i32, v)  # noqa: E731
-    tid = mu.thread_idx()
-    lane, warp = arith.andi(tid, k(31)), arith.andi(arith.shrui(tid, k(5)), k(3))
+    o = _ir_ops()
+    lane, warp = lane_and_warp(o)
     # lane = 8 (lane // 8) + lane % 8: the key this lane supplies, its chunk w (ldmatrix_row_offsets)
-    off = code_offset(_ir_ops(), lane, arith.muli(warp, k(16)), swizzle, code_bytes)
+    off = code_offset(o, lane, o.mul(warp, 16), swizzle, code_bytes)
     base = arith.addi(llvm.ptrtoint(i32, mu.memref_ptr(codes_ref)), off)
     out = np.empty(fa.WGMMA_LAYOUT.registers_shape((2 * code_bytes, bk)), dtype=object)
     quad = llvm.StructType.get_literal([i32] * 4)
     for x in range(bk // 32):
-      loaded = llvm.inline_asm(quad, [arith.addi(base, k(32 * code_bytes * x))],
+      loaded = llvm.inline_asm(quad, [o.add(base, 32 * code_bytes * x)],
                                "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {$0, $1, $2, $3}, [$4];",
                                "=r,=r,=r,=r,r", has_side_effects=True)
       for i in range(4):
