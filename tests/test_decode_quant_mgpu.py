@@ -353,7 +353,7 @@ CASES = [
     # the lazy maximum: logits that rise along the cache (many rescales) or fall (few)
     ("rising_logits", 1, 1, 32, 8, 4096, dict(trend=(0.1, 6.0)), dict(num_splits=4)),
     ("falling_logits", 1, 2, 16, 4, 4096, dict(trend=(6.0, 0.1), holes=True), dict(num_splits=4)),
-    # one query at G = 1 and 2 (packed logits apply, not the default yet)
+    # one query at G = 1 and 2 (packed logits by default)
     ("mha_one_query", 1, 1, 8, 8, 1024, {}, {}),
     ("g2_window_holes", 2, 1, 16, 8, 1024, dict(holes=True), dict(window=300)),
 ]
@@ -447,8 +447,10 @@ def test_code_tile_rows_match_oracle_gpu(case, wide):
 def test_packed_logits_lower_to_mosaic_gpu(h, kh, window, lazy):
   """The packed logit tile (a stage's two blocks in one [64, 8] tile) lowers for G = 4, 2 and 1,
   with a window, with the lazy maximum (speculative P) and the every-block maximum; asked for
-  where it does not apply (G = 8, two queries, one block per stage), it is a clear error."""
+  where it does not apply (G = 8, two queries, one block per stage), it is a clear error. It is the
+  default exactly where it applies."""
   q, k_q, v_q, pos, q_pos = _inputs(1, 1, h, kh, 1024, seed=0)
+  assert mq.geometry(q, k_q, scale=0.1, window=window, num_splits=3, block_k=64, num_stages=2).packed
 
   def run(q, k_q, v_q, pos, q_pos):
     return mq._dispatch_run(q, k_q, v_q, pos, q_pos, scale=0.1, window=window, residual=None, num_splits=3,
@@ -459,6 +461,7 @@ def test_packed_logits_lower_to_mosaic_gpu(h, kh, window, lazy):
     q2, k2, *_ = _inputs(b, t, h_, kh_, 1024, seed=0)
     with pytest.raises(ValueError, match="packed needs"):
       mq.geometry(q2, k2, scale=0.1, window=None, num_splits=3, block_k=64, num_stages=2, sub=sub, packed=True)
+    assert not mq.geometry(q2, k2, scale=0.1, window=None, num_splits=3, block_k=64, num_stages=2, sub=sub).packed
 
 
 PACKED_CASES = [c for c in CASES if c[2] == 1 and c[3] // c[4] <= 4 and c[0] != "holes_shuffled"]
@@ -466,10 +469,12 @@ PACKED_CASES = [c for c in CASES if c[2] == 1 and c[3] // c[4] <= 4 and c[0] != 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
-def test_packed_logits_match_oracle_gpu(case):
-  """The packed logit tile against the oracle (G = 4, 2 and 1, windows, holes, rising logits: each
-  half's own rescales, then the merge by lse; key groups of 128; the bf16 residual merged after)."""
-  _matches_oracle_with_knobs_gpu(case, packed=True)
+def test_unpacked_logits_match_oracle_gpu(case):
+  """Where packed logits are the default (one query, G <= 4: G = 4, 2 and 1, windows, holes, rising
+  logits, key groups of 128, the bf16 residual merged after), the unpacked tile (one block per
+  [64, 8] logit tile) against the oracle; the default's packed tile runs in
+  `test_kernel_matches_oracle_gpu`."""
+  _matches_oracle_with_knobs_gpu(case, packed=False)
 
 
 def test_triton_knobs_fall_through_and_misspelt_ones_fail():

@@ -9,8 +9,9 @@ alongside for reference.
     python3 benchmarks/probes/qdecode_ncu_variants.py parse ncu.csv VARIANT...
 
 A VARIANT is `default` or comma-separated `geometry` knobs, e.g. `num_stages=3` or
-`num_splits=64,sub=1` (booleans as 0 / 1). Each variant launches its kernel WARM + REPS times in
-order; `parse` assigns the launches back by that count and prints the median of the last REPS."""
+`num_splits=64,sub=1` (booleans as 0 / 1; `heads=N` sets the query heads, G = N / 8, default 32).
+Each variant launches its kernel WARM + REPS times in order; `parse` assigns the launches back by
+that count and prints the median of the last REPS."""
 import csv
 import io
 import statistics
@@ -41,9 +42,12 @@ def run(variants):
   q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
   s = 128 ** -0.5
   for variant in variants:
-    g = mq.geometry(q, kq, scale=s, window=None, block_k=64, **knobs(variant))
+    kn = knobs(variant)
+    h = kn.pop("heads", 32)
+    qh = q if h == 32 else jax.random.normal(jax.random.key(h), (1, 1, h, 128), jnp.float32).astype(q.dtype)
+    g = mq.geometry(qh, kq, scale=s, window=None, block_k=64, **kn)
     f = jax.jit(lambda *a, g=g: mq._call(g, *a))
-    args = (*mq._prepare(g, q, qp), *mq._cache_args(g, kq, vq, pos))
+    args = (*mq._prepare(g, qh, qp), *mq._cache_args(g, kq, vq, pos))
     for _ in range(WARM + REPS):
       jax.block_until_ready(f(*args))
   # references: the bf16 kernel (its call launches the combination kernel too), then the int4 call
