@@ -19,18 +19,36 @@ def rand(key, shape, dtype=None):
   return jax.random.normal(key, shape, jnp.float32).astype(dtype or jnp.bfloat16)
 
 
+BURST_S = 0.1      # seconds of back-to-back executions per sample
+MAX_BURST = 2000
+
+
+def burst_length(compiled, args, target_s: float | None = None) -> int:
+  """Executions per sample for ~target_s of steady state. The time per execution comes from
+  back-to-back calibration bursts (4x longer until one lasts 10 ms), not from one synced call: a
+  synced call carries ~1 ms of dispatch and sync latency on the H200 host (session 16: the int4
+  decode executable, 0.38 ms of GPU work, took ~1.5 ms synced), and that latency is a cost per
+  sample that only long bursts make small (int4 wall clock 51.2 / 48.4 / 48.1 us per call at
+  ~5 / 25 / 100 ms bursts against 47.4 of GPU time; bf16 145.6 / 139.9 / 138.6 against 138.5)."""
+  target_s = BURST_S if target_s is None else target_s
+
+  seconds = lambda n: sample(compiled, args, n) * n  # noqa: E731
+  n = 1
+  while (dt := seconds(n)) < 0.01 and n < MAX_BURST:
+    n *= 4
+  per = min(dt / n, seconds(n) / n)   # again: the first bursts after compiling ran slower (session 16: an
+  return max(1, min(MAX_BURST, int(target_s / max(per, 1e-9))))   # int4 call sized for 14 ms, not 100)
+
+
 def prepare(fn, *args):
   """(compiled, compile seconds, burst): compiled once, warmed up, and a burst length of
-  back-to-back calls that lasts ~20 ms (so that short kernels are not timed through Python
-  dispatch and sync latency)."""
+  back-to-back calls that lasts ~BURST_S (`burst_length`: so that short kernels are not timed
+  through Python dispatch and sync latency)."""
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(compiled(*args))  # warm-up: the first execution loads, allocates, records graphs
-  t = time.perf_counter()
-  jax.block_until_ready(compiled(*args))  # a warm call (not the first: session 16 saw the first call
-  one = time.perf_counter() - t           # take ~3 ms and so set bursts of 1-8 executions, ~10% over)
-  return compiled, compile_s, max(1, min(200, int(0.02 / max(one, 1e-6))))
+  return compiled, compile_s, burst_length(compiled, args)
 
 
 def sample(compiled, args, burst: int) -> float:
@@ -92,9 +110,9 @@ def split_runs(events: list[tuple], runs: int) -> list[list[tuple]]:
 
 def device_time(compiled, cargs, copies: int, runs: int = 5) -> float | None:
   """Median GPU time per call (ms) of a `prepare_in_jit` executable, from the profiler's timeline:
-  the device's own time, without the host's dispatch between executions, which the wall-clock
-  samples of `bench_in_jit` carry (~70-80 us per execution on the H200 host: ~10 us per call of
-  8). None where the trace has no GPU events (CPU)."""
+  the device's own time, without the host's dispatch and sync around each sample, which the
+  wall-clock samples of `bench_in_jit` carry (~1 ms per sample on the H200 host: ~1% of a ~100 ms
+  burst). None where the trace has no GPU events (CPU)."""
   import glob
   import tempfile
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -226,14 +244,15 @@ def markdown(info, rows, command) -> str:
          f"- jax {info['jax']}, jaxlib {info.get('jaxlib')}, {info.get('cuda_plugin')}, Python {info['python']}",
          f"- command: `{command}`",
          "- timing: compiled once (compile time apart), warm-up, then the median of 7 samples (20 for decode),",
-         "  each a burst of back-to-back calls (~20 ms) ended by one sync (dense implementations: their",
+         "  each a burst of back-to-back calls (~100 ms) ended by one sync (dense implementations: their",
          "  samples taken in turn); fresh random bf16 inputs. Decode: 8 calls, each on its own copy of every",
          "  input, in one executable, time / 8: one jitted call per dispatch costs ~50-70 us of host time,",
          "  as long as the int4 kernel. The one-call-per-dispatch time is shown beside it. 'time / bf16,",
          "  paired': the median over rounds of (this row's sample / a bf16 sample taken right after it),",
          "  which drift of the machine between rows does not move. 'device ms': the GPU's time per call",
          "  from the profiler's timeline (CUPTI), median of 5 executions of the same 8-call executable:",
-         "  the time without the host's dispatch between executions, which the wall-clock 'ms' carries", ""]
+         "  the time without the host's dispatch and sync around each sample, which the wall-clock 'ms'",
+         "  carries (~1 ms per sample of ~100 ms)", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:

@@ -343,6 +343,7 @@ def main(argv=None) -> int:
   if args.smoke:
     args.seqs, args.tune_seqs, args.sparse_len, args.decode_len = [128], [64], 256, 256
     args.heads, args.gqa_kv_heads, args.reps, args.vs_sets = 2, 1, 1, ((40, 60),)
+    kernel_report.BURST_S = 0.005   # plumbing only: short samples
   elif jax.devices()[0].platform != "gpu":
     raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (or --smoke for a CPU plumbing check)")
   info = device_info()

@@ -21,6 +21,7 @@
 #   combine          probes/combine_probe.py (the split-combination kernel per channels per program and warps)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
 #   htrace           probes/host_trace_probe.py all (host us per launch x1/x8, host-plane events, XLA_FLAGS variants)
+#   hlen             probes/host_trace_probe.py lengths (wall per call against the burst length, beside the GPU time)
 #   hburst           probes/host_trace_probe.py burst (wall vs GPU per call, gaps between back-to-back executions)
 #   host             probes/host_dispatch_probe.py (the host's time per execution beside the GPU's: decode
 #                    calls, and Mosaic GPU kernels with 2-11 TMA descriptors)
@@ -63,8 +64,9 @@ for step in "$@"; do
     qsass) timeout 280 bash benchmarks/probes/qdecode_sass.sh mgpu $arg 2>&1 | tail -45 ;;
     host) timeout 240 python3 benchmarks/probes/host_dispatch_probe.py 2>&1 | grep -E "^host|rror" \
             | tee -a "$out/host.log" ;;
+    hlen) timeout 400 python3 benchmarks/probes/host_trace_probe.py lengths 2>&1 | grep -E "^host|rror" | tee -a "$out/hlen.log" ;;
     hburst) timeout 500 python3 benchmarks/probes/host_trace_probe.py burst 2>&1 | tee -a "$out/hburst.log" | tail -30 ;;
     htrace) timeout 500 python3 benchmarks/probes/host_trace_probe.py all 2>&1 | tee -a "$out/htrace.log" | tail -60 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
   esac
 done

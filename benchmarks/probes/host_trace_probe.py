@@ -127,8 +127,39 @@ def burst(label: str, n: int = 12):
       del cargs, compiled
 
 
+def lengths():
+  """Wall clock per call against the burst length (executions per sample: as `prepare` sizes them
+  for ~20 ms, and 5x and 20x that), beside the GPU time, for the int4 and bf16 8-call executables:
+  whether the wall clock's excess over the GPU time is a cost per sample (it shrinks as bursts
+  grow) or per execution (it stays)."""
+  import jax.numpy as jnp
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+  from kernel_report import device_time, prepare_in_jit, sample  # noqa: E402
+  from qdecode_mgpu_probe import inputs  # noqa: E402
+  from lcinfer.pallas_kernels import decode as dec  # noqa: E402
+  from lcinfer.pallas_kernels import decode_quant_mgpu as mq  # noqa: E402
+  q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
+  s = 128 ** -0.5
+  kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  del k, v
+  calls = {"int4": (lambda *a: mq.quantized_decode_attention_mgpu(*a, scale=s)[0], (q, kq, vq, pos, qp)),
+           "bf16": (lambda *a: dec.decode_attention(*a, scale=s)[0], (q, kb, vb, pos, qp))}
+  for name, (fn, args) in calls.items():
+    compiled, cargs, b, _ = prepare_in_jit(fn, *args, copies=8)
+    dev = device_time(compiled, cargs, 8) * 1e3
+    walls = []
+    for mult in (1, 5, 20):
+      walls.append(sorted(sample(compiled, cargs, b * mult) for _ in range(5))[2] * 1e6 / 8)
+    print(f"hostl {name}: burst {b} executions: wall {walls[0]:6.1f} us/call, x5 {walls[1]:6.1f}, x20 {walls[2]:6.1f}; "
+          f"GPU {dev:6.1f}", flush=True)
+
+
 def main():
   mode = sys.argv[1] if len(sys.argv) > 1 else "all"
+  if mode == "lengths":
+    lengths()
+    return
   if mode == "run":
     run(sys.argv[2], events=sys.argv[3] == "1")
     return
