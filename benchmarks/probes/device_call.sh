@@ -20,7 +20,7 @@
 #   trace            probes/decode_trace_probe.py (GPU timeline of the decode executables: kernels, gaps)
 #   combine          probes/combine_probe.py (the split-combination kernel per channels per program and warps)
 #   qsass[=KNOBS]    ncu of one int4 Hopper decode launch (probes/qdecode_sass.sh mgpu KNOBS, e.g. "narrow=0")
-#   htrace           probes/host_trace_probe.py all (host us per launch x1/x8, host-plane events, XLA_FLAGS variants)
+#   htrace           probes/host_trace_probe.py all (host us per call x1/x8, host-plane events, XLA_FLAGS variants)
 #   hlen             probes/host_trace_probe.py lengths (wall per call against the burst length, beside the GPU time)
 #   hburst           probes/host_trace_probe.py burst (wall vs GPU per call, gaps between back-to-back executions)
 #   host             probes/host_dispatch_probe.py (the host's time per execution beside the GPU's: decode

@@ -1,22 +1,21 @@
-"""Probe (H200): where the host's ~40-45 us per Mosaic GPU launch goes, and whether XLA's command
-buffers (CUDA graphs) take it off the host.
+"""Probe (H200): why the decode benchmark's wall clock read above the GPU's time, in three modes.
 
 Why: session 16's `host` step measured the host's enqueue of a Mosaic GPU kernel with 2 TMA
-descriptors and no work at ~40 us per execution (+~1 us per descriptor), and the int4 decode
-call's at ~45 us per call even with 8 calls in one executable: as long as the GPU's 47 us. The
-benchmark's wall clock per call then carries the execution's fixed latency (~70 us / 8 calls),
-and a real decode step (32 such calls) would be host-bound.
+descriptors and no work at ~40 us per execution (+~1 us per descriptor), and the int4 decode call
+at ~45 us per call with 8 calls in one executable, near the GPU's 47 us.
 
-Rows: host us per execution (enqueue loop, as `host_dispatch_probe.host_us`) of
-- an XLA fusion (x * 2 + 1 on [64, 128]): the executable's own dispatch, the baseline;
-- the 2-descriptor Mosaic GPU kernel; each x1 and x8 (8 launches in one executable: the slope is
-  the cost of one launch inside an execution);
-- the int4 decode call, x1 and x8.
-Then the host plane of the profiler for the int4 x8 executable: the costliest event names per
-execution (inclusive times, nested events overlap).
-`all` reruns `run` in subprocesses under XLA_FLAGS variants (default, command buffers off, graphs from
-one op up).
-    PYTHONPATH=. python3 benchmarks/probes/host_trace_probe.py all"""
+`all`: host us per execution (enqueue loop, as `host_dispatch_probe.host_us`), x1 and x8 (8 calls
+in one executable: the slope is one more call's host cost), of an XLA fusion (the baseline), the
+2-descriptor Mosaic GPU kernel and the int4 decode call, in subprocesses under XLA_FLAGS variants
+(default, command buffers off, graphs from one op up); then the profiler's host plane for the int4
+x8 executable (the costliest event names, inclusive times). Seen: an XLA fusion costs ~40 us too
+(the executable's dispatch, not Mosaic GPU), one more int4 call ~33 us (host under the GPU).
+`burst`: wall clock against the GPU timeline of back-to-back executions (outputs kept or dropped,
+x8 and x32 calls per executable, command buffers on and off): the gaps between executions are
+3-7 us, so the wall clock's excess was not there.
+`lengths`: wall clock per call against the burst length. Seen: the excess is a cost per sample
+(~1 ms of dispatch and sync) that 100 ms bursts make ~1% (`kernel_report.burst_length`).
+    PYTHONPATH=. python3 benchmarks/probes/host_trace_probe.py all|burst|lengths"""
 import glob
 import os
 import subprocess
