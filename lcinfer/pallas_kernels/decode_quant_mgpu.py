@@ -63,13 +63,13 @@ Design (one CTA = one warpgroup per (split of the cache, kv head, batch)):
     view of the [C, 64] codes, 128-byte swizzle), which both ldmatrix paths address by
     `mgpu_int4.code_offset`. With 64-byte rows the TMA held the copies alone at ~67% of peak DRAM
     (H200, 128K, no compute: 48.2 us); with 128-byte rows 85% (38.0 us).
-  * Packed logits (`packed`; one query, G <= 4, paired blocks; the default there): at G = 4 half of the [64, 8] logit tile's columns were padding, and the
-    lanes holding them did half the softmax for nothing. Block
-    1's K Q^T takes the queries 4 rows down and accumulates into block 0's tile, so columns 0-3 are
-    block 0's logits and 4-7 block 1's; each half keeps its own online softmax (max, sums, O^T
-    columns), P goes to two tiles each with the other half zero, and the halves are merged by lse
-    at the end (a shfl.bfly 2 swaps columns c and c ^ 4). H200, 128K: 47.2 -> 45.9 us at G = 4;
-    46.9 -> 45.0 us at G = 1 and 47.1 -> 45.4 us at G = 2 (ncu, session 16).
+  * Packed logits (`packed`; one query, G <= 4, paired blocks; the default there): at G = 4 half
+    of the [64, 8] logit tile's columns were padding, and the lanes holding them did half the
+    softmax for nothing. Block 1's K Q^T takes the queries 4 rows down and accumulates into block
+    0's tile, so columns 0-3 are block 0's logits and 4-7 block 1's; each half keeps its own
+    online softmax (max, sums, O^T columns), P goes to two tiles each with the other half zero,
+    and the halves are merged by lse at the end (a shfl.bfly 2 swaps columns c and c ^ 4).
+    H200, 128K (ncu): 47.2 -> 45.9 us at G = 4; 46.9 -> 45.0 us at G = 1; 47.1 -> 45.4 at G = 2.
   * One query (T = 1, `q_direct`): the kernel takes q as a [B, K, G, D] view of [B, 1, H, D] (no
     copy), TMAs a head's G rows and builds the permuted, swizzled wgmma B tile itself (rows past G
     zero; one position for all rows), so no XLA kernel runs before it. T > 1 goes through
@@ -232,8 +232,9 @@ def geometry(q_BTHD, k_q, *, scale, window, num_splits, block_k, num_stages, laz
   """The launch geometry of a call. sub: blocks per TMA stage (None: `stage_blocks`); q_direct:
   queries taken raw by the kernel (None: when T = 1, the only case it serves); fused_combine: the
   splits combined by one Pallas kernel (None: where `combine.served`); packed: a stage's two blocks
-  in one logit tile (it applies to one query, G <= 4, pair; None: wherever it applies); issue_warp, pair, meta,
-  wide, probe: `Geometry`'s fields (defaults as measured best, module docstring)."""
+  in one logit tile (it applies to one query, G <= 4, pair; None: wherever it applies);
+  issue_warp, pair, meta, wide, probe: `Geometry`'s fields (defaults as measured best, module
+  docstring)."""
   b, t, h, _ = q_BTHD.shape
   _, kh, c, _ = k_q.shape
   nb = c // block_k
