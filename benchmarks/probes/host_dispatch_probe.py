@@ -59,6 +59,16 @@ def tma_kernel(n_in: int):
                       kernel_name=f"lcinfer_tma_probe_{n_in}")
 
 
+def decode_calls(c: int = 128 * 1024) -> dict:
+  """{'int4': (fn, args), 'bf16': (fn, args)}: the decode benchmark's two calls at B=1, H=32, K=8
+  (int4: the Hopper call over a KIVI cache; bf16: flash-decoding), each returning its output."""
+  q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, c)
+  s = 128 ** -0.5
+  kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  return {"int4": (lambda *a: mq.quantized_decode_attention_mgpu(*a, scale=s)[0], (q, kq, vq, pos, qp)),
+          "bf16": (lambda *a: dec.decode_attention(*a, scale=s)[0], (q, kb, vb, pos, qp))}
+
+
 def row(name, fn, args, n, copies=1):
   compiled, cargs, _, _ = prepare_in_jit(fn, *args, copies=copies)
   host = host_us(compiled, cargs, n)
@@ -75,17 +85,14 @@ def main():
   for n_in in (1, 2, 5, 10):
     xs = [jnp.full((64, 128), i, jnp.bfloat16) for i in range(n_in)]
     row(f"tma kernel, {n_in + 1} descriptors", tma_kernel(n_in), xs, args.n)
-  q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
-  s = 128 ** -0.5
-  kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-  bf16 = lambda *a: dec.decode_attention(*a, scale=s)[0]  # noqa: E731
-  int4 = lambda *a: mq.quantized_decode_attention_mgpu(*a, scale=s)[0]  # noqa: E731
-  g = mq.geometry(q, kq, scale=s, window=None, num_splits=49, block_k=64, num_stages=2)
+  calls = decode_calls()
+  q, kq, vq, pos, qp = calls["int4"][1]
+  g = mq.geometry(q, kq, scale=128 ** -0.5, window=None, num_splits=49, block_k=64, num_stages=2)
   kernel = lambda *a: mq._call(g, *a)  # noqa: E731
   kernel_args = (*mq._prepare(g, q, qp), *mq._cache_args(g, kq, vq, pos))
   for copies in (1, 8):
-    row("bf16 decode call", bf16, (q, kb, vb, pos, qp), args.n, copies)
-    row("int4 Hopper decode call", int4, (q, kq, vq, pos, qp), args.n, copies)
+    row("bf16 decode call", *calls["bf16"], args.n, copies)
+    row("int4 Hopper decode call", *calls["int4"], args.n, copies)
     row("int4 Hopper kernel alone (10 descriptors)", kernel, kernel_args, args.n, copies)
 
 

@@ -37,16 +37,13 @@ def run(label: str, events: bool):
   import jax.numpy as jnp
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   sys.path.insert(0, str(Path(__file__).resolve().parent))
-  from host_dispatch_probe import host_us, tma_kernel  # noqa: E402
+  from host_dispatch_probe import decode_calls, host_us, tma_kernel  # noqa: E402
   from kernel_report import prepare_in_jit  # noqa: E402
-  from qdecode_mgpu_probe import inputs  # noqa: E402
-  from lcinfer.pallas_kernels import decode_quant_mgpu as mq  # noqa: E402
 
-  q, _, _, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
-  int4 = lambda *a: mq.quantized_decode_attention_mgpu(*a, scale=128 ** -0.5)[0]  # noqa: E731
+  int4, int4_args = decode_calls()["int4"]
   x = jnp.ones((64, 128), jnp.bfloat16)
   rows = [("xla fusion", lambda a: a * 2 + 1, (x,)), ("mosaic 2-descriptor", tma_kernel(1), (x,)),
-          ("int4 decode call", int4, (q, kq, vq, pos, qp))]
+          ("int4 decode call", int4, int4_args)]
   for name, fn, args in rows:
     per = {}
     for copies in (1, 8):
@@ -56,7 +53,7 @@ def run(label: str, events: bool):
           f"slope {(per[8] - per[1]) / 7:6.1f} us per extra call", flush=True)
   if not events:
     return
-  compiled, cargs, _, _ = prepare_in_jit(int4, q, kq, vq, pos, qp, copies=8)
+  compiled, cargs, _, _ = prepare_in_jit(int4, *int4_args, copies=8)
   for _ in range(3):
     jax.block_until_ready(compiled(*cargs))
   runs = 5
@@ -84,19 +81,12 @@ def burst(label: str, n: int = 12):
   call inside synced executions (`device_time`), and the GPU timeline of n unsynced executions:
   its span per call and the median gap between executions (where the GPU waits for the host)."""
   import jax
-  import jax.numpy as jnp
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   sys.path.insert(0, str(Path(__file__).resolve().parent))
+  from host_dispatch_probe import decode_calls  # noqa: E402
   from kernel_report import device_time, gpu_events, prepare_in_jit, sample, split_runs  # noqa: E402
-  from qdecode_mgpu_probe import inputs  # noqa: E402
-  from lcinfer.pallas_kernels import decode as dec  # noqa: E402
-  from lcinfer.pallas_kernels import decode_quant_mgpu as mq  # noqa: E402
-  q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
-  s = 128 ** -0.5
-  kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-  del k, v
-  calls = {"int4": (lambda *a: mq.quantized_decode_attention_mgpu(*a, scale=s)[0], (q, kq, vq, pos, qp)),
-           "bf16": (lambda *a: dec.decode_attention(*a, scale=s)[0], (q, kb, vb, pos, qp))}
+  calls = decode_calls()
+
   def keep(compiled, cargs, b):
     t = time.perf_counter()
     outs = [compiled(*cargs) for _ in range(b)]
@@ -127,24 +117,15 @@ def burst(label: str, n: int = 12):
 
 
 def lengths():
-  """Wall clock per call against the burst length (executions per sample: as `prepare` sizes them
-  for ~20 ms, and 5x and 20x that), beside the GPU time, for the int4 and bf16 8-call executables:
-  whether the wall clock's excess over the GPU time is a cost per sample (it shrinks as bursts
-  grow) or per execution (it stays)."""
-  import jax.numpy as jnp
+  """Wall clock per call against the burst length (executions per sample: as `prepare` sizes them,
+  and 5x and 20x that; session 16 ran it when `prepare` aimed at ~20 ms from one synced call),
+  beside the GPU time, for the int4 and bf16 8-call executables: whether the wall clock's excess
+  over the GPU time is a cost per sample (it shrinks as bursts grow) or per execution (it stays)."""
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   sys.path.insert(0, str(Path(__file__).resolve().parent))
+  from host_dispatch_probe import decode_calls  # noqa: E402
   from kernel_report import device_time, prepare_in_jit, sample  # noqa: E402
-  from qdecode_mgpu_probe import inputs  # noqa: E402
-  from lcinfer.pallas_kernels import decode as dec  # noqa: E402
-  from lcinfer.pallas_kernels import decode_quant_mgpu as mq  # noqa: E402
-  q, k, v, kq, vq, pos, qp = inputs(1, 1, 32, 8, 128 * 1024)
-  s = 128 ** -0.5
-  kb, vb = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
-  del k, v
-  calls = {"int4": (lambda *a: mq.quantized_decode_attention_mgpu(*a, scale=s)[0], (q, kq, vq, pos, qp)),
-           "bf16": (lambda *a: dec.decode_attention(*a, scale=s)[0], (q, kb, vb, pos, qp))}
-  for name, (fn, args) in calls.items():
+  for name, (fn, args) in decode_calls().items():
     compiled, cargs, b, _ = prepare_in_jit(fn, *args, copies=8)
     dev = device_time(compiled, cargs, 8) * 1e3
     walls = []
