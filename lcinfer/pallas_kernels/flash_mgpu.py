@@ -260,11 +260,13 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
   sp = max(pl.cdiv(s, block_k), 1) * block_k
   if split:  # a shared window loads SHARED keys
     sp = max(sp, SHARED)
-  g = Geometry(b=b, t_padded=tp, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
+  tq = t if t >= TILE_Q and t % ALIGN == 0 else tp   # rows of q / out (Geometry.t_rows): TMA tiles
+                                                    # rows by 8 and reads at most a tile past them
+  g = Geometry(b=b, t_padded=tp, t_rows=tq, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
                stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
                narrow=narrow and layout is not None and block_k == 128, split=split)
-  q = _pad_to(q_BTHD, tp, 1)
+  q = _pad_to(q_BTHD, tq, 1)
   k, v = _pad_to(k_BSKD, sp, 1), _pad_to(v_BSKD, sp, 1)
   unread = jnp.zeros((1, 1, 1, 1), jnp.int32)
   meta = lo = hi = kc = vc = thr = colmap = unread

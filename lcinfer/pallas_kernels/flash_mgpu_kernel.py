@@ -53,6 +53,14 @@ class Geometry:
   narrow: bool = False   # block_k 128 ranges: a range that fits a 64-key window takes a 64-key step
   split: bool = False    # ranges mode, block_q SPLIT_Q, block_k 64: shared band windows, then a list
                          # per consumer in its half of the slots
+  t_rows: int = 0        # rows of q and out (0: t_padded). The wrapper pads q only when it is
+                         # shorter than a tile or not a multiple of 8 rows: else TMA zero-fills the
+                         # rows a tile reads past the end and drops the rows it writes past it (no
+                         # copy of q or out per call)
+
+  @property
+  def rows_q(self) -> int:
+    return self.t_rows or self.t_padded
 
   @property
   def group(self) -> int:
@@ -75,7 +83,7 @@ class Geometry:
 
 
 class _Refs(NamedTuple):
-  q: object     # [B, Tp, H, D]
+  q: object     # [B, T, H, D] (Geometry.rows_q rows)
   k: object     # [B, Sp, K, D]
   v: object
   meta: object  # [B, H, nq, N_META] (ranges mode; the M_* fields); nq: tiles, or in split mode
@@ -280,8 +288,8 @@ def call_kernel(g: Geometry, args, interpret=None):
         collective_axes="wg",
     )
 
-  out_type = (jax.ShapeDtypeStruct((g.b, g.t_padded, g.h, d), g.dtype),
-              jax.ShapeDtypeStruct((g.b, g.h, g.t_padded), jnp.float32))
+  out_type = (jax.ShapeDtypeStruct((g.b, g.rows_q, g.h, d), g.dtype),
+              jax.ShapeDtypeStruct((g.b, g.h, g.t_padded), jnp.float32))  # small: TMA wants 8 | rows
   grid, names = (g.n_tiles, g.h, g.b), ("tile", "head", "batch")
   if g.heads_fastest:  # the CTAs in flight: a few tiles of every head
     grid, names = (g.h, g.n_tiles, g.b), ("head", "tile", "batch")
