@@ -9,6 +9,11 @@
 #   vs[=VARIANTS]    vertical-slash benchmark, H = 32 (default: both Hopper layouts, 56x64 and 128x128)
 #   kernels=SECTIONS benchmarks/kernels.py --only SECTIONS (e.g. dense / block_sparse / copy,decode),
 #                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
+#   vsorder[=VARIANTS] probes/vs_order_probe.py (vertical-slash sets under kernel variants; VARIANTS: the
+#                    probe's comma lists joined by '+', e.g. "hf,q56+tf,q56")
+#   vsncu=CASES      ncu metrics (time, DRAM bytes, L2 hit rate) of one vertical-slash kernel launch per
+#                    CASE "V,S:PART:VARIANT" (probes/vs_one_call.py), CASES joined by '+'. Slow: ~4 min a
+#                    case on the H200 (the replays save and restore GBs of inputs)
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
@@ -43,6 +48,16 @@ for step in "$@"; do
     vs) timeout 200 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
           --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x128}" 2>&1 | tables 12 ;;
     kernels) timeout 330 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
+    vsorder) v=${arg:-hf,s2,lazy,q56+tf,s2,lazy,q56}
+             timeout 500 python3 benchmarks/probes/vs_order_probe.py --check --variants ${v//+/ } 2>&1 \
+               | grep -E "^\(v=|^cudnn|rror" | tee -a "$out/vsorder.log" ;;
+    vsncu) for c in ${arg//+/ }; do IFS=: read -r set part variant <<< "$c"
+             XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 ncu --clock-control none -k regex:lcinfer_flash_mgpu \
+               --launch-skip 1 --launch-count 1 --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum,\
+lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sectors_op_read.sum \
+               python3 benchmarks/probes/vs_one_call.py "$set" "$part" "$variant" 2>&1 | grep -E '^"[0-9]' \
+               | awk -F'","' -v c="$c" '{gsub(/"/,"",$NF); print "vsncu", c, $(NF-2), $NF}' | tee -a "$out/vsncu.log"
+           done ;;
     prep) timeout 150 python3 benchmarks/probes/vs_prep_probe.py 2>&1 | tables 12 ;;
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
     qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
@@ -67,6 +82,6 @@ for step in "$@"; do
     hlen) timeout 400 python3 benchmarks/probes/host_trace_probe.py lengths 2>&1 | grep -E "^host|rror" | tee -a "$out/hlen.log" ;;
     hburst) timeout 500 python3 benchmarks/probes/host_trace_probe.py burst 2>&1 | tee -a "$out/hburst.log" | tail -30 ;;
     htrace) timeout 500 python3 benchmarks/probes/host_trace_probe.py all 2>&1 | tee -a "$out/htrace.log" | tail -60 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] vsorder[=VARIANTS] vsncu=CASES kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
   esac
 done

@@ -1,5 +1,6 @@
-"""One vertical-slash call at 128K (H=32, Mosaic GPU kernel, 128x64) for profilers:
-    python3 benchmarks/probes/vs_one_call.py V,S [all|no-far|band|far]  (kernels.vs_subset)"""
+"""One vertical-slash call at 128K (H=32, Mosaic GPU kernel) for profilers:
+    python3 benchmarks/probes/vs_one_call.py V,S [all|no-far|band|far] [VARIANT]
+part: kernels.vs_subset; VARIANT: a vs_knobs comma list (default: 128x64, heads fastest)."""
 import sys
 from pathlib import Path
 
@@ -9,19 +10,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import vs_list_sizes, vs_pattern, vs_subset  # noqa: E402
-from lcinfer.pallas_kernels.flash_mgpu import block_sparse_attention_mgpu  # noqa: E402
+from vs_knobs import block_q, knobs  # noqa: E402
+from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 nv, ns = map(int, sys.argv[1].split(","))
 part = sys.argv[2] if len(sys.argv) > 2 else "all"
+variant = sys.argv[3] if len(sys.argv) > 3 else "hf"
+kw, bq = knobs(variant), block_q(variant)
+bk = kw["block_k"]
 s, h, d = 131072, 32, 128
 ks = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
 vert, sl = vs_subset(*vs_pattern(np.random.default_rng(0), s, h, nv, ns), part)
 lay, cols = jax.jit(lambda vj, sj: vertical_slash_to_ranges(
-    vj, sj, s, 128, 64, vs_list_sizes(ns, 128, 64)[0], max(32, -(-vert.shape[-1] // 32) * 32)))(
+    vj, sj, s, bq, bk, vs_list_sizes(ns, bq, bk)[0], max(32, -(-vert.shape[-1] // 32) * 32)))(
         jnp.asarray(vert), jnp.asarray(sl))
-f = jax.jit(lambda q, k, v, lay, cols: block_sparse_attention_mgpu(q, k, v, lay, scale=d ** -0.5, columns=cols)[0])
+f = jax.jit(lambda q, k, v, lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, **kw)[0])
 for _ in range(2):
   f(q, k, v, lay, cols).block_until_ready()
-print("done", part, nv, ns)
+print("done", part, nv, ns, variant)

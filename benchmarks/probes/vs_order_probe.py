@@ -17,16 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import bench  # noqa: E402
 from kernels import VS_PARTS, vs_list_sizes, vs_pattern, vs_subset  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
+from vs_knobs import block_q, knobs  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
 ap.add_argument("--parts", nargs="*", default=["all"], choices=VS_PARTS)
 ap.add_argument("--variants", nargs="*", default=["hf,s2,lazy", "hf,s2,eager"],
-                help="comma lists: hf|tf (heads / tiles fastest), s<stages>, lazy|eager, k64|k128 (block_k), "
-                     "narrow (64-key steps for ranges that fit, with k128), q56 (split mode: 56-row "
-                     "blocks per consumer, block_k 64)")
+                help="comma lists (vs_knobs.py): hf|tf, s<stages>, lazy|eager, k64|k128, narrow, q56")
 ap.add_argument("--dense", action="store_true")
+ap.add_argument("--check", action="store_true", help="max |out - out of the first variant| per set")
 ap.add_argument("--reps", type=int, default=5)
 args = ap.parse_args()
 s, h, d = 131072, 32, 128
@@ -35,17 +35,6 @@ q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16)
 cudnn = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
               q, k, v, reps=args.reps)["ms"]
 print(f"cudnn dense {cudnn:.2f} ms", flush=True)
-
-
-def knobs(variant):
-  parts = variant.split(",")
-  return dict(heads_fastest="tf" not in parts, lazy_max="eager" not in parts,
-              stages=next((int(p[1:]) for p in parts if p.startswith("s")), 2),
-              block_k=128 if "k128" in parts else 64, narrow="narrow" in parts)
-
-
-def block_q(variant):
-  return flash_mgpu.SPLIT_Q if "q56" in variant.split(",") else 128
 
 
 if args.dense:
@@ -66,6 +55,7 @@ for spec in args.sets:
   vert, sl = vs_pattern(rng, s, h, nv, ns)
   for part in args.parts:
     vv, ss = vs_subset(vert, sl, part)
+    first = None
     for variant in args.variants:
       kw = knobs(variant)
       bk, bq = kw["block_k"], block_q(variant)
@@ -81,3 +71,12 @@ for spec in args.sets:
         print(f"(v={nv}, s={ns}) {part:15s} {variant:14s} failed: {str(e).splitlines()[0][:150]}", flush=True)
         continue
       print(f"(v={nv}, s={ns}) {part:15s} {variant:14s} {ms:7.2f} ms  {cudnn / ms:5.2f}x cudnn", flush=True)
+      if args.check:
+        o = jax.jit(f)(q, k, v, jnp.asarray(vv), jnp.asarray(ss))
+        if first is None:
+          first = o
+        else:
+          err = float(jnp.max(jnp.abs(o.astype(jnp.float32) - first.astype(jnp.float32))))
+          print(f"(v={nv}, s={ns}) {part:15s} {variant:14s} check: max |out - first variant's| = {err:.3g}",
+                flush=True)
+        del o
