@@ -14,6 +14,8 @@
 #   vsncu=CASES      ncu metrics (time, DRAM bytes, L2 hit rate) of one vertical-slash kernel launch per
 #                    CASE "V,S:PART:VARIANT" (probes/vs_one_call.py), CASES joined by '+'. Slow: ~4 min a
 #                    case on the H200 (the replays save and restore GBs of inputs)
+#   vstrace[=SETS]   probes/vs_trace_probe.py (per set, the whole call's GPU ops outside the kernel by time;
+#                    SETS: "V,S+V,S")
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
@@ -58,6 +60,8 @@ lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lt
                python3 benchmarks/probes/vs_one_call.py "$set" "$part" "$variant" 2>&1 | grep -E '^"[0-9]' \
                | awk -F'","' -v c="$c" '{gsub(/"/,"",$NF); print "vsncu", c, $(NF-2), $NF}' | tee -a "$out/vsncu.log"
            done ;;
+    vstrace) timeout 300 python3 benchmarks/probes/vs_trace_probe.py ${arg:+--sets ${arg//+/ }} --out /tmp/trace 2>&1 \
+               | grep -E "^vstrace|rror" | tee -a "$out/vstrace.log" ;;
     prep) timeout 150 python3 benchmarks/probes/vs_prep_probe.py 2>&1 | tables 12 ;;
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
     qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
@@ -82,6 +86,6 @@ lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lt
     hlen) timeout 400 python3 benchmarks/probes/host_trace_probe.py lengths 2>&1 | grep -E "^host|rror" | tee -a "$out/hlen.log" ;;
     hburst) timeout 500 python3 benchmarks/probes/host_trace_probe.py burst 2>&1 | tee -a "$out/hburst.log" | tail -30 ;;
     htrace) timeout 500 python3 benchmarks/probes/host_trace_probe.py all 2>&1 | tee -a "$out/htrace.log" | tail -60 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] vsorder[=VARIANTS] vsncu=CASES kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] vsorder[=VARIANTS] vsncu=CASES vstrace[=SETS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
   esac
 done
