@@ -90,6 +90,18 @@ def gpu_events(xplane_path: str) -> list[tuple[int, int, str]]:
   return sorted(events)
 
 
+def traced_gpu_events(work, trace_dir: str | None = None) -> list[tuple[int, int, str]]:
+  """The sorted GPU events (`gpu_events`) of everything `work()` runs under jax's profiler, traced
+  into trace_dir (kept) or a temporary directory; [] on CPU."""
+  import contextlib
+  import glob
+  import tempfile
+  with tempfile.TemporaryDirectory() if trace_dir is None else contextlib.nullcontext(trace_dir) as d:
+    with jax.profiler.trace(d):
+      work()
+    return sorted(e for f in glob.glob(f"{d}/**/*.xplane.pb", recursive=True) for e in gpu_events(f))
+
+
 def spans_per_call(events: list[tuple], runs: int, copies: int) -> list[float]:
   """Seconds per call of each of `runs` executions of an executable of `copies` calls, from their
   GPU events: the executions are the groups left by cutting the timeline at its runs - 1 widest
@@ -113,16 +125,10 @@ def device_time(compiled, cargs, copies: int, runs: int = 5) -> float | None:
   the device's own time, without the host's dispatch and sync around each sample, which the
   wall-clock samples of `bench_in_jit` carry (~1 ms per sample on the H200 host: ~1% of a ~100 ms
   burst). None where the trace has no GPU events (CPU)."""
-  import glob
-  import tempfile
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir):
-      for _ in range(runs):
-        jax.block_until_ready(compiled(*cargs))
-    events = [ev for f in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True) for ev in gpu_events(f)]
+  events = traced_gpu_events(lambda: [jax.block_until_ready(compiled(*cargs)) for _ in range(runs)])
   if not events:
     return None
-  return statistics.median(spans_per_call(sorted(events), runs, copies)) * 1e3
+  return statistics.median(spans_per_call(events, runs, copies)) * 1e3
 
 
 def bench_in_jit(fn, *args, copies: int = 8, reps: int = 7, against=None, prepared=None) -> dict:

@@ -5,7 +5,6 @@ and the gaps between them, and per kernel its median duration in place. It tells
 much between them.
     PYTHONPATH=. python3 benchmarks/probes/decode_trace_probe.py [--out DIR]"""
 import argparse
-import glob
 import statistics
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_report import gpu_events, prepare_in_jit, split_runs  # noqa: E402
+from kernel_report import prepare_in_jit, split_runs, traced_gpu_events  # noqa: E402
 from qdecode_mgpu_probe import inputs  # noqa: E402
 from lcinfer.pallas_kernels import decode as dec  # noqa: E402
 from lcinfer.pallas_kernels import decode_quant_mgpu as mq  # noqa: E402
@@ -36,14 +35,10 @@ def timeline(label: str, fn, *args, out_dir: str):
   compiled, cargs, _, _ = prepare_in_jit(fn, *args, copies=COPIES)
   for _ in range(3):
     jax.block_until_ready(compiled(*cargs))
-  trace_dir = tempfile.mkdtemp(dir=out_dir, prefix=label.replace(" ", "_") + "-")
-  with jax.profiler.trace(trace_dir):
-    for _ in range(RUNS):
-      jax.block_until_ready(compiled(*cargs))
-  [xplane] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-  ev = gpu_events(xplane)
+  ev = traced_gpu_events(lambda: [jax.block_until_ready(compiled(*cargs)) for _ in range(RUNS)],
+                         tempfile.mkdtemp(dir=out_dir, prefix=label.replace(" ", "_") + "-"))
   if not ev:
-    print(f"trace {label}: no GPU events (planes: {[p.name for p in jax.profiler.ProfileData.from_file(xplane).planes]})")
+    print(f"trace {label}: no GPU events (CPU?)")
     return
   runs = split_runs(ev, RUNS)   # executions are separated by host syncs
   spans, busy, gaps = [], [], []

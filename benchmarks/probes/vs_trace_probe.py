@@ -5,7 +5,6 @@ largest first. It says where the 1.5-3 ms a call spends outside the attention ke
     PYTHONPATH=. python3 benchmarks/probes/vs_trace_probe.py [--sets 1000,6096 ...] [--top 12]"""
 import argparse
 import functools
-import glob
 import statistics
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_report import gpu_events, split_runs  # noqa: E402
+from kernel_report import split_runs, traced_gpu_events  # noqa: E402
 from kernels import vs_list_sizes, vs_pattern  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
@@ -30,15 +29,12 @@ def op_times(fn, *args, out_dir: str):
   f = jax.jit(fn)
   for _ in range(2):
     jax.block_until_ready(f(*args))
-  trace_dir = tempfile.mkdtemp(dir=out_dir, prefix="vs-")
-  with jax.profiler.trace(trace_dir):
-    for _ in range(RUNS):
-      jax.block_until_ready(f(*args))
-  events = [e for x in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True) for e in gpu_events(x)]
+  events = traced_gpu_events(lambda: [jax.block_until_ready(f(*args)) for _ in range(RUNS)],
+                             tempfile.mkdtemp(dir=out_dir, prefix="vs-"))
   if not events:
     return None, None
   per_op, spans = defaultdict(list), []
-  for run in split_runs(sorted(events), RUNS):
+  for run in split_runs(events, RUNS):
     spans.append((run[-1][1] - run[0][0]) / 1e3)
     acc = defaultdict(float)
     for start, end, name in run:
