@@ -135,7 +135,8 @@ def test_aligned_split_keeps_the_key_set(t, bk, align):
 
 def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.TILE_Q):
   """[B, H, T, S] how often the Hopper kernel's steps count each (row, key), from its inputs, by
-  the kernel's rules: split mode's shared windows (each block's band keys in them), then list
+  the kernel's rules: split mode's shared windows (each block's band keys in them) and shared column
+  chunks (each block's thresholds, its band's slots masked), then list
   entries backwards (column-map ones, masked ones, then whole windows with no mask at all), then
   the column steps over the chunks outside [skip_from, skip_to). A meta row is a query block of bq
   rows (a tile, or in split mode one consumer's block)."""
@@ -159,6 +160,14 @@ def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.T
       keys = start + np.arange(kern.SHARED)
       keep = ((keys >= max(w_lo, ea)) & (keys < min(w_lo + kern.SHARED, eb)))[None] & (keys[None] <= rows[:, None])
       c[:, keys] += keep
+    n_scol, scol_from, scol_to = fields[[kern.M_SCOL_N, kern.M_SCOL_FROM, kern.M_SCOL_TO]]
+    for jj in range(n_scol):                                         # split: shared column chunks
+      chunk = jj if jj < scol_from else jj + scol_to - scol_from
+      slot = chunk * kern.SHARED + np.arange(kern.SHARED)
+      keep = (slot[None] < thr[bi, hi_, rows][:, None]) & ((slot < sa) | (slot >= sb))[None]
+      key = srt[bi, hi_, slot]
+      assert not keep[:, key >= s].any(), "a padding slot of the list is attended"
+      np.add.at(c, (slice(None), np.minimum(key, sp - 1)), keep)
     for j in range(n_list):
       e = n_list - 1 - j
       e_lo, e_hi = lo[bi, hi_, tile, e], hi[bi, hi_, tile, e]
@@ -184,7 +193,8 @@ def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.T
 
 @pytest.mark.parametrize("t,bq,bk,nv,near,n_far,seed", [
     (1000, 128, 64, 40, 200, 6, 0), (1024, 128, 128, 30, 130, 4, 1), (700, 128, 64, 60, 3, 8, 2),
-    (300, 128, 64, 5, 0, 3, 3), (1000, 56, 64, 40, 200, 6, 4), (700, 56, 64, 60, 3, 8, 5)])
+    (300, 128, 64, 5, 0, 3, 3), (1000, 56, 64, 40, 200, 6, 4), (700, 56, 64, 60, 3, 8, 5),
+    (1000, 56, 64, 300, 200, 6, 6), (900, 56, 64, 150, 3, 8, 7)])   # split, shared column chunks
 def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
   """The inputs the wrapper builds for ranges + ascending columns make the kernel's steps count
   every key of the pattern exactly once and nothing else (emulated on CPU from those inputs): the
@@ -204,7 +214,7 @@ def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
 
   @jax.jit  # the wrapper's preparation, as `flash_mgpu._run` does it (one compile, not eager ops)
   def inputs(vert, slash):
-    ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 4 * (n_far + 3) + t // bk, 64)
+    ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 4 * (n_far + 3) + t // bk, max(64, nv))
     return (ranges, cols), flash_mgpu._ranges_inputs(ranges, cols, jnp.zeros((1, sp, 1, 8)), t=t, s=t, h=h,
                                                      block_k=bk, causal=True, split=split)
   (ranges, cols), (meta, lo, hi, thr, colmap, srt) = inputs(jnp.asarray(vert), jnp.asarray(slash))
@@ -219,6 +229,9 @@ def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
   assert m[..., kern.M_COLMASKED].max() > 0, "no range needed the column map: the case is not exercised"
   if split and near:
     assert m[..., kern.M_SHARED_N].max() > 0, "no tile shared its band: the case is not exercised"
+  if split:   # lists of more than bk columns are walked in shared chunks, the others in own ones
+    assert (m[..., kern.M_SCOL_N].max() > 0) == (nv > bk), "shared column chunks not as expected"
+    assert not (m[..., kern.M_SCOL_N] * m[..., kern.M_NCOLS]).any(), "a block walks its columns twice"
 
 
 def test_bad_calls_raise_clear_errors():

@@ -50,8 +50,11 @@ A tile's stream:
     192 keys per 128 rows in the shared-tile mode (H200, 128K: (30, 800) 8.6x -> 12.0x cuDNN). The
     two blocks' bands (their near slashes), which overlap but for 56 keys, are walked first in
     SHARED = 128-key windows that both consumers take, each masking the keys outside its own band
-    (when those windows are no more steps than the longer band's own ranges; `_shared_band`); then
-    each consumer's other ranges and column chunks; the shorter list idles to keep the ping-pong.
+    (when those windows are no more steps than the longer band's own ranges; `_shared_band`); then,
+    when the tile's blocks take more than 64 columns, the column list in SHARED-slot chunks that both
+    consumers take (each masking its own band's slots and its rows' thresholds; half the steps of
+    each walking its own 64-slot chunks; `_shared_columns`); then each consumer's other ranges (and
+    column chunks when not shared); the shorter list idles to keep the ping-pong.
     The slot's full barrier takes two arrivals a phase (two half copies, or one copy and a bare
     arrival), so that both consumers wait on every phase of every slot.
 Masks are per key where they can be (a [block_k] bias added to S); the per-row part (causal, or a
@@ -76,8 +79,9 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.flash_mgpu_kernel import (
-    ALIGN, HEAD_DIMS, M_COLMASKED, M_COUNT, M_EA, M_EB, M_LAST, M_NCOLS, M_SA, M_SB, M_SHARED_AT,
-    M_SHARED_N, M_SKIP_FROM, M_SKIP_TO, M_WHOLE, N_META, SHARED, SPLIT_Q, TILE_Q, Geometry, call_kernel)
+    ALIGN, HEAD_DIMS, M_COLMASKED, M_COUNT, M_EA, M_EB, M_LAST, M_NCOLS, M_SA, M_SB, M_SCOL_FROM, M_SCOL_N,
+    M_SCOL_TO, M_SHARED_AT, M_SHARED_N, M_SKIP_FROM, M_SKIP_TO, M_WHOLE, N_META, SHARED, SPLIT_Q, TILE_Q,
+    Geometry, call_kernel)
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import check_attention_args, check_block_sparse_args
 from lcinfer.pallas_kernels.sparse_index import stable_partition
@@ -112,7 +116,7 @@ def _band(lo, hi, count):
   return jnp.where(count > 0, ea, 0), jnp.where(count > 0, eb, 0)
 
 
-def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp):
+def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp, split=False):
   """Columns mode: an ascending shared list (Columns.ascending) becomes gathered K/V rows per query
   head (kc, vc [B, Cp, H, D], from srt), per query row the number of list entries it attends (thr
   [B, H, Tp]: those <= the row, within its block's prefix), a key map of the list (colmap
@@ -120,15 +124,19 @@ def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp):
   once: the list columns inside the block's band [ea, eb) (`_band`, list slots [sa, sb)) by the
   band's steps (the column steps skip those slots, and whole chunks of them), the others by the
   column steps; a range outside the band that holds one of the block's columns masks them with
-  colmap (`colmasked`, [B, H, nq, M]), the band's ranges need no column mask. Returns (colmasked,
-  (n_steps, last, sa, sb, skip_from, skip_to), thr, colmap, srt)."""
+  colmap (`colmasked`, [B, H, nq, M]), the band's ranges need no column mask. Split mode: a tile
+  whose two blocks take fewer steps by walking the list together in SHARED-slot chunks (each
+  masking its own band's slots and its rows' thresholds) than each in its own bk-slot chunks takes
+  those (`_shared_columns`). Returns (colmasked, (n_steps, last, sa, sb, skip_from, skip_to,
+  n_shared_cols, from, to), thr, colmap, srt)."""
   b, sp = k.shape[:2]
   nq = count.shape[-1]
   cols = columns.index[:, :, 0, :].astype(jnp.int32)                       # [B, H, n]
   n = cols.shape[-1]
   ccount = jnp.clip(columns.count, 0, n).astype(jnp.int32)                 # [B, H, nq]
   live = jnp.arange(n) < jnp.max(ccount, axis=-1, keepdims=True)          # entries a block takes
-  cp = pl.cdiv(n, bk) * bk
+  chunk = SHARED if split else bk   # shared column steps load SHARED slots
+  cp = pl.cdiv(n, chunk) * chunk
   srt = jnp.pad(jnp.where(live, cols, s), ((0, 0), (0, 0), (0, cp - n)), constant_values=s)
   bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
   colmap = jnp.zeros((b, h, sp), jnp.int32).at[bi, hi_, jnp.where(srt < s, srt, sp)].set(1, mode="drop")
@@ -151,7 +159,27 @@ def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp):
   skip_from = pl.cdiv(sa, bk)
   skip_to = jnp.maximum(sb // bk, skip_from)
   n_steps = skip_from + n_chunks - skip_to
-  return colmasked, (n_steps, last, sa, sb, skip_from, skip_to), thr, colmap, srt
+  zero = jnp.zeros_like(n_steps)
+  shared = (zero, zero, zero)
+  if split:
+    n_steps, shared = _shared_columns(n_steps, ccount, sa, sb)
+  return colmasked, (n_steps, last, sa, sb, skip_from, skip_to) + shared, thr, colmap, srt
+
+
+def _shared_columns(n_steps, ccount, sa, sb):
+  """Split mode: do a tile's two blocks walk their column lists together, in chunks of SHARED slots?
+  Chunks wholly inside both blocks' band slots [sa, sb) are skipped; yes when that is fewer steps
+  than the longer of their own walks (bk-slot chunks): on lists of more than bk columns. Returns
+  (own column steps, 0 where shared; (shared steps, skipped chunks from, to) per block [B, H, nq],
+  the tile's on both of its blocks)."""
+  pair = lambda x: x.reshape(x.shape[:2] + (-1, 2))       # noqa: E731 (the tile's two blocks)
+  n_chunks = pl.cdiv(jnp.max(pair(ccount), axis=-1), SHARED)
+  skip_from = pl.cdiv(jnp.max(pair(sa), axis=-1), SHARED)
+  skip_to = jnp.maximum(jnp.min(pair(sb), axis=-1) // SHARED, skip_from)
+  n_shared = skip_from + n_chunks - skip_to
+  share = n_shared < jnp.max(pair(n_steps), axis=-1)
+  per_block = lambda x: jnp.repeat(jnp.where(share, x, 0), 2, axis=-1)  # noqa: E731
+  return jnp.where(per_block(share) > 0, 0, n_steps), tuple(map(per_block, (n_shared, skip_from, skip_to)))
 
 
 def _in_band(lo, hi, ea, eb):
@@ -232,19 +260,20 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
   if split:
     drop, at, n_shared = _shared_band(lo, hi, count, ea, eb)
   colmasked = jnp.zeros(lo.shape, bool)
-  col_fields = (zero,) * 6
+  col_fields = (zero,) * 9
   thr = colmap = jnp.zeros((1, 1, 1), jnp.int32)   # unread
   srt = None
   if columns is not None:
     cols = dataclasses.replace(cols, count=_pad_blocks(nq, cols.count)[0])
     colmasked, col_fields, thr, colmap, srt = _column_inputs(cols, k, lo, hi, count, ea, eb, t=t, s=s, h=h,
-                                                             bk=block_k, bq=bq, tp=tp)
+                                                             bk=block_k, bq=bq, tp=tp, split=split)
   lo, hi, count, n_whole, n_colmasked = _classify(lo, hi, count, whole, colmasked, drop)
-  n_steps, last, sa, sb, skip_from, skip_to = col_fields
+  n_steps, last, sa, sb, skip_from, skip_to, n_scol, scol_from, scol_to = col_fields
   fields = [None] * N_META
   for i, x in ((M_COUNT, count), (M_WHOLE, n_whole), (M_NCOLS, n_steps), (M_LAST, last),
                (M_COLMASKED, n_colmasked), (M_SA, sa), (M_SB, sb), (M_SKIP_FROM, skip_from),
-               (M_SKIP_TO, skip_to), (M_EA, ea), (M_EB, eb), (M_SHARED_AT, at), (M_SHARED_N, n_shared)):
+               (M_SKIP_TO, skip_to), (M_EA, ea), (M_EB, eb), (M_SHARED_AT, at), (M_SHARED_N, n_shared),
+               (M_SCOL_N, n_scol), (M_SCOL_FROM, scol_from), (M_SCOL_TO, scol_to)):
     fields[i] = x
   return jnp.stack(fields, axis=-1).astype(jnp.int32), lo, hi, thr, colmap, srt
 

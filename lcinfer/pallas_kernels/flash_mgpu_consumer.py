@@ -15,7 +15,7 @@ from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.flash_mgpu_kernel import (
     ALIGN, M_COLMASKED, M_EA, M_EB, M_LAST, M_SA, M_SB, M_SKIP_FROM, M_SKIP_TO, NARROW, ROWS_PER_WG,
     SHARED, SPLIT_Q, TILE_Q, Geometry, _column_chunk, _entry, _is_narrow, _plgpu, _Refs, _stream, _window,
-    shared_window, split_steps)
+    shared_column_rows, shared_window, split_steps)
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 
@@ -28,8 +28,9 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   if g.split:  # the consumer's own query block and list, in its half of each slot
     blk = 2 * tile + wg
     q_base = pl.multiple_of(blk * SPLIT_Q, ALIGN)
-    shared_at, n_shared, n_own_steps = split_steps(g, r, tile, b, h)
-    j0 = n_shared
+    st = split_steps(g, r, tile, b, h)
+    shared_at, n_shared, n_own_steps = st.at, st.n_shared, st.n_own
+    j0 = st.first_own
     band_lo, band_hi = r.meta[b, h, blk, M_EA], r.meta[b, h, blk, M_EB]
   else:
     blk = tile
@@ -69,8 +70,11 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     the critical path."""
     if kind == "whole":
       return None, None, None
-    if kind == "columns":  # slots of the sorted list minus the band's
-      c0 = _column_chunk(j - j0 - n_list, skip_from, skip_to) * bk
+    if kind in ("columns", "shared_columns"):  # slots of the sorted list minus the band's
+      if kind == "columns":
+        c0 = _column_chunk(j - j0 - n_list, skip_from, skip_to) * bk
+      else:
+        c0 = shared_column_rows(j, st)
       slot = c0 + col_iota(w)
       return bias((slot < band_from) | (slot >= band_to)), c0, None
     if kind == "shared":  # the window's keys in the consumer's own band
@@ -98,7 +102,7 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
       s = s + by_col(col_bias)
     else:
       s = lax.cond(partial, lambda s: s + by_col(col_bias), lambda s: s, s)
-    if kind == "columns":  # row i attends the first thr[i] slots
+    if kind in ("columns", "shared_columns"):  # row i attends the first thr[i] slots
       return lax.cond(start + w <= thr_first, lambda s: s,
                       lambda s: jnp.where(start + iota(w, 1) < by_row(thr, w), s, -jnp.inf), s)
     if g.causal:
@@ -115,7 +119,7 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   def tiles(slot, kind, w):
     """The K and V tiles of a step in ring slot `slot`."""
     k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
-    if g.split and kind != "shared":   # the consumer's half
+    if g.split and kind not in ("shared", "shared_columns"):   # the consumer's half
       half = pl.ds(pl.multiple_of(wg * bk, bk), bk)
       return k_smem.at[slot, half], v_smem.at[slot, half]
     if w != k_tile.shape[0]:
@@ -160,11 +164,11 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
 
   def step(j, carry, kind):
     acc, m, l, entry = carry
-    if kind in ("whole", "columns", "shared"):  # the loops run colmasked, masked, whole, columns: no
-      next_entry = entry                        # later step reads its entry, so no load on these loops
+    if kind in ("whole", "columns", "shared", "shared_columns"):  # no later step reads its entry (the
+      next_entry = entry   # loops run shared, shared_columns, colmasked, masked, whole, columns): no load
     else:  # the next step's entry, a step ahead
       next_entry = _entry(g, r, n_list - 2 - (j - j0), b, h, blk)
-    w = SHARED if kind == "shared" else bk
+    w = SHARED if kind in ("shared", "shared_columns") else bk
     if g.narrow and kind in ("masked", "colmasked"):  # both warpgroups take the same branch
       acc, m, l = lax.cond(_is_narrow(entry), functools.partial(body, j, kind, entry, NARROW),
                            functools.partial(body, j, kind, entry, bk), (acc, m, l))
@@ -187,6 +191,8 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   carry = (acc, m, l, _entry(g, r, n_list - 1, b, h, blk))
   if g.split:
     carry = lax.fori_loop(0, n_shared, functools.partial(step, kind="shared"), carry)
+    if g.columns:
+      carry = lax.fori_loop(n_shared, j0, functools.partial(step, kind="shared_columns"), carry)
   n_masked = n_list - n_whole  # the list runs backwards: its masked entries first
   n_colmasked = r.meta[b, h, blk, M_COLMASKED] if g.columns else jnp.int32(0)
   loops = (("colmasked", 0, n_colmasked), ("masked", n_colmasked, n_masked), ("whole", n_masked, n_list),
@@ -209,4 +215,5 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     qo_smem, lse_smem = qo_smem.at[pl.ds(0, SPLIT_Q)], lse_smem.at[pl.ds(0, SPLIT_Q)]
   plgpu.copy_smem_to_gmem(qo_smem, r.out.at[b, pl.ds(q_base, g.rows), h])
   plgpu.copy_smem_to_gmem(lse_smem, r.lse.at[b, h, pl.ds(q_base, g.rows)])
-  plgpu.wait_smem_to_gmem(0)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the CTA may end once the stores have read
+                                                    # shared memory; the kernel's end flushes them

@@ -26,10 +26,12 @@ SHARED = 128       # split mode: the band's windows, shared by both consumers (a
 # The fields of a meta row ([B, H, nq, N_META] int32, one row per tile, or per query block in split
 # mode): list length, unmasked entries (the last ones), column steps, last column, entries needing
 # the column map (the first ones), band slots [sa, sb) of the column list, skipped column chunks
-# [from, to), the band [ea, eb), and (split mode, the tile's) first shared window and their count.
+# [from, to), the band [ea, eb), and (split mode, the tile's) first shared window and their count,
+# then its shared column steps (SHARED-slot chunks of the list that both consumers take) and their
+# skipped chunks [from, to).
 (M_COUNT, M_WHOLE, M_NCOLS, M_LAST, M_COLMASKED, M_SA, M_SB, M_SKIP_FROM, M_SKIP_TO, M_EA, M_EB,
- M_SHARED_AT, M_SHARED_N) = range(13)
-N_META = 13
+ M_SHARED_AT, M_SHARED_N, M_SCOL_N, M_SCOL_FROM, M_SCOL_TO) = range(16)
+N_META = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +152,30 @@ def _column_chunk(jj, skip_from, skip_to):
   return jnp.where(jj < skip_from, jj, jj + skip_to - skip_from)
 
 
-def split_steps(g: Geometry, r: _Refs, tile, b, h):
-  """Split mode: (first shared window, shared steps, own steps) of the tile. Both consumers take the
-  shared steps, then as many own steps as the longer of their two lists (plus column chunks); the
-  other idles through the rest, keeping the ping-pong and the slots' barrier phases."""
+class SplitSteps(NamedTuple):
+  """Split mode, a tile's steps: both consumers take the shared band windows [0, n_shared), then the
+  shared column chunks [n_shared, first_own), then as many own steps as the longer of their two
+  lists (plus own column chunks): the other idles through the rest, keeping the ping-pong and the
+  slots' barrier phases."""
+  at: object        # the first shared band window's start
+  n_shared: object
+  first_own: object  # n_shared + the shared column steps
+  n_own: object
+  col_from: object  # the shared column chunks skipped (both blocks' band columns): [from, to)
+  col_to: object
+
+
+def split_steps(g: Geometry, r: _Refs, tile, b, h) -> SplitSteps:
   n = [sum(_stream(g, r, 2 * tile + w, b, h)[::2]) for w in (0, 1)]
-  blk = 2 * tile
-  return r.meta[b, h, blk, M_SHARED_AT], r.meta[b, h, blk, M_SHARED_N], jnp.maximum(n[0], n[1])
+  m = lambda f: r.meta[b, h, 2 * tile, f]   # noqa: E731 (the tile's fields, on its first block's row)
+  n_shared = m(M_SHARED_N)
+  n_scol, col_from, col_to = (m(M_SCOL_N), m(M_SCOL_FROM), m(M_SCOL_TO)) if g.columns else (jnp.int32(0),) * 3
+  return SplitSteps(m(M_SHARED_AT), n_shared, n_shared + n_scol, jnp.maximum(n[0], n[1]), col_from, col_to)
+
+
+def shared_column_rows(j, st: SplitSteps):
+  """Split mode, shared column step j: the first slot of its SHARED-slot chunk of the list."""
+  return pl.multiple_of(_column_chunk(j - st.n_shared, st.col_from, st.col_to) * SHARED, SHARED)
 
 
 def shared_window(g: Geometry, at, n_shared, j):
@@ -213,28 +232,36 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
   arrivals a phase: two copies, or a copy and a bare arrival (a shared window, a half with nothing)."""
   plgpu = _plgpu()
   (_, k_smem, v_smem, _, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
-  at, n_shared, n_own = split_steps(g, r, tile, b, h)
+  st = split_steps(g, r, tile, b, h)
   halves = [(w, 2 * tile + w) + _stream(g, r, 2 * tile + w, b, h) for w in (0, 1)]
   ring = ((r.k, r.kc, k_smem, k_full, k_free), (r.v, r.vc, v_smem, v_full, v_free))
 
-  @pl.loop(0, n_shared + n_own)
+  @pl.loop(0, st.first_own + st.n_own)
   def _(j):
     slot = lax.rem(j, jnp.int32(g.stages))
-    jl = j - n_shared
+    jl = j - st.first_own
+    own = j >= st.first_own
     for x, xc, smem, full, free in ring:
       @pl.when(j >= g.stages)
       def _():
         plgpu.barrier_wait(free.at[slot])
 
-      @pl.when(j < n_shared)
+      @pl.when(j < st.n_shared)
       def _():
-        start, _ = shared_window(g, at, n_shared, j)
+        start, _ = shared_window(g, st.at, st.n_shared, j)
         plgpu.copy_gmem_to_smem(x.at[b, pl.ds(start, SHARED), kvh], smem.at[slot], full.at[slot])
         plgpu.barrier_arrive(full.at[slot])
 
+      if g.columns:
+        @pl.when((j >= st.n_shared) & ~own)
+        def _():
+          rows = pl.ds(shared_column_rows(j, st), SHARED)
+          plgpu.copy_gmem_to_smem(xc.at[b, rows, h], smem.at[slot], full.at[slot])
+          plgpu.barrier_arrive(full.at[slot])
+
       for w, blk, n_list, _, n_cols in halves:
         dst = smem.at[slot, pl.ds(w * g.block_k, g.block_k)]
-        in_list, in_cols = (j >= n_shared) & (jl < n_list), (jl >= n_list) & (jl < n_list + n_cols)
+        in_list, in_cols = own & (jl < n_list), (jl >= n_list) & (jl < n_list + n_cols)
 
         @pl.when(in_list)
         def _():
@@ -243,7 +270,7 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
         if g.columns:
           pl.when(in_cols)(lambda: plgpu.copy_gmem_to_smem(
               xc.at[b, pl.ds(column_rows(jl, blk, n_list), g.block_k), h], dst, full.at[slot]))
-        pl.when((j >= n_shared) & ~in_list & ~in_cols)(lambda: plgpu.barrier_arrive(full.at[slot]))
+        pl.when(own & ~in_list & ~in_cols)(lambda: plgpu.barrier_arrive(full.at[slot]))
 
 
 def call_kernel(g: Geometry, args, interpret=None):
