@@ -65,11 +65,11 @@ def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bq, bk, dtype):
     assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
 
 
-def _vertical_slash(rng, h, t, bk, nv=9, ns=6, bq=flash_mgpu.TILE_Q):
+def _vertical_slash(rng, h, t, bk, nv=9, ns=6, bq=flash_mgpu.TILE_Q, max_cols=16):
   vert = rng.integers(0, t, (1, h, nv)).astype(np.int32)
   slash = rng.integers(0, t, (1, h, ns)).astype(np.int32)
   slash[:, :, :2] = [0, 1]
-  return vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, bq, bk, 24, 16)
+  return vertical_slash_to_ranges(jnp.asarray(vert), jnp.asarray(slash), t, bq, bk, 24, max_cols)
 
 
 def _eqns(jaxpr):
@@ -319,7 +319,8 @@ def test_ranges_and_blocks_match_oracle_on_gpu(t, h, kh, d, bq, bk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,h,kh,d,bq,bk,nv,ns", [
     (1024, 4, 1, 128, 128, 128, 40, 30), (700, 8, 2, 64, 128, 64, 25, 12),
-    (1024, 4, 1, 128, 56, 64, 40, 30), (999, 8, 2, 64, 56, 64, 70, 12)])    # split mode
+    (1024, 4, 1, 128, 56, 64, 40, 30), (999, 8, 2, 64, 56, 64, 70, 12),     # split mode
+    (1024, 4, 2, 128, 56, 64, 300, 20)])   # split mode, shared column chunks on most tiles
 def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bq, bk, nv, ns):
   """Ranges + the ascending shared column list (columns inside ranges counted once), and an
   unsorted list falling through the dispatcher to the Triton kernel."""
@@ -327,7 +328,7 @@ def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bq, bk, 
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(t + nv)
   q, k, v = _qkv(rng, 1, t, t, h, kh, d, "bfloat16")
-  ranges, cols = _vertical_slash(rng, h, t, bk, nv, ns, bq)
+  ranges, cols = _vertical_slash(rng, h, t, bk, nv, ns, bq, max_cols=16 if nv <= 70 else -(-nv // 16) * 16)
   assert cols.ascending
   out, lse = flash_mgpu.block_sparse_attention_mgpu(q, k, v, ranges, scale=d ** -0.5, columns=cols)
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=cols,
