@@ -51,6 +51,7 @@ def main():
   ap.add_argument("--top", type=int, default=12)
   ap.add_argument("--out", default=tempfile.gettempdir())
   a = ap.parse_args()
+  Path(a.out).mkdir(parents=True, exist_ok=True)
   s, h, d, bq, bk = a.seq, 32, 128, flash_mgpu.SPLIT_Q, 64
   ks = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
