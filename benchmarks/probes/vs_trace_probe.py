@@ -1,7 +1,10 @@
 """Probe (Hopper): the GPU timeline of one whole vertical-slash call per set (builder, kernel inputs,
 gathered columns, the attention kernel), from jax's profiler (CUPTI): per call the span, the kernel's
-own time and the sum of everything else, then the ops outside the kernel by their time per call,
-largest first. It says where the 1.5-3 ms a call spends outside the attention kernel go.
+own time, the sum of everything else and of the idle gaps between ops (synced calls, and bursts of
+BURST calls dispatched back to back, as the benchmark times them), then the ops outside the kernel
+by their time per call, largest first, with their lcinfer source lines (`hlo_sources`), and the
+widest gaps by the op that waited. It says where the 1.5-3 ms a call spends outside the attention
+kernel go.
     PYTHONPATH=. python3 benchmarks/probes/vs_trace_probe.py [--sets 1000,6096 ...] [--top 12]"""
 import argparse
 import functools
@@ -16,32 +19,51 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hlo_sources import op_sources, sources_of  # noqa: E402
 from kernel_report import split_runs, traced_gpu_events  # noqa: E402
 from kernels import vs_list_sizes, vs_pattern  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
 from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 RUNS = 4
+BURST = 2
+
+
+def _burst(f, args, n):
+  out = [f(*args) for _ in range(n)]
+  jax.block_until_ready(out)
 
 
 def op_times(fn, *args, out_dir: str):
-  """Per op name, its GPU time per call (us, median over RUNS synced calls), and the spans (us)."""
+  """(per op name its GPU time per call (us), per op name the idle gap before it (us), span per
+  call (us), gaps per call (us), burst span per call, burst gaps per call, the compiled HLO text):
+  medians over RUNS synced calls, and over RUNS bursts of BURST back-to-back calls."""
   f = jax.jit(fn)
+  text = f.lower(*args).compile().as_text()
   for _ in range(2):
     jax.block_until_ready(f(*args))
-  events = traced_gpu_events(lambda: [jax.block_until_ready(f(*args)) for _ in range(RUNS)],
+  events = traced_gpu_events(lambda: [_burst(f, args, n) for n in [1] * RUNS + [BURST] * RUNS],
                              tempfile.mkdtemp(dir=out_dir, prefix="vs-"))
   if not events:
-    return None, None
-  per_op, spans = defaultdict(list), []
-  for run in split_runs(events, RUNS):
-    spans.append((run[-1][1] - run[0][0]) / 1e3)
-    acc = defaultdict(float)
-    for start, end, name in run:
-      acc[name[:60]] += (end - start) / 1e3
-    for name, us in acc.items():
-      per_op[name].append(us)
-  return {name: statistics.median(v) for name, v in per_op.items()}, statistics.median(spans)
+    return None
+  per_op, waits, spans, gaps = defaultdict(list), defaultdict(list), [], []
+  for i, run in enumerate(split_runs(events, 2 * RUNS)):
+    n = 1 if i < RUNS else BURST
+    spans.append((run[-1][1] - run[0][0]) / 1e3 / n)
+    idle = [(b[0] - a[1]) / 1e3 for a, b in zip(run, run[1:])]
+    gaps.append(sum(max(g, 0) for g in idle) / n)
+    if n == 1:
+      acc, wait = defaultdict(float), defaultdict(float)
+      for (start, end, name), g in zip(run, [0.0] + idle):
+        acc[name[:60]] += (end - start) / 1e3
+        wait[name[:60]] += max(g, 0)
+      for name in acc:
+        per_op[name].append(acc[name])
+        waits[name].append(wait[name])
+  med = statistics.median
+  return ({k: med(v) for k, v in per_op.items()}, {k: med(v) for k, v in waits.items()},
+          med(spans[:RUNS]), med(gaps[:RUNS]), med(spans[RUNS:]), med(gaps[RUNS:]), text)
 
 
 def main():
@@ -65,16 +87,22 @@ def main():
     def call(q, k, v, vj, sj, build=build):
       lay, cols = build(vj, sj)
       return flash_mgpu.block_sparse_attention_mgpu(q, k, v, lay, scale=d ** -0.5, columns=cols)[0]
-    ops, span = op_times(call, q, k, v, jnp.asarray(vert), jnp.asarray(sl), out_dir=a.out)
-    if ops is None:
+    r = op_times(call, q, k, v, jnp.asarray(vert), jnp.asarray(sl), out_dir=a.out)
+    if r is None:
       print(f"vstrace ({nv}, {ns}): no GPU events (CPU?)", flush=True)
       continue
+    ops, waits, span, gap, bspan, bgap, text = r
+    sources = op_sources(text)
     kernel = sum(us for name, us in ops.items() if "lcinfer_flash_mgpu" in name)
     rest = sorted(((us, name) for name, us in ops.items() if "lcinfer_flash_mgpu" not in name), reverse=True)
-    print(f"vstrace ({nv}, {ns}): span {span / 1e3:.2f} ms, kernel {kernel / 1e3:.2f} ms, other ops "
-          f"{sum(us for us, _ in rest) / 1e3:.2f} ms in {len(rest)} ops", flush=True)
+    print(f"vstrace ({nv}, {ns}): synced span {span / 1e3:.2f} ms, kernel {kernel / 1e3:.2f} ms, other ops "
+          f"{sum(us for us, _ in rest) / 1e3:.2f} ms in {len(rest)} ops, gaps {gap / 1e3:.2f} ms; burst of "
+          f"{BURST}: {bspan / 1e3:.2f} ms a call, gaps {bgap / 1e3:.2f} ms a call", flush=True)
     for us, name in rest[:a.top]:
-      print(f"vstrace   {us:9.1f} us  {name}", flush=True)
+      print(f"vstrace   {us:9.1f} us  {name:34s} {' '.join(sources_of(name, sources))}", flush=True)
+    for us, name in sorted(((us, name) for name, us in waits.items()), reverse=True)[:6]:
+      print(f"vstrace   gap {us:7.1f} us before {name:34s} {' '.join(sources_of(name, sources)[:1])}",
+            flush=True)
 
 
 if __name__ == "__main__":
