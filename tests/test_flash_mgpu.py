@@ -191,6 +191,25 @@ def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.T
   return counts[:, :, :t, :s]
 
 
+def test_count_below_matches_a_binary_search():
+  """The wrapper's column counts (entries of an ascending list below x, from a 32-key bitmap and
+  per-word prefix counts) against numpy's searchsorted, at word edges, 0, s and sp included."""
+  rng = np.random.default_rng(11)
+  b, h, n, s, sp = 2, 3, 70, 1000, 1024
+  srt = np.full((b, h, n), s, np.int32)                     # unused slots: s
+  for i in range(b):
+    for j in range(h):
+      m = rng.integers(0, n + 1)
+      srt[i, j, :m] = np.sort(rng.choice(s, m, replace=False))
+  srt[0, 0, :4] = [0, 31, 32, 63]                          # first and last bits of words
+  x = np.concatenate([rng.integers(0, sp + 1, (b, h, 50)),
+                      np.broadcast_to(np.array([0, 1, 31, 32, 33, 63, 64, s, sp]), (b, h, 9))], -1)
+  got = np.asarray(flash_mgpu._count_below(jnp.asarray(srt), s, sp)(jnp.asarray(x.reshape(b, h, 1, -1))))
+  want = np.stack([np.stack([np.searchsorted(srt[i, j][srt[i, j] < s], x[i, j]) for j in range(h)])
+                   for i in range(b)])
+  np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
 @pytest.mark.parametrize("t,bq,bk,nv,near,n_far,seed", [
     (1000, 128, 64, 40, 200, 6, 0), (1024, 128, 128, 30, 130, 4, 1), (700, 128, 64, 60, 3, 8, 2),
     (300, 128, 64, 5, 0, 3, 3), (1000, 56, 64, 40, 200, 6, 4), (700, 56, 64, 60, 3, 8, 5),

@@ -134,15 +134,19 @@ def canonicalize(layout: BlockSparse, columns: Columns | None, t: int, s: int, c
   return new_layout, canonical_columns(columns, last, s, causal)
 
 
-def stable_partition(cls, *xs):
-  """xs [..., M] reordered along the last axis by class cls [..., M] (small ints >= 0, order kept
-  within a class): one sort of single int32 keys class * M + slot, then a gather per array. A
-  stable multi-operand sort of the lists themselves costs ~5x more (CPU, measured). Returns the
-  reordered xs (a list)."""
+def stable_partition(cls, *xs, n_classes: int = 4):
+  """xs [..., M] reordered along the last axis by class cls [..., M] (ints in [0, n_classes), order
+  kept within a class), by counting, not sorting: an entry's slot is the number of entries of
+  lower classes plus its rank in its own class (prefix sums of the class indicators), and each x is
+  scattered there. H200, 128K vertical-slash lists (75K rows of 147): the int32 key sort this
+  replaces took ~390 us. Returns the reordered xs (a list)."""
   m = cls.shape[-1]
-  key = lax.sort(cls.astype(jnp.int32) * m + jnp.arange(m, dtype=jnp.int32), dimension=cls.ndim - 1)
-  slot = lax.rem(key, jnp.int32(m))
-  return [jnp.take_along_axis(x, slot, axis=-1) for x in xs]
+  onehot = (cls[..., None] == jnp.arange(n_classes, dtype=cls.dtype)).astype(jnp.int32)   # [..., M, C]
+  rank = jnp.cumsum(onehot, axis=-2) - onehot                     # same-class entries before it
+  sizes = jnp.sum(onehot, axis=-2, keepdims=True)                 # [..., 1, C]
+  base = jnp.cumsum(sizes, axis=-1) - sizes                       # entries of lower classes
+  dest = jnp.sum(onehot * (base + rank), axis=-1)                 # [..., M], a permutation of 0..M-1
+  return [jnp.put_along_axis(jnp.zeros_like(x), dest, x, axis=-1, inplace=False) for x in xs]
 
 
 def canonical_columns(columns: Columns, last, s: int, causal: bool) -> Columns:
@@ -153,6 +157,8 @@ def canonical_columns(columns: Columns, last, s: int, causal: bool) -> Columns:
   Columns inside listed blocks or ranges are left to the kernel, which masks them."""
   cols = columns.index.astype(jnp.int32)
   slots = jnp.arange(cols.shape[-1], dtype=jnp.int32)
+  if cols.shape[2] == 1 and columns.ascending:   # the promise: ascending, distinct, in [0, s)
+    return Columns(jnp.clip(columns.count, 0, cols.shape[-1]).astype(jnp.int32), cols, True)
   if cols.shape[2] == 1:
     ok = (cols >= 0) & (cols < s)
     order = jnp.argsort(jnp.where(ok, cols, s), axis=-1, stable=True)
@@ -292,7 +298,7 @@ def shared_vertical_columns(vertical_idx, t: int, q1, max_cols: int) -> Columns:
   c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
   rep = jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], axis=-1)
   c = jnp.sort(jnp.where(rep, t, c), axis=-1)[..., :max_cols]         # ascending; t = no entry
-  count = jax.vmap(lambda row: jnp.searchsorted(row, q1[:, 0], side="right"))(
+  count = jax.vmap(lambda row: jnp.searchsorted(row, q1[:, 0], side="right", method="scan_unrolled"))(
       c.reshape(-1, c.shape[-1])).reshape(c.shape[:2] + (q1.shape[0],))
   return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :], ascending=True)
 
