@@ -220,7 +220,7 @@ def sorted_slash_offsets(slash_idx, t: int):
   return -jnp.sort(-jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)
 
 
-def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1):
+def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1, disjoint: bool = False):
   """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones, and every
   invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
   cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
@@ -228,15 +228,20 @@ def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1):
   lists blocks (the grid-aligned builder). Pieces are cut at multiples of `align` (each lies in
   a window [a, a + bk) with a % align == 0; the first piece of a run may start later inside its
   window), so that kernels whose loads must start at aligned rows load each piece once. Returns
-  (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive)."""
+  (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive). disjoint=True: the
+  caller promises the valid ranges neither overlap nor touch (each is its own run), and the merge's
+  two running maxima are skipped (H200, 128K, 6096 slashes: ~0.3-0.5 ms)."""
   hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
-  covered = lax.cummax(hi, axis=hi.ndim - 1)                  # union so far ends here (inclusive)
-  before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
-  new_run = valid & (lo > before + 1)                         # a gap: a new run starts
-  run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
+  if disjoint:
+    covered, run_lo, last_of_run = hi, jnp.where(valid, lo, -1), valid
+  else:
+    covered = lax.cummax(hi, axis=hi.ndim - 1)                # union so far ends here (inclusive)
+    before = jnp.concatenate([jnp.full_like(covered[..., :1], -2), covered[..., :-1]], axis=-1)
+    new_run = valid & (lo > before + 1)                       # a gap: a new run starts
+    run_lo = lax.cummax(jnp.where(new_run, lo, -1), axis=lo.ndim - 1)
+    after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
+    last_of_run = valid & after & (covered >= run_lo)
   run_al = run_lo - run_lo % align                            # the run's first aligned window
-  after = jnp.concatenate([new_run[..., 1:], jnp.ones_like(new_run[..., :1])], axis=-1)
-  last_of_run = valid & after & (covered >= run_lo)
   pieces = jnp.where(last_of_run, (covered - run_al + bk) // bk, 0)   # ceil(len / bk) in windows
   end = jnp.cumsum(pieces, axis=-1)
   total = end[..., -1:]

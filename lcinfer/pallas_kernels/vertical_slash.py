@@ -224,7 +224,8 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
     valid = has[:, :, None, :] & (o_lo[:, :, None, :] <= last[:, None])
     lo = jnp.maximum(q0[:nfull] - hi_off, 0)
     hi = q1[:nfull] - o_lo[:, :, None, :]
-    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges, PIECE_ALIGN))
+    # runs more than block_q apart in offset leave a key between their ranges: no merge needed
+    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges, PIECE_ALIGN, disjoint=True))
   if nfull < nq:  # the last, shorter block: its own merge over the raw slashes
     oq = o[:, :, None, :]
     parts.append(merge_into_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk,
