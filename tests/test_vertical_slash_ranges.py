@@ -141,9 +141,10 @@ def test_builder_keeps_its_canonical_promise(t, bq, bk, max_ranges, align):
       np.testing.assert_array_equal(f, s[..., :m] if f.ndim == 4 else s)
 
 
-def test_stable_partition_is_a_stable_sort_by_class():
+@pytest.mark.parametrize("m", [33, 300])   # per-class counters: 4 in one word / 2 a word
+def test_stable_partition_is_a_stable_sort_by_class(m):
   rng = np.random.default_rng(3)
-  cls = rng.integers(0, 4, (5, 7, 33))
+  cls = rng.integers(0, 4, (5, 7, m))
   x = rng.integers(-100, 100, cls.shape)
   got, = stable_partition(jnp.asarray(cls), jnp.asarray(x))
   order = np.argsort(cls, axis=-1, kind="stable")
