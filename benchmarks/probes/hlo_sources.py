@@ -60,6 +60,16 @@ def op_sources(text: str, keep: str = "lcinfer/", top: int = 3) -> dict[str, lis
   return out
 
 
+def op_lines(text: str, width: int = 160) -> dict[str, str]:
+  """Instruction name ('.' as '_') -> its HLO line (shape, opcode, operands; metadata cut), for
+  ops without source lines (those an XLA pass made: a rewritten reduce-window, a copy)."""
+  out = {}
+  for line in text.splitlines():
+    if m := re.match(r"^\s+(?:ROOT )?%(\S+) = (.*)$", line):
+      out[m.group(1).replace(".", "_").replace("-", "_")] = m.group(2).split(", metadata=")[0][:width]
+  return out
+
+
 def sources_of(kernel: str, sources: dict[str, list[str]]) -> list[str]:
   """The source lines of a trace's kernel name (the longest instruction name it starts with)."""
   best = max((n for n in sources if kernel == n or kernel.startswith(n + "_")), key=len, default=None)

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hlo_sources import op_sources, sources_of  # noqa: E402
+from hlo_sources import op_lines, op_sources, sources_of  # noqa: E402
 from kernel_report import split_runs, traced_gpu_events  # noqa: E402
 from kernels import vs_list_sizes, vs_pattern  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
@@ -98,8 +98,10 @@ def main():
     print(f"vstrace ({nv}, {ns}): synced span {span / 1e3:.2f} ms, kernel {kernel / 1e3:.2f} ms, other ops "
           f"{sum(us for us, _ in rest) / 1e3:.2f} ms in {len(rest)} ops, gaps {gap / 1e3:.2f} ms; burst of "
           f"{BURST}: {bspan / 1e3:.2f} ms a call, gaps {bgap / 1e3:.2f} ms a call", flush=True)
+    described = {k: [v] for k, v in op_lines(text).items()}   # ops an XLA pass made: their HLO
     for us, name in rest[:a.top]:
-      print(f"vstrace   {us:9.1f} us  {name:34s} {' '.join(sources_of(name, sources))}", flush=True)
+      where = sources_of(name, sources) or sources_of(name, described) or ["?"]
+      print(f"vstrace   {us:9.1f} us  {name:34s} {' '.join(where)}", flush=True)
     for us, name in sorted(((us, name) for name, us in waits.items()), reverse=True)[:6]:
       print(f"vstrace   gap {us:7.1f} us before {name:34s} {' '.join(sources_of(name, sources)[:1])}",
             flush=True)
