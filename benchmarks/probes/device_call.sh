@@ -17,6 +17,8 @@
 #                    case on the H200 (the replays save and restore GBs of inputs)
 #   vstrace[=SETS]   probes/vs_trace_probe.py (per set, the whole call's GPU ops outside the kernel by time;
 #                    SETS: "V,S+V,S")
+#   vsburst[=SETS]   probes/vs_burst_probe.py (fixed cost per timed sample vs cost per call, vertical-slash
+#                    and cuDNN dense, from bursts of 1-8 calls; SETS: "V,S+V,S")
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
@@ -65,6 +67,8 @@ lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lt
            done ;;
     vstrace) timeout 300 python3 benchmarks/probes/vs_trace_probe.py ${arg:+--sets ${arg//+/ }} --out /tmp/trace 2>&1 \
                | grep -E "^vstrace|rror" | tee -a "$out/vstrace.log" ;;
+    vsburst) timeout 300 python3 benchmarks/probes/vs_burst_probe.py ${arg:+--sets ${arg//+/ }} 2>&1 \
+               | grep -E "^vsburst|rror" | tee -a "$out/vsburst.log" ;;
     prep) timeout 150 python3 benchmarks/probes/vs_prep_probe.py 2>&1 | tables 12 ;;
     cta) timeout 200 python3 benchmarks/probes/cta_overhead_probe.py 2>&1 | tables 20 ;;
     qdecode) timeout 330 python3 benchmarks/probes/qdecode_mgpu_probe.py ${arg:+--${arg//,/ --}} 2>&1 \
