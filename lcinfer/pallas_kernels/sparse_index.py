@@ -140,7 +140,8 @@ def stable_partition(cls, *xs, n_classes: int = 4):
   lower classes plus its rank in its own class, and each x is scattered there. The per-class counts
   are fields of bit_length(M) bits packed into uint32 words (4 classes of lists up to 255 long in
   one word), so one prefix sum over M gives every class's rank. H200, 128K vertical-slash lists
-  (75K rows of 147): the int32 key sort this replaces took ~390 us. Returns the reordered xs."""
+  (75K rows of 147): ~0.25 ms (two fusions in the profiler's trace), against ~0.39 ms for the
+  int32 key sort it replaces. Returns the reordered xs."""
   m = cls.shape[-1]
   w = max(m.bit_length(), 1)
   per_word = 32 // w
@@ -155,7 +156,8 @@ def stable_partition(cls, *xs, n_classes: int = 4):
     one = jnp.where(mine, jnp.left_shift(jnp.uint32(1), shift), jnp.uint32(0))
     incl = jnp.cumsum(one, axis=-1, dtype=jnp.uint32)
     total = incl[..., -1:]
-    field = lambda x, c: (jnp.right_shift(x, jnp.uint32(c * w)) & jnp.uint32((1 << w) - 1)).astype(jnp.int32)  # noqa: E731
+    field = lambda x, c: (jnp.right_shift(x, jnp.uint32(c * w))              # noqa: E731
+                          & jnp.uint32((1 << w) - 1)).astype(jnp.int32)
     rank = jnp.where(mine, field(jnp.right_shift(incl - one, shift), 0), rank)
     for c in range(first, min(first + per_word, n_classes)):   # entries of lower classes
       base = base + jnp.where(cls > c, field(total, c - first), 0)
@@ -317,6 +319,7 @@ def shared_vertical_columns(vertical_idx, t: int, q1, max_cols: int) -> Columns:
   c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
   rep = jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], axis=-1)
   c = jnp.sort(jnp.where(rep, t, c), axis=-1)[..., :max_cols]         # ascending; t = no entry
+  # unrolled: the default is an XLA while loop, whose condition the host reads back every iteration
   count = jax.vmap(lambda row: jnp.searchsorted(row, q1[:, 0], side="right", method="scan_unrolled"))(
       c.reshape(-1, c.shape[-1])).reshape(c.shape[:2] + (q1.shape[0],))
   return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :], ascending=True)

@@ -218,7 +218,8 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
     # (searchsorted unrolled: its default scan is an XLA while loop, whose condition the host reads
     # back every iteration, H200 128K: ~0.2-0.5 ms of idle GPU per call, and no running ahead)
     last = q1[:nfull, 0]
-    m = jax.vmap(lambda row: row[jnp.maximum(jnp.searchsorted(row, last, side="right", method="scan_unrolled") - 1, 0)])(
+    below = lambda row: jnp.searchsorted(row, last, side="right", method="scan_unrolled") - 1   # noqa: E731
+    m = jax.vmap(lambda row: row[jnp.maximum(below(row), 0)])(
         asc.reshape(-1, asc.shape[-1])).reshape(o.shape[:2] + (nfull,))  # largest offset <= q1 (or more)
     hi_off = jnp.clip(m[..., None], o_lo[:, :, None, :], o_hi[:, :, None, :])
     valid = has[:, :, None, :] & (o_lo[:, :, None, :] <= last[:, None])
