@@ -61,11 +61,16 @@ def sample(compiled, args, burst: int) -> float:
   return (time.perf_counter() - t) / burst
 
 
-def bench(fn, *args, reps: int = 7) -> dict:
-  """{'ms': median over `reps` bursts of the steady-state ms per call, 'compile_s', 'runs', 'burst'}."""
+def bench(fn, *args, reps: int = 7, device: bool = False) -> dict:
+  """{'ms': median over `reps` bursts of the steady-state ms per call, 'compile_s', 'runs', 'burst'};
+  device=True adds 'device_ms' (`device_time` of single synced calls: the GPU's span per call,
+  without the ~1 ms of dispatch and sync that each wall-clock sample carries, where there is a GPU)."""
   compiled, compile_s, burst = prepare(fn, *args)
   ts = [sample(compiled, args, burst) for _ in range(reps)]
-  return {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps, "burst": burst}
+  r = {"ms": statistics.median(ts) * 1e3, "compile_s": compile_s, "runs": reps, "burst": burst}
+  if device and (dev_ms := device_time(compiled, args, copies=1)) is not None:
+    r["device_ms"] = dev_ms
+  return r
 
 
 def prepare_in_jit(fn, *args, copies: int = 8):
@@ -258,7 +263,9 @@ def markdown(info, rows, command) -> str:
          "  which drift of the machine between rows does not move. 'device ms': the GPU's time per call",
          "  from the profiler's timeline (CUPTI), median of 5 executions of the same 8-call executable:",
          "  the time without the host's dispatch and sync around each sample, which the wall-clock 'ms'",
-         "  carries (~1 ms per sample of ~100 ms)", ""]
+         "  carries (~1 ms per sample of ~100 ms). Vertical-slash: 'device ms' is the GPU's span of one",
+         "  synced call (index and kernel), median of 5, and 'speedup, device times' divides cuDNN dense's",
+         "  device ms by it (the wall-clock samples are 2-6 calls of the sparse kernel, 1 of cuDNN dense)", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:
@@ -276,9 +283,11 @@ def markdown(info, rows, command) -> str:
   table(out, by("vertical_slash"), "Vertical-slash (index construction included)",
         ["(v, s)", "layout", "KV heads", "density"],
         lambda r: [f"({r['v']}, {r['s']})", f"{r['layout']} {r['block']}", r["kv_heads"], f"{r['density']:.3f}"],
-        ["ms", "of which index ms", "speedup vs cuDNN dense", "efficiency", "MInference ms (BENCHMARKS.md)"],
+        ["ms", "of which index ms", "speedup vs cuDNN dense", "efficiency", "MInference ms (BENCHMARKS.md)",
+         "device ms", "speedup, device times"],
         lambda r: [fmt(r.get("ms"), ".2f"), fmt(r.get("index_ms"), ".2f"), fmt(r.get("speedup"), ".2f"),
-                   fmt(r.get("efficiency"), ".2f"), fmt(r.get("minference_ms"))])
+                   fmt(r.get("efficiency"), ".2f"), fmt(r.get("minference_ms")), fmt(r.get("device_ms"), ".2f"),
+                   fmt(r.get("speedup_device"), ".2f")])
   table(out, by("decode"), "Decode attention (B=1, H=32, K=8, D=128, one query per head, every slot valid)",
         ["implementation", "cache", "C"], lambda r: [r["impl"], r["cache"], r["C"]],
         ["ms", "GB/s (K+V bytes read)", "of copy bandwidth", "time / bf16", "time / bf16, paired",

@@ -132,14 +132,16 @@ def run_dense(args, rows):
         r["x_cudnn"] = res["cudnn"]["ms"] / r["ms"]
 
 
-def cudnn_dense_ms(args, s, h, kh) -> float | None:
+def cudnn_dense(args, s, h, kh) -> dict:
+  """The sparse sections' reference: {'ms', 'device_ms' (where there is a GPU)}; {} in smoke runs."""
   if args.smoke:
-    return None
+    return {}
   ks = jax.random.split(jax.random.key(s + 7), 3)
   q = rand(ks[0], (1, s, h, 128))
   k, v = (rand(kk, (1, s, kh, 128)) for kk in ks[1:])
   f = dense_impls(args, h, 128)["cudnn"]
-  return bench(f, q, k, v, reps=args.reps)["ms"]
+  r = bench(f, q, k, v, reps=args.reps, device=True)
+  return {key: r[key] for key in ("ms", "device_ms") if key in r}
 
 
 # -- block-sparse, 10% kept -----------------------------------------------------------------------
@@ -231,7 +233,7 @@ def vs_density(vert, sl, s) -> float:
   return total / (vert.shape[1] * s * (s + 1) / 2)
 
 
-def run_vertical_slash(args, rows, dense_ms_by_kh):
+def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
   s, h, d = args.sparse_len, args.heads, 128
   rng = np.random.default_rng(0)
   for kh in dict.fromkeys((h, args.gqa_kv_heads)):   # --gqa-kv-heads = --heads: no GQA rows
@@ -275,7 +277,7 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
         def timed(f=f, build=build):
           if bool(jnp.any(build(vj, sj)[0].saturated())):  # a full list may have dropped entries
             raise RuntimeError("vertical-slash list full: entries may have been dropped; raise vs_list_sizes")
-          return bench(f, q, k, v, vj, sj, reps=args.reps)
+          return bench(f, q, k, v, vj, sj, reps=args.reps, device=True)
         r = attempt(rows, f"vertical_slash {kind} {bq}x{bk} {chunk or ''} (v={nv}, s={ns}) K={kh} S={s}", timed)
         r.update(section="vertical_slash", S=s, v=nv, s=ns, kv_heads=kh, density=density, layout=kind,
                  block=f"{bq}x{bk}" + (f" cols/{chunk}" if chunk else ""), minference_ms=MINFERENCE_MS.get((nv, ns)))
@@ -287,6 +289,8 @@ def run_vertical_slash(args, rows, dense_ms_by_kh):
           if dense_ms:
             r["speedup"] = dense_ms / r["ms"]
             r["efficiency"] = density * dense_ms / r["ms"]
+          if dense_device_ms_by_kh.get(kh) and r.get("device_ms"):
+            r["speedup_device"] = dense_device_ms_by_kh[kh] / r["device_ms"]
 
 
 # -- flash tuning ---------------------------------------------------------------------------------
@@ -365,15 +369,15 @@ def main(argv=None) -> int:
   if "dense" in only:
     run_dense(args, rows)
   if {"block_sparse", "vertical_slash"} & only:
-    dense_ms = {}
+    dense_ms, dense_device_ms = {}, {}
     for kh in dict.fromkeys((args.heads, args.gqa_kv_heads)):
       r = attempt(rows, f"cudnn dense reference S={args.sparse_len} K={kh}",
-                  lambda: {"ms": cudnn_dense_ms(args, args.sparse_len, args.heads, kh)})
-      dense_ms[kh] = r.get("ms")
+                  lambda: cudnn_dense(args, args.sparse_len, args.heads, kh))
+      dense_ms[kh], dense_device_ms[kh] = r.get("ms"), r.get("device_ms")
     if "block_sparse" in only:
       run_block_sparse(args, rows, dense_ms[args.heads])
     if "vertical_slash" in only:
-      run_vertical_slash(args, rows, dense_ms)
+      run_vertical_slash(args, rows, dense_ms, dense_device_ms)
   if "decode" in only:
     run_decode(args, rows, copy_gbs)
   if args.tune:
