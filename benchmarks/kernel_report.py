@@ -254,8 +254,10 @@ def markdown(info, rows, command) -> str:
          f"- device: {info.get('nvidia_smi') or info['device']}; {info['date']}",
          f"- jax {info['jax']}, jaxlib {info.get('jaxlib')}, {info.get('cuda_plugin')}, Python {info['python']}",
          f"- command: `{command}`",
-         "- timing: compiled once (compile time apart), warm-up, then the median of 7 samples (20 for decode),",
-         "  each a burst of back-to-back calls (~100 ms) ended by one sync (dense implementations: their",
+         f"- timing: compiled once (compile time apart), warm-up, then the median of {info.get('reps', 7)} samples"
+         f" ({max(info.get('reps', 7), 20)} for decode),",
+         f"  each a burst of back-to-back calls (~{info.get('burst_s', BURST_S) * 1e3:.0f} ms) ended by one sync"
+         " (dense implementations: their",
          "  samples taken in turn); fresh random bf16 inputs. Decode: 8 calls, each on its own copy of every",
          "  input, in one executable, time / 8: one jitted call per dispatch costs ~50-70 us of host time,",
          "  as long as the int4 kernel. The one-call-per-dispatch time is shown beside it. 'time / bf16,",

@@ -335,6 +335,9 @@ def main(argv=None) -> int:
   p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants")
   p.add_argument("--vs-variants", default="", help='vertical-slash: only these, e.g. "ranges mosaic_gpu 128x64"')
   p.add_argument("--reps", type=int, default=7)
+  p.add_argument("--burst-s", type=float, default=kernel_report.BURST_S,
+                 help="seconds of back-to-back calls per timed sample (each sample also carries ~1 ms of "
+                      "dispatch and sync on the H200 host)")
   p.add_argument("--tune", action="store_true", help="also sweep flash / flash-decoding block sizes")
   p.add_argument("--tune-seqs", default="8k,32k")
   p.add_argument("--smoke", action="store_true", help="tiny shapes in Pallas interpret mode (CPU)")
@@ -344,13 +347,14 @@ def main(argv=None) -> int:
   args.seqs, args.tune_seqs = parse_lengths(args.seqs), parse_lengths(args.tune_seqs)
   args.sparse_len, args.decode_len = parse_lengths(args.sparse_len)[0], parse_lengths(args.decode_len)[0]
   args.vs_sets = VS_SETS
+  kernel_report.BURST_S = args.burst_s
   if args.smoke:
     args.seqs, args.tune_seqs, args.sparse_len, args.decode_len = [128], [64], 256, 256
     args.heads, args.gqa_kv_heads, args.reps, args.vs_sets = 2, 1, 1, ((40, 60),)
     kernel_report.BURST_S = 0.005   # plumbing only: short samples
   elif jax.devices()[0].platform != "gpu":
     raise SystemExit("benchmarks/kernels.py needs a CUDA GPU (or --smoke for a CPU plumbing check)")
-  info = device_info()
+  info = {**device_info(), "reps": args.reps, "burst_s": kernel_report.BURST_S}
   print(json.dumps(info), flush=True)
   command = "PYTHONPATH=. python3 benchmarks/kernels.py " + shlex.join(argv if argv is not None else sys.argv[1:])
   slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
