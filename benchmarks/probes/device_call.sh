@@ -7,7 +7,8 @@
 #                    2 failures: a hanging kernel costs 120 s per test)
 #   dtests[=EXPR]    gpu tests of the decode kernels (bf16, quantized Triton, int4 Hopper), pytest -k EXPR
 #   vs[=VARIANTS]    vertical-slash benchmark, H = 32 (default: both Hopper layouts, 56x64 and 128x128)
-#   vsgqa[=VARIANTS] the same with the GQA rows (8 KV heads) beside the H = 32 ones
+#   vsgqa[=VARIANTS] the same with the GQA rows (8 KV heads) beside the H = 32 ones (both: VS_BURST_S=0.5 in the
+#                    environment for 0.5 s samples instead of 0.1 s)
 #   kernels=SECTIONS benchmarks/kernels.py --only SECTIONS (e.g. dense / block_sparse / copy,decode),
 #                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
 #   vsorder[=VARIANTS] probes/vs_order_probe.py (vertical-slash sets under kernel variants; VARIANTS: the
@@ -51,8 +52,10 @@ for step in "$@"; do
               tests/test_decode_quant_mgpu.py ${arg:+-k "$arg"} -p timeout --timeout 120 --timeout-method=thread --maxfail=2 -rf \
               2>&1 | tail -6 | tee -a "$out/tests.log" ;;
     vs) timeout 200 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
+          --burst-s "${VS_BURST_S:-0.1}" \
           --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x128}" 2>&1 | tables 12 ;;
     vsgqa) timeout 400 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 8 --reps 5 --out "$out" \
+             --burst-s "${VS_BURST_S:-0.1}" \
              --vs-variants "${arg:-ranges mosaic_gpu 56x64}" 2>&1 | tables 14 ;;
     kernels) timeout 330 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
     vsorder) v=${arg:-hf,s2,lazy,q56+tf,s2,lazy,q56}
