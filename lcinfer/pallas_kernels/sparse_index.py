@@ -104,6 +104,16 @@ def _last_q_row(nq, block_q, t):
   return jnp.minimum((jnp.arange(nq, dtype=jnp.int32) + 1) * block_q, t) - 1
 
 
+def count_at_most(sorted_rows, x):
+  """[..., len(x)]: per row of sorted_rows [..., n] (ascending), how many entries are <= each x [m].
+  A binary search unrolled into log2(n) gathers: jnp.searchsorted's default is an XLA while loop,
+  whose condition the host reads back every iteration (H200, 128K vertical-slash index: 0.6-1.2 ms
+  of idle GPU a call, and the host cannot run ahead of the GPU)."""
+  flat = sorted_rows.reshape(-1, sorted_rows.shape[-1])
+  found = jax.vmap(lambda row: jnp.searchsorted(row, x, side="right", method="scan_unrolled"))(flat)
+  return found.reshape(sorted_rows.shape[:-1] + x.shape)
+
+
 def _sort_dedupe(x, valid, sentinel):
   """Sort each row (last axis) of x ascending with invalid entries and duplicates pushed to the
   end as `sentinel`; returns (sorted x, count of distinct valid entries)."""
@@ -147,6 +157,8 @@ def stable_partition(cls, *xs, n_classes: int = 4):
   per_word = 32 // w
   if per_word == 0:
     raise ValueError(f"stable_partition: lists of {m} entries do not fit 32-bit counters")
+  field = lambda x, c: (jnp.right_shift(x, jnp.uint32(c * w))                # noqa: E731 (counter c of x)
+                        & jnp.uint32((1 << w) - 1)).astype(jnp.int32)
   cls = cls.astype(jnp.int32)
   rank = jnp.zeros(cls.shape, jnp.int32)
   base = jnp.zeros(cls.shape, jnp.int32)
@@ -156,8 +168,6 @@ def stable_partition(cls, *xs, n_classes: int = 4):
     one = jnp.where(mine, jnp.left_shift(jnp.uint32(1), shift), jnp.uint32(0))
     incl = jnp.cumsum(one, axis=-1, dtype=jnp.uint32)
     total = incl[..., -1:]
-    field = lambda x, c: (jnp.right_shift(x, jnp.uint32(c * w))              # noqa: E731
-                          & jnp.uint32((1 << w) - 1)).astype(jnp.int32)
     rank = jnp.where(mine, field(jnp.right_shift(incl - one, shift), 0), rank)
     for c in range(first, min(first + per_word, n_classes)):   # entries of lower classes
       base = base + jnp.where(cls > c, field(total, c - first), 0)
@@ -169,7 +179,8 @@ def canonical_columns(columns: Columns, last, s: int, causal: bool) -> Columns:
   """The kernel's column form, same key sets. A per-query-block list ([B, H, nq, n]) is sorted,
   duplicate-free and in [0, s), its count causally clipped at the block's last row `last` [nq, 1].
   A shared list ([B, H, 1, n]) keeps its order (block qb takes the first count[qb] entries), with
-  out-of-range entries and repeats of an earlier entry replaced by -1 (masked in the kernel).
+  out-of-range entries and repeats of an earlier entry replaced by -1 (masked in the kernel); one
+  that promises `ascending` (the builders') is taken as it is.
   Columns inside listed blocks or ranges are left to the kernel, which masks them."""
   cols = columns.index.astype(jnp.int32)
   slots = jnp.arange(cols.shape[-1], dtype=jnp.int32)
@@ -319,8 +330,6 @@ def shared_vertical_columns(vertical_idx, t: int, q1, max_cols: int) -> Columns:
   c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
   rep = jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], axis=-1)
   c = jnp.sort(jnp.where(rep, t, c), axis=-1)[..., :max_cols]         # ascending; t = no entry
-  # unrolled: the default is an XLA while loop, whose condition the host reads back every iteration
-  count = jax.vmap(lambda row: jnp.searchsorted(row, q1[:, 0], side="right", method="scan_unrolled"))(
-      c.reshape(-1, c.shape[-1])).reshape(c.shape[:2] + (q1.shape[0],))
+  count = count_at_most(c, q1[:, 0])
   return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :], ascending=True)
 

@@ -31,7 +31,7 @@ from jax import lax
 from lcinfer.pallas_kernels.sparse_index import (Columns, _check_int, _last_q_row, canonical_columns,
                                                  merge_into_pieces, shared_vertical_columns,
                                                  sorted_slash_offsets, check_vertical_slash_args,
-                                                 stable_partition)
+                                                 stable_partition, count_at_most)
 
 
 PIECE_ALIGN = 8  # pieces of a run are cut at multiples of 8 keys: TMA loads of tiled (8-row) tiles
@@ -215,12 +215,9 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
   if nfull:  # full blocks: runs found once per head, shifted per block
     o_hi, o_lo, has = _offset_runs(o, block_q, min(max_ranges, o.shape[-1]), invalid=2 * t)
     asc = jnp.flip(o, axis=-1)                                           # ascending, invalid last
-    # (searchsorted unrolled: its default scan is an XLA while loop, whose condition the host reads
-    # back every iteration, H200 128K: ~0.2-0.5 ms of idle GPU per call, and no running ahead)
     last = q1[:nfull, 0]
-    below = lambda row: jnp.searchsorted(row, last, side="right", method="scan_unrolled") - 1   # noqa: E731
-    m = jax.vmap(lambda row: row[jnp.maximum(below(row), 0)])(
-        asc.reshape(-1, asc.shape[-1])).reshape(o.shape[:2] + (nfull,))  # largest offset <= q1 (or more)
+    at = jnp.maximum(count_at_most(asc, last) - 1, 0)
+    m = jnp.take_along_axis(asc, at, axis=-1)                          # largest offset <= q1 (or more)
     hi_off = jnp.clip(m[..., None], o_lo[:, :, None, :], o_hi[:, :, None, :])
     valid = has[:, :, None, :] & (o_lo[:, :, None, :] <= last[:, None])
     lo = jnp.maximum(q0[:nfull] - hi_off, 0)
