@@ -224,6 +224,18 @@ def vs_list_sizes(n_slash: int, bq: int, bk: int) -> tuple[int, int]:
   return band + far * -(-(bq + 7) // bk), band + far * (-(-(bq - 1) // bk) + 1)
 
 
+def vs_ranges_builder(s: int, nv: int, ns: int, bq: int, bk: int):
+  """vertical_slash_to_ranges for a BENCHMARKS.md pattern of nv verticals and ns slashes at length
+  s, with the list sizes that never drop an entry (`vs_list_sizes`) and room for every column
+  (nv rounded up to 32): (vertical_idx, slash_idx) -> (KeyRanges, Columns)."""
+  return functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
+                           max_ranges=vs_list_sizes(ns, bq, bk)[0], max_cols=vs_max_cols(nv))
+
+
+def vs_max_cols(nv: int) -> int:
+  return max(32, -(-nv // 32) * 32)
+
+
 def vs_density(vert, sl, s) -> float:
   """Exact fraction of causal (q, k) pairs with k a vertical or q - k a slash, averaged over heads."""
   total = 0.0
@@ -256,14 +268,11 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
       if args.vs_variants:
         variants = [x for x in variants if f"{x[0]} {x[1]}x{x[2]}" in args.vs_variants.split(",")]
       for kind, bq, bk, chunk in variants:
-        max_cols = max(32, -(-nv // 32) * 32)
-        max_ranges, max_blocks = vs_list_sizes(ns, bq, bk)
         if kind.startswith("ranges"):
-          build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
-                                    max_ranges=max_ranges, max_cols=max_cols)
+          build = vs_ranges_builder(s, nv, ns, bq, bk)
         else:
           build = functools.partial(vertical_slash_to_layout, seq_len=s, block_q=bq, block_k=bk,
-                                    max_blocks=max_blocks, max_cols=max_cols)
+                                    max_blocks=vs_list_sizes(ns, bq, bk)[1], max_cols=vs_max_cols(nv))
 
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
               stages=3 if "stages=3" in kind else 2):

@@ -5,7 +5,6 @@ seconds = overhead + n * per_call. The benchmark's samples are ~100 ms bursts: 2
 (1000, 6096) and 1 of cuDNN dense, so a fixed cost weighs ~2.5x more per call on the sparse row.
     PYTHONPATH=. python3 benchmarks/probes/vs_burst_probe.py [--sets 1000,6096 ...]"""
 import argparse
-import functools
 import statistics
 import sys
 from pathlib import Path
@@ -16,9 +15,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import rand, sample  # noqa: E402
-from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from kernels import vs_pattern, vs_ranges_builder  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
-from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 BURSTS = (1, 2, 4, 8)
 REPS = 7
@@ -52,9 +50,7 @@ def main():
   for spec in a.sets:
     nv, ns = map(int, spec.split(","))
     vj, sj = (jnp.asarray(x) for x in vs_pattern(rng, s, h, nv, ns))
-    build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=flash_mgpu.SPLIT_Q, block_k=64,
-                              max_ranges=vs_list_sizes(ns, flash_mgpu.SPLIT_Q, 64)[0],
-                              max_cols=max(32, -(-nv // 32) * 32))
+    build = vs_ranges_builder(s, nv, ns, flash_mgpu.SPLIT_Q, 64)
 
     def call(q, k, v, vj, sj, build=build):
       lay, cols = build(vj, sj)

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import vs_list_sizes, vs_pattern, vs_subset  # noqa: E402
+from kernels import vs_pattern, vs_ranges_builder, vs_subset  # noqa: E402
 from vs_knobs import block_q, knobs  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
-from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 nv, ns = map(int, sys.argv[1].split(","))
 part = sys.argv[2] if len(sys.argv) > 2 else "all"
@@ -23,9 +22,7 @@ s, h, d = 131072, 32, 128
 ks = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.random.normal(kk, (1, s, h, d), jnp.float32).astype(jnp.bfloat16) for kk in ks)
 vert, sl = vs_subset(*vs_pattern(np.random.default_rng(0), s, h, nv, ns), part)
-lay, cols = jax.jit(lambda vj, sj: vertical_slash_to_ranges(
-    vj, sj, s, bq, bk, vs_list_sizes(ns, bq, bk)[0], max(32, -(-vert.shape[-1] // 32) * 32)))(
-        jnp.asarray(vert), jnp.asarray(sl))
+lay, cols = jax.jit(vs_ranges_builder(s, vert.shape[-1], ns, bq, bk))(jnp.asarray(vert), jnp.asarray(sl))
 f = jax.jit(lambda q, k, v, lay, cols: flash_mgpu._run(q, k, v, lay, cols, scale=d ** -0.5, causal=True, **kw)[0])
 for _ in range(2):
   f(q, k, v, lay, cols).block_until_ready()

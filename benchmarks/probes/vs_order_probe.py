@@ -5,7 +5,6 @@ dense kernel at 128K under the same variants. Index construction included.
     PYTHONPATH=. python3 benchmarks/probes/vs_order_probe.py --variants hf,s2,lazy,k128,narrow ...
     PYTHONPATH=. python3 benchmarks/probes/vs_order_probe.py --parts all no-far band far"""
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -15,10 +14,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import bench  # noqa: E402
-from kernels import VS_PARTS, vs_list_sizes, vs_pattern, vs_subset  # noqa: E402
+from kernels import VS_PARTS, vs_pattern, vs_ranges_builder, vs_subset  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
 from vs_knobs import block_q, knobs  # noqa: E402
-from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
@@ -59,8 +57,7 @@ for spec in args.sets:
     for variant in args.variants:
       kw = knobs(variant)
       bk, bq = kw["block_k"], block_q(variant)
-      build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
-                                max_ranges=vs_list_sizes(ns, bq, bk)[0], max_cols=max(32, -(-vv.shape[-1] // 32) * 32))
+      build = vs_ranges_builder(s, vv.shape[-1], ns, bq, bk)
 
       def f(q, k, v, vj, sj, build=build, kw=kw):
         lay, cols = build(vj, sj)

@@ -13,9 +13,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import bench  # noqa: E402
-from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from kernels import vs_pattern, vs_ranges_builder  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
-from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
@@ -35,8 +34,7 @@ for spec in args.sets:
   vj, sj = jnp.asarray(vert), jnp.asarray(sl)
   for blocks in args.blocks:
     bq, bk = map(int, blocks.split("x"))
-    build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
-                              max_ranges=vs_list_sizes(ns, bq, bk)[0], max_cols=max(32, -(-nv // 32) * 32))
+    build = vs_ranges_builder(s, nv, ns, bq, bk)
     split = bq == flash_mgpu.SPLIT_Q
 
     def inputs(q, k, vj, sj, gather):

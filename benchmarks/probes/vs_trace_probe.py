@@ -7,7 +7,6 @@ widest gaps by the op that waited. It says where the 1.5-3 ms a call spends outs
 kernel go.
     PYTHONPATH=. python3 benchmarks/probes/vs_trace_probe.py [--sets 1000,6096 ...] [--top 12]"""
 import argparse
-import functools
 import statistics
 import sys
 import tempfile
@@ -22,9 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hlo_sources import op_lines, op_sources, sources_of  # noqa: E402
 from kernel_report import split_runs, traced_gpu_events  # noqa: E402
-from kernels import vs_list_sizes, vs_pattern  # noqa: E402
+from kernels import vs_pattern, vs_ranges_builder  # noqa: E402
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
-from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges  # noqa: E402
 
 RUNS = 4
 BURST = 2
@@ -81,8 +79,7 @@ def main():
   for spec in a.sets:
     nv, ns = map(int, spec.split(","))
     vert, sl = vs_pattern(rng, s, h, nv, ns)
-    build = functools.partial(vertical_slash_to_ranges, seq_len=s, block_q=bq, block_k=bk,
-                              max_ranges=vs_list_sizes(ns, bq, bk)[0], max_cols=max(32, -(-nv // 32) * 32))
+    build = vs_ranges_builder(s, nv, ns, bq, bk)
 
     def call(q, k, v, vj, sj, build=build):
       lay, cols = build(vj, sj)
