@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_matches_oracle
 from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
 from lcinfer.pallas_kernels.reference import block_sparse_reference
-from lcinfer.pallas_kernels.sparse_index import Columns, stable_partition
+from lcinfer.pallas_kernels.sparse_index import Columns, row_prefix_sum, stable_partition
 from lcinfer.pallas_kernels.vertical_slash import (KeyRanges, ascending_ranges, canonicalize_ranges,
                                                    vertical_slash_to_ranges)
 
@@ -139,6 +139,18 @@ def test_builder_keeps_its_canonical_promise(t, bq, bk, max_ranges, align):
     fast, slow = (canonicalize_ranges(r, cols, t, t, causal, align) for r in (ranges, sorted_))
     for f, s in zip(fast[:4], slow[:4]):
       np.testing.assert_array_equal(f, s[..., :m] if f.ndim == 4 else s)
+
+
+@pytest.mark.parametrize("n, bound", [(1, 2), (160, 2049), (162, 257), (300, 256), (512, 30000), (513, 9)])
+def test_row_prefix_sum_equals_cumsum(n, bound):
+  """The GEMM prefix sum (bytes in bf16, float32 sums) is exact up to its limits, including values
+  bound - 1 in every slot (the largest sums); 513-long rows take jnp.cumsum."""
+  rng = np.random.default_rng(n)
+  x = rng.integers(0, bound, (3, 4, n))
+  x[0, 0] = bound - 1
+  got = jax.jit(row_prefix_sum, static_argnums=1)(jnp.asarray(x, jnp.int32), bound)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.cumsum(x, axis=-1))
 
 
 @pytest.mark.parametrize("m", [33, 300])   # per-class counters: 4 in one word / 2 a word
