@@ -273,8 +273,7 @@ def row_prefix_sum(x, bound: int | None = None):
   return jnp.matmul(xs, jnp.concatenate(mats, axis=0), preferred_element_type=jnp.float32).astype(jnp.int32)
 
 
-def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1, disjoint: bool = False,
-                      key_bound: int | None = None):
+def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1, disjoint: bool = False):
   """Key ranges [lo, hi] (inclusive; per row sorted by lo, `valid` marks real ones, and every
   invalid entry precedes the valid ones, as descending offsets give: the slashes or runs a block
   cannot reach are the farthest) merged into disjoint runs, cut into bk-long pieces; the
@@ -284,8 +283,8 @@ def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1, d
   window), so that kernels whose loads must start at aligned rows load each piece once. Returns
   (count [..], start [.., max_ranges], stop [.., max_ranges]) (stop exclusive). disjoint=True: the
   caller promises the valid ranges neither overlap nor touch (each is its own run), and the merge's
-  two running maxima are skipped (H200, 128K, 6096 slashes: ~0.3-0.5 ms). key_bound (static): every
-  hi is below it, which lets the prefix sums be GEMMs (`row_prefix_sum`)."""
+  two running maxima are skipped (H200, 128K, 6096 slashes: ~0.3-0.5 ms). The prefix sums over the
+  entries are GEMMs where rows are short (`row_prefix_sum`)."""
   hi = jnp.where(valid, hi, -2)                               # inclusive end (-2: none, below any run)
   if disjoint:
     covered, run_lo, last_of_run = hi, jnp.where(valid, lo, -1), valid
@@ -298,7 +297,11 @@ def merge_into_pieces(lo, hi, valid, bk: int, max_ranges: int, align: int = 1, d
     last_of_run = valid & after & (covered >= run_lo)
   run_al = run_lo - run_lo % align                            # the run's first aligned window
   pieces = jnp.where(last_of_run, (covered - run_al + bk) // bk, 0)   # ceil(len / bk) in windows
-  end = row_prefix_sum(pieces, None if key_bound is None else (key_bound - 1 + bk) // bk + 1)
+  # a run's pieces below its last max_ranges can never be kept: drop them here (its first window
+  # moves up), so that pieces <= max_ranges and the prefix sum below is one byte-wide GEMM
+  extra = jnp.maximum(pieces - max_ranges, 0)
+  pieces, run_al = pieces - extra, run_al + extra * bk
+  end = row_prefix_sum(pieces, max_ranges + 1)
   total = end[..., -1:]
   count = jnp.minimum(total, max_ranges)[..., 0].astype(jnp.int32)
   skipped = jnp.maximum(total - max_ranges, 0)                # the lowest pieces, dropped
@@ -347,7 +350,7 @@ def vertical_slash_to_layout(vertical_idx, slash_idx, seq_len: int, block_q: int
   # slashes -> block ranges [max(q0 - o, 0) // bk, (q1 - o) // bk], merged: pieces of one block
   o = sorted_slash_offsets(slash_idx, t)[:, :, None, :]
   count, blocks, _ = merge_into_pieces(jnp.maximum(q0 - o, 0) // bk, (q1 - o) // bk, q1 - o >= 0, 1,
-                                       max_blocks, key_bound=-(-t // bk))
+                                       max_blocks)
   layout = BlockSparse(count, blocks, block_q, block_k)
   return layout, shared_vertical_columns(vertical_idx, t, q1, max_cols)
 

@@ -223,11 +223,11 @@ def vertical_slash_to_ranges(vertical_idx, slash_idx, seq_len: int, block_q: int
     lo = jnp.maximum(q0[:nfull] - hi_off, 0)
     hi = q1[:nfull] - o_lo[:, :, None, :]
     # runs more than block_q apart in offset leave a key between their ranges: no merge needed
-    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges, PIECE_ALIGN, disjoint=True, key_bound=t))
+    parts.append(merge_into_pieces(lo, hi, valid, bk, max_ranges, PIECE_ALIGN, disjoint=True))
   if nfull < nq:  # the last, shorter block: its own merge over the raw slashes
     oq = o[:, :, None, :]
     parts.append(merge_into_pieces(jnp.maximum(q0[nfull:] - oq, 0), q1[nfull:] - oq, oq <= q1[nfull:], bk,
-                                   max_ranges, PIECE_ALIGN, key_bound=t))
+                                   max_ranges, PIECE_ALIGN))
   count, start, stop = (jnp.concatenate(x, axis=2) for x in zip(*parts))
   ranges = KeyRanges(count, start, stop, block_q, block_k, canonical=True)   # merge_into_pieces' pieces
   return ranges, shared_vertical_columns(vertical_idx, t, q1, max_cols)
