@@ -267,7 +267,10 @@ def markdown(info, rows, command) -> str:
          "  the time without the host's dispatch and sync around each sample, which the wall-clock 'ms'",
          "  carries (~1 ms per sample of ~100 ms). Vertical-slash: 'device ms' is the GPU's span of one",
          "  synced call (index and kernel), median of 5, and 'speedup, device times' divides cuDNN dense's",
-         "  device ms by it (the wall-clock samples are 2-6 calls of the sparse kernel, 1 of cuDNN dense)", ""]
+         "  device ms by it (the wall-clock samples are 2-6 calls of the sparse kernel, 1 of cuDNN dense).",
+         "  The wall clock per call is above it because calls in a burst run slower, not from a fixed cost",
+         "  per sample (H200, probes/vs_burst_probe.py: from 1 to 8 calls a sample, (1000, 6096) 42.10 ->",
+         "  42.47 ms a call and cuDNN dense 245.6 -> 252.2 ms, fitted fixed cost <= 0)", ""]
   by = lambda sec: [r for r in rows if r.get("section") == sec]  # noqa: E731
   copy = [r for r in rows if r["name"] == "copy"]
   if copy and "GB/s" in copy[0]:
