@@ -2,7 +2,9 @@
 the cost per call, for a vertical-slash call and for cuDNN dense at 128K (H=32), from samples of
 1, 2, 4 and 8 back-to-back calls (`kernel_report.sample`, median of REPS each) fitted as
 seconds = overhead + n * per_call. The benchmark's samples are ~100 ms bursts: 2 calls of
-(1000, 6096) and 1 of cuDNN dense, so a fixed cost weighs ~2.5x more per call on the sparse row.
+(1000, 6096) and 1 of cuDNN dense, so a fixed cost would weigh ~2.5x more per call on the sparse
+row. H200, session 19: no fixed cost (fits of -0.5 / +0.05 / -5.7 ms); the time per call grows with
+the burst instead ((1000, 6096) 42.10 -> 42.47 ms, cuDNN dense 245.6 -> 252.2 ms from 1 to 8 calls).
     PYTHONPATH=. python3 benchmarks/probes/vs_burst_probe.py [--sets 1000,6096 ...]"""
 import argparse
 import statistics

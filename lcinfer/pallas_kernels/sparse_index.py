@@ -149,9 +149,9 @@ def stable_partition(cls, *xs, n_classes: int = 4):
   kept within a class), by counting, not sorting: an entry's slot is the number of entries of
   lower classes plus its rank in its own class, and each x is scattered there. The per-class counts
   are fields of bit_length(M) bits packed into uint32 words (4 classes of lists up to 255 long in
-  one word), so one prefix sum over M gives every class's rank. H200, 128K vertical-slash lists
-  (75K rows of 147): ~0.25 ms (two fusions in the profiler's trace), against ~0.39 ms for the
-  int32 key sort it replaces. Returns the reordered xs."""
+  one word), so one prefix sum over M gives every class's rank, and one scatter with unique
+  indices places all xs. H200, 128K vertical-slash lists (75K rows of 147, two xs): ~0.17 ms for
+  the scatter, against ~0.39 ms for the int32 key sort it replaces. Returns the reordered xs."""
   m = cls.shape[-1]
   w = max(m.bit_length(), 1)
   per_word = 32 // w
