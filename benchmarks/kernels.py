@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
+from lcinfer.pallas_kernels.diagonals import exact_vertical_slash_attention, split_isolated_slashes
 from lcinfer.pallas_kernels.flash_triton import flash_attention
 from lcinfer.pallas_kernels.flash_mgpu import block_sparse_attention_mgpu, flash_attention_mgpu
 from lcinfer.pallas_kernels.sparse_index import blocks_from_mask, vertical_slash_to_layout
@@ -260,22 +261,34 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
       variants = [("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
                   ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None),
                   ("ranges mosaic_gpu", 56, 64, None)]   # split mode: 56-row blocks per consumer
+      # exact: the isolated (far) slashes as diagonals (pallas_kernels/diagonals.py), the rest as ranges
+      extra = [("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks", args.vs_block, args.vs_block, 32),
+               ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None)]
       if args.vs_all and kh == h:
-        variants += [("ranges", 64, 64, 32), ("ranges", 128, 128, 32),
-                     ("aligned blocks", args.vs_block, args.vs_block, 32)]
-      if args.smoke:  # the plumbing of both layouts, once
-        variants = [("ranges", 64, 64, 32), ("aligned blocks", args.vs_block, args.vs_block, 32)] if kh == h else []
+        variants += extra
+      if args.smoke:  # the plumbing of both layouts and of the exact mode, once
+        variants = [("ranges", 64, 64, 32), ("aligned blocks", args.vs_block, args.vs_block, 32),
+                    ("exact", 64, 64, 32)] if kh == h else []
       if args.vs_variants:
-        variants = [x for x in variants if f"{x[0]} {x[1]}x{x[2]}" in args.vs_variants.split(",")]
+        variants = [x for x in dict.fromkeys(variants + extra)
+                    if f"{x[0]} {x[1]}x{x[2]}" in args.vs_variants.split(",")]
       for kind, bq, bk, chunk in variants:
         if kind.startswith("ranges"):
           build = vs_ranges_builder(s, nv, ns, bq, bk)
+        elif kind.startswith("exact"):
+          build = (lambda vert, sl, rb=vs_ranges_builder(s, nv, ns, bq, bk), bq=bq:
+                   rb(vert, split_isolated_slashes(sl, s, bq, 64)[0]))
         else:
           build = functools.partial(vertical_slash_to_layout, seq_len=s, block_q=bq, block_k=bk,
                                     max_blocks=vs_list_sizes(ns, bq, bk)[1], max_cols=vs_max_cols(nv))
 
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
-              stages=3 if "stages=3" in kind else 2):
+              stages=3 if "stages=3" in kind else 2, exact=kind.startswith("exact"), bq=bq, bk=bk):
+          if exact:
+            return exact_vertical_slash_attention(
+                q, k, v, vert, sl, scale=d ** -0.5, block_q=bq, block_k=bk, max_ranges=vs_list_sizes(ns, bq, bk)[0],
+                max_cols=vs_max_cols(nv), implementation="mosaic_gpu" if mosaic else "triton",
+                interpret=args.smoke)[0]
           layout, cols = build(vert, sl)
           if mosaic:
             return block_sparse_attention_mgpu(q, k, v, layout, scale=d ** -0.5, columns=cols,
@@ -341,7 +354,8 @@ def main(argv=None) -> int:
   p.add_argument("--gqa-kv-heads", type=int, default=8)
   p.add_argument("--keep", type=float, default=0.10, help="block-sparse: fraction of causal blocks kept")
   p.add_argument("--vs-block", type=int, default=64)
-  p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants")
+  p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants and the exact mode "
+                 "(isolated slashes as diagonals: 'exact 64x64', 'exact mosaic_gpu 128x64')")
   p.add_argument("--vs-variants", default="", help='vertical-slash: only these, e.g. "ranges mosaic_gpu 128x64"')
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--burst-s", type=float, default=kernel_report.BURST_S,

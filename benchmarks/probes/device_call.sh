@@ -11,6 +11,9 @@
 #                    environment for 0.5 s samples instead of 0.1 s)
 #   kernels=SECTIONS benchmarks/kernels.py --only SECTIONS (e.g. dense / block_sparse / copy,decode),
 #                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
+#   exact[=VARIANTS] gpu tests of the exact mode (tests/test_diagonals.py: the diagonal kernel, the composition
+#                    with the Triton and Mosaic GPU block-sparse kernels), then the vertical-slash benchmark of
+#                    the exact variants beside their range-only ones (H = 32)
 #   vsorder[=VARIANTS] probes/vs_order_probe.py (vertical-slash sets under kernel variants; VARIANTS: the
 #                    probe's comma lists joined by '+', e.g. "hf,q56+tf,q56")
 #   vsncu=CASES      ncu metrics (time, DRAM bytes, L2 hit rate) of one vertical-slash kernel launch per
@@ -54,6 +57,11 @@ for step in "$@"; do
     vs) timeout 200 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
           --burst-s "${VS_BURST_S:-0.1}" \
           --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x128}" 2>&1 | tables 12 ;;
+    exact) timeout 300 python3 -m pytest -q -m gpu tests/test_diagonals.py -p timeout --timeout 120 \
+             --timeout-method=thread --maxfail=2 -rf 2>&1 | tail -6 | tee -a "$out/tests.log"
+           timeout 300 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
+             --burst-s "${VS_BURST_S:-0.1}" --vs-variants "${arg:-ranges mosaic_gpu 56x64,ranges mosaic_gpu 128x64,\
+exact mosaic_gpu 128x64,ranges 64x64,exact 64x64}" 2>&1 | tables 24 ;;
     vsgqa) timeout 400 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 8 --reps 5 --out "$out" \
              --burst-s "${VS_BURST_S:-0.1}" \
              --vs-variants "${arg:-ranges mosaic_gpu 56x64}" 2>&1 | tables 14 ;;

@@ -1,0 +1,276 @@
+"""Exact far slashes: vertical-slash attention whose isolated slashes are taken as diagonals.
+
+MInference (Jiang et al. 2024, "MInference 1.0", Sec. 3.2 and Alg. 3) attends, per query block
+[q0, q1], a slash o's whole key range [q0 - o, q1 - o]: every row sees block_q keys of it where
+one (key i - o) was selected. For the far slashes of its patterns (isolated diagonals) that is
+block_q x block_q pairs for block_q useful ones, which caps the efficiency of any block kernel
+(density x dense time / time: BENCHMARKS.md). The exact mode here keeps MInference's ranges for
+the runs of slashes (the near band, where ranges are nearly exact) and takes each isolated slash
+as a diagonal: query row i attends exactly key i - o, one logit and one rank-1 update per row
+(no matrix unit), with the same K/V rows loaded:
+
+    rest, offsets_BHF = split_isolated_slashes(slash_idx, seq_len, min_gap=block_q, max_diagonals=64)
+    ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, ...)        # runs + verticals
+    out, lse = merge_attention([block_sparse(ranges, cols), diagonal_attention(offsets, exclude=...)])
+
+(`exact_vertical_slash_attention` does all three.) Key set: keys {k <= i : k a vertical, or i - k
+an isolated slash} exactly, plus the runs' ranges; a subset of MInference's, a superset of the
+exact pattern. `diagonal_attention` counts a key once: keys inside the excluded ranges or columns
+of the row's block are left to the block-sparse call.
+
+Kernel (Pallas, Triton lowering; interpret mode on CPU): one program per (query block, batch,
+query head), K/V refs span the whole sequence of kv head h // G (GQA without repeats); a
+`fori_loop` over the head's ascending offsets up to the block's last row: gather the block_q key
+rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
+row. Defaults: block_q 64 (a power of two: Triton tiles), isolation gap = block_q (an isolated
+slash's keys then lie outside every slash range of any full block), at most 64 diagonals a head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import online_softmax as osm
+from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend
+from lcinfer.pallas_kernels.launch import triton_call
+from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
+from lcinfer.pallas_kernels.sparse_index import Columns, _last_q_row, count_at_most
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped, check_ranges, ranges_key_mask
+
+
+def _check_offsets(offsets_BHF, b: int, h: int) -> None:
+  if offsets_BHF.ndim != 3 or offsets_BHF.shape[:2] != (b, h):
+    raise ValueError(f"offsets must be [B, H, F] = [{b}, {h}, F] (one list of diagonal offsets per "
+                     f"query head), got shape {tuple(offsets_BHF.shape)}")
+  if not jnp.issubdtype(offsets_BHF.dtype, jnp.integer):
+    raise ValueError(f"offsets must be integers, got {offsets_BHF.dtype}")
+
+
+def canonical_offsets(offsets_BHF, s: int):
+  """Ascending, duplicate-free offsets in [0, s) per head; other entries (outside, repeats) become
+  2s and sort last. Returns [B, H, F] int32."""
+  o = offsets_BHF.astype(jnp.int32)
+  o = jnp.sort(jnp.where((o >= 0) & (o < s), o, 2 * s), axis=-1)
+  rep = jnp.concatenate([jnp.zeros_like(o[..., :1], bool), o[..., 1:] == o[..., :-1]], axis=-1)
+  return jnp.sort(jnp.where(rep, 2 * s, o), axis=-1)
+
+
+def split_isolated_slashes(slash_idx, seq_len: int, min_gap: int, max_diagonals: int = 64):
+  """Slash offsets [B, H, S] (entries outside [0, seq_len) ignored) split into (rest [B, H, S],
+  offsets [B, H, max_diagonals]): a slash at least min_gap away from every other one is isolated;
+  up to max_diagonals of them per head (the nearest the diagonal) become diagonal offsets
+  (ascending, -1 padded) and are replaced by -1 in rest. The others stay slashes for the range
+  builder. Jittable."""
+  if not isinstance(min_gap, int) or min_gap < 1 or not isinstance(max_diagonals, int) or max_diagonals < 1:
+    raise ValueError(f"min_gap and max_diagonals must be static ints >= 1, got {min_gap!r}, {max_diagonals!r}")
+  t = seq_len
+  o = slash_idx.astype(jnp.int32)
+  o = jnp.sort(jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)      # ascending, invalid last
+  ok = o < t
+  far = jnp.full_like(o[..., :1], 4 * t)
+  gap_before = o - jnp.concatenate([-far, o[..., :-1]], axis=-1)
+  nxt = jnp.concatenate([o[..., 1:], far], axis=-1)
+  gap_after = jnp.where(nxt < t, nxt - o, 4 * t)
+  isolated = ok & (gap_before >= min_gap) & (gap_after >= min_gap)
+  rank = jnp.cumsum(isolated, axis=-1) - 1
+  taken = isolated & (rank < max_diagonals)
+  b, h, n = o.shape
+  slot = jnp.where(taken, rank, max_diagonals).reshape(-1, n)
+  offs = jax.vmap(lambda sl, x: jnp.full((max_diagonals,), -1, jnp.int32).at[sl].set(x, mode="drop"))(
+      slot, o.reshape(-1, n))
+  rest = jnp.where(taken | ~ok, -1, o)
+  return rest, offs.reshape(b, h, max_diagonals)
+
+
+def diagonal_key_mask(offsets_BHF, t: int, s: int):
+  """Boolean [B, H, T, S]: key i - o for every listed offset o in [0, s). Reference and tests."""
+  o = offsets_BHF.astype(jnp.int32)
+  b, h, _ = o.shape
+  ok = (o >= 0) & (o < s)
+  listed = jnp.zeros((b, h, s + 1), bool).at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None],
+                                              jnp.where(ok, o, s)].set(True)[..., :s]    # [B, H, S]
+  d = jnp.arange(t)[:, None] - jnp.arange(s)[None, :]                                   # i - k
+  return jnp.where(d >= 0, listed[:, :, jnp.clip(d, 0, s - 1)], False)
+
+
+def _exclusion_mask(exclude, exclude_columns, t, s):
+  if exclude is None and exclude_columns is None:
+    return None
+  if exclude is None:  # columns alone: an empty range list in their blocks
+    nq = exclude_columns.count.shape[-1]
+    b, h = exclude_columns.count.shape[:2]
+    zero = jnp.zeros((b, h, nq, 1), jnp.int32)
+    exclude = KeyRanges(jnp.zeros((b, h, nq), jnp.int32), zero, zero, -(-t // nq), 1)
+  return ranges_key_mask(exclude, exclude_columns, t, s, causal=True)
+
+
+def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q):
+  b, t, h, _, s, _ = check_qkv(q, k, v)
+  if s != t:
+    raise ValueError(f"diagonal attention is causal self-attention (key i - o): needs S == T, got T={t}, S={s}")
+  _check_offsets(offsets_BHF, b, h)
+  nq = -(-t // block_q)
+  if exclude is not None:
+    if not isinstance(exclude, KeyRanges):
+      raise ValueError(f"exclude must be KeyRanges (vertical_slash.py) or None, got {type(exclude).__name__}")
+    check_ranges(exclude, b, h, t)
+    if exclude.block_q != block_q:
+      raise ValueError(f"exclude.block_q ({exclude.block_q}) must equal block_q ({block_q}): the excluded "
+                       "ranges are per query block")
+  if exclude_columns is not None:
+    if not isinstance(exclude_columns, Columns):
+      raise ValueError(f"exclude_columns must be Columns or None, got {type(exclude_columns).__name__}")
+    idx = exclude_columns.index
+    if idx.ndim != 4 or idx.shape[:3] != (b, h, 1) or exclude_columns.count.shape != (b, h, nq):
+      raise ValueError(f"exclude_columns must be one shared list per head: index [B, H, 1, n] and count "
+                       f"[B, H, nq] = {(b, h, nq)}; got {tuple(idx.shape)} and {tuple(exclude_columns.count.shape)}")
+
+
+def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
+                       exclude_columns: Columns | None = None, block_q: int = 64, interpret: bool = False,
+                       num_warps=None, num_stages=None):
+  """Float32 oracle of `diagonal_attention` from dense masks. Returns (out [B,T,H,D], lse [B,T,H])."""
+  del interpret, num_warps, num_stages
+  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q)
+  t, s = q_BTHD.shape[1], k_BSKD.shape[1]
+  mask = diagonal_key_mask(offsets_BHF, t, s)
+  excl = _exclusion_mask(exclude, exclude_columns, t, s)
+  if excl is not None:
+    mask = mask & ~excl
+  return masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale)
+
+
+def _kernel(*refs, qk_scale, block_q, s_valid, has_ranges, has_cols, aliased):
+  q_ref, k_ref, v_ref, meta_ref, off_ref, *rest = refs
+  if has_ranges:
+    lo_ref, hi_ref, *rest = rest
+  if has_cols:
+    colpos_ref, *rest = rest
+  if aliased:
+    rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
+  o_ref, lse_ref = rest
+  q_pos = pl.program_id(0) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q = q_ref[...].astype(jnp.float32)
+  ccount = meta_ref[1]
+  if has_ranges:
+    lo_all, hi_all = lo_ref[...], hi_ref[...]   # [mb]; slots past the count are empty [0, 0)
+
+  def body(j, carry):
+    acc, m_prev, l_prev = carry
+    keys = q_pos - off_ref[j]
+    ok = (keys >= 0) & (keys < s_valid)
+    keys = jnp.clip(keys, 0, s_valid - 1)
+    if has_ranges:   # counted by the block-sparse call
+      inside = (keys[:, None] >= lo_all[None, :]) & (keys[:, None] < hi_all[None, :])
+      ok = ok & (jnp.max(inside.astype(jnp.int32), axis=1) == 0)
+    if has_cols:
+      ok = ok & (colpos_ref[keys] >= ccount)
+    k = k_ref[keys, :].astype(jnp.float32)
+    v = v_ref[keys, :].astype(jnp.float32)
+    s = jnp.where(ok, jnp.sum(q * k, axis=1) * qk_scale, -jnp.inf)      # one logit a row
+    m_next = jnp.maximum(m_prev, s)
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha, p = jnp.exp2(m_prev - m_safe), jnp.exp2(s - m_safe)
+    return acc * alpha[:, None] + p[:, None] * v, m_next, alpha * l_prev + p
+
+  carry = lax.fori_loop(0, meta_ref[0], body, osm.init(block_q, q.shape[-1]))
+  out, lse = osm.finish(carry)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "num_warps", "num_stages", "interpret", "poison"))
+def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scale, block_q, num_warps,
+              num_stages, interpret, poison):
+  b, t, h, d = q_BTHD.shape
+  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  g = h // kh
+  nq = pl.cdiv(t, block_q)
+  tp = nq * block_q
+  offs = canonical_offsets(offsets_BHF, s)                                # [B, H, F]
+  count = count_at_most(offs, _last_q_row(nq, block_q, t))                # offsets a block can use
+  ccount = (jnp.zeros_like(count) if exclude_columns is None
+            else jnp.clip(exclude_columns.count, 0, exclude_columns.index.shape[-1]).astype(jnp.int32))
+  meta = jnp.stack([count, ccount], axis=-1).astype(jnp.int32)            # [B, H, nq, 2]
+  q = jnp.pad(q_BTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  per_head = lambda n: pl.BlockSpec((None, None, n), lambda i, bi, hi: (bi, hi, 0))   # noqa: E731
+  per_block = lambda n: pl.BlockSpec((None, None, None, n), lambda i, bi, hi: (bi, hi, i, 0))  # noqa: E731
+  args = [q, k_BSKD, v_BSKD, meta, offs]
+  in_specs = [q_spec, kv_spec, kv_spec, per_block(2), per_head(offs.shape[-1])]
+  if exclude is not None:
+    lo, hi, listed = _clipped(exclude, s)
+    mb = max(1, lo.shape[-1])
+    args += [jnp.where(listed, lo, 0).astype(jnp.int32), jnp.where(listed, hi, 0).astype(jnp.int32)]
+    in_specs += [per_block(mb), per_block(mb)]
+  if exclude_columns is not None:   # the slot of each key in the shared list (n: none), first repeat
+    idx = exclude_columns.index[:, :, 0, :].astype(jnp.int32)
+    n = idx.shape[-1]
+    bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    colpos = jnp.full((b, h, s), n, jnp.int32).at[bi, hi_, jnp.where((idx >= 0) & (idx < s), idx, s)].min(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape), mode="drop")
+    args.append(colpos)
+    in_specs.append(per_head(s))
+  out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
+  lse_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+  kernel = functools.partial(_kernel, qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s,
+                             has_ranges=exclude is not None, has_cols=exclude_columns is not None,
+                             aliased=poison is not None)
+  out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
+                         out_shape=out_shape, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                         name="lcinfer_diagonal_fwd", poison=poison)
+  return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
+
+
+def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
+                       exclude_columns: Columns | None = None, block_q: int = 64, interpret: bool = False,
+                       num_warps: int | None = None, num_stages: int | None = None,
+                       _poison: float | None = None):
+  """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
+  outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
+  `exclude` (KeyRanges of the same block_q) or in `exclude_columns` (one shared list per head, each
+  block taking its count's prefix): those are counted by the block-sparse call this one is merged
+  with. Causal self-attention (S == T). Returns (out [B, T, H, D] in q's dtype, lse [B, T, H] f32);
+  a row with no key: out 0, lse -inf. Raises ValueError for malformed calls, `dispatch.Unsupported`
+  for head_dim outside (64, 128) or no GPU without interpret."""
+  _check_block("block_q", block_q)
+  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q)
+  d = q_BTHD.shape[-1]
+  if d not in SUPPORTED_HEAD_DIMS:
+    raise dispatch.Unsupported(f"head_dim {d} is not supported by the Triton diagonal kernel "
+                               f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+  if not interpret and _gpu_backend() is None:
+    raise dispatch.Unsupported("the Triton diagonal kernel needs a CUDA GPU; pass interpret=True to run it on CPU")
+  return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, scale=float(scale),
+                   block_q=block_q, num_warps=num_warps or 4, num_stages=num_stages or 2,
+                   interpret=bool(interpret), poison=_poison)
+
+
+dispatch.register("diagonal_attention", "triton", diagonal_attention)
+dispatch.register("diagonal_attention", "xla", diagonal_reference)
+
+
+def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
+                                   block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
+                                   max_diagonals: int = 64, implementation=None, interpret: bool = False):
+  """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
+  slashes and the verticals through the block-sparse dispatcher (`implementation`: its names;
+  the ranges' block_q must suit the kernel), the isolated slashes through `diagonal_attention`
+  ("triton", else "xla"), merged by lse. Returns (out [B, T, H, D], lse [B, T, H])."""
+  from lcinfer.attention.base import merge_attention   # the attention protocol's exact merge
+  from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
+  t = q_BTHD.shape[1]
+  rest, offsets = split_isolated_slashes(slash_idx, t, block_q, max_diagonals)
+  ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, t, block_q, block_k, max_ranges, max_cols)
+  main = dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
+                       causal=True, columns=cols, interpret=interpret)
+  diag = dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale, exclude=ranges,
+                       exclude_columns=cols, block_q=block_q, interpret=interpret)
+  return merge_attention([main, diag])

@@ -1,0 +1,201 @@
+"""Exact far slashes (pallas_kernels/diagonals.py): the split of isolated slashes against numpy, the
+diagonal kernel (interpret mode, NaN-poisoned outputs) against its float32 oracle, and the exact
+vertical-slash composition against a dense mask built in numpy from the pattern itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import assert_matches_oracle
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.diagonals import (diagonal_attention, diagonal_key_mask, diagonal_reference,
+                                              exact_vertical_slash_attention, split_isolated_slashes)
+from lcinfer.pallas_kernels.reference import masked_attention_reference
+from lcinfer.pallas_kernels.sparse_index import Columns
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges
+
+NAN = float("nan")
+
+
+def _qkv(rng, b, t, h, kh, d, dtype):
+  dt = jnp.dtype(dtype)
+  return tuple(jnp.asarray(rng.standard_normal(shape), dt) for shape in ((b, t, h, d), (b, t, kh, d), (b, t, kh, d)))
+
+
+def _numpy_split(sl, t, gap, max_diag):
+  """Per head: (sorted valid offsets left as slashes, the isolated ones taken as diagonals)."""
+  o = np.sort(sl[(sl >= 0) & (sl < t)])
+  iso = [x for i, x in enumerate(o) if all(abs(x - y) >= gap for j, y in enumerate(o) if j != i)]
+  taken = iso[:max_diag]
+  rest = list(o)
+  for x in taken:
+    rest.remove(x)
+  return rest, taken
+
+
+@pytest.mark.parametrize("gap, max_diag", [(8, 64), (16, 3)])
+def test_split_isolated_slashes_matches_numpy(gap, max_diag):
+  rng = np.random.default_rng(gap)
+  t = 300
+  sl = rng.integers(-20, t + 20, (2, 3, 40)).astype(np.int32)
+  sl[0, 0, :4] = [50, 50, 51, 200]          # a repeat and a neighbour are not isolated
+  rest, offs = jax.jit(split_isolated_slashes, static_argnums=(1, 2, 3))(jnp.asarray(sl), t, gap, max_diag)
+  rest, offs = np.asarray(rest), np.asarray(offs)
+  assert offs.shape == (2, 3, max_diag)
+  for b in range(2):
+    for h in range(3):
+      want_rest, want_taken = _numpy_split(sl[b, h], t, gap, max_diag)
+      got_rest = np.sort(rest[b, h][rest[b, h] >= 0])
+      np.testing.assert_array_equal(got_rest, want_rest)
+      np.testing.assert_array_equal(offs[b, h], np.pad(want_taken, (0, max_diag - len(want_taken)),
+                                                       constant_values=-1))
+
+
+def test_diagonal_key_mask_is_the_listed_diagonals():
+  offs = np.array([[[0, 3, 3, -1, 9, 40]]], np.int32)     # repeat, padding, beyond the sequence
+  got = np.asarray(diagonal_key_mask(jnp.asarray(offs), 12, 12))[0, 0]
+  i, k = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+  np.testing.assert_array_equal(got, np.isin(i - k, [0, 3, 9]))
+
+
+def _exclusions(rng, b, h, t, bq, nv, ns):
+  vert = jnp.asarray(rng.integers(0, t, (b, h, nv)), jnp.int32)
+  sl = jnp.asarray(rng.integers(0, t, (b, h, ns)), jnp.int32)
+  return vertical_slash_to_ranges(vert, sl, t, bq, 16, 4 * ns, nv + 8)
+
+
+@pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl", [
+    (100, 4, 1, 64, 16, "float32", True),     # GQA 4, odd length, ranges and columns excluded
+    (77, 2, 2, 128, 32, "float32", False),
+    (90, 8, 1, 64, 16, "bfloat16", True),     # GQA 8
+    (64, 4, 4, 128, 64, "bfloat16", False),
+])
+def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl):
+  rng = np.random.default_rng(t + d)
+  b = 2
+  q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
+  offs = rng.integers(-4, t + 4, (b, h, 9)).astype(np.int32)
+  offs[0, 0] = -1                                         # a head with no diagonal: rows see nothing
+  offs[1, 0, :3] = [5, 5, 0]                              # a repeat counts once; the diagonal itself
+  ranges, cols = _exclusions(rng, b, h, t, bq, 6, 5) if excl else (None, None)
+  kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
+  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), interpret=True, _poison=NAN, **kw)
+  ref, ref_lse = diagonal_reference(q, k, v, jnp.asarray(offs), **kw)
+  empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
+  assert empty.any() and not empty.all()
+
+
+def test_exclusion_removes_exactly_the_listed_keys():
+  """A diagonal key inside an excluded range or column of its block is dropped; one in another
+  block's range is kept: compare against the oracle on hand-made lists."""
+  rng = np.random.default_rng(1)
+  t, bq = 64, 16
+  q, k, v = _qkv(rng, 1, t, 1, 1, 64, "float32")
+  offs = jnp.asarray([[[2, 20]]], jnp.int32)
+  nq = t // bq
+  start = np.zeros((1, 1, nq, 1), np.int32)
+  start[0, 0, 1, 0] = 10                                   # block 1 (rows 16-31) excludes keys 10-13
+  ranges = KeyRanges(jnp.asarray([[[0, 1, 0, 0]]], jnp.int32), jnp.asarray(start), jnp.asarray(start + 4), bq, 16)
+  cols = Columns(jnp.asarray([[[0, 0, 1, 1]]], jnp.int32), jnp.asarray([[[[40]]]], jnp.int32))  # blocks 2, 3
+  out, lse = diagonal_attention(q, k, v, offs, scale=0.125, exclude=ranges, exclude_columns=cols,
+                                block_q=bq, interpret=True)
+  mask = np.asarray(diagonal_key_mask(offs, t, t))[0, 0].copy()
+  mask[16:32, 10:14] = False
+  mask[32:, 40] = False
+  ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask)[None, None], scale=0.125)
+  assert mask[12, 10] and mask[22, 20] and not mask[30, 10] and not mask[42, 40] and not mask[60, 40]
+  assert_matches_oracle("exclusion", out, lse, ref, ref_lse, "float32")
+
+
+def _numpy_exact_mask(vert, sl, t, bq, gap, max_diag):
+  """The exact mode's key set from the pattern: k <= i and (k a vertical, or i - k a taken
+  isolated slash, or k in [q0 - o, q1 - o] of row i's block for a slash o left as a range)."""
+  b, h = sl.shape[:2]
+  i, k = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+  q0 = (i // bq) * bq
+  q1 = np.minimum(q0 + bq, t) - 1
+  mask = np.zeros((b, h, t, t), bool)
+  for bi in range(b):
+    for hi in range(h):
+      rest, taken = _numpy_split(sl[bi, hi], t, gap, max_diag)
+      m = np.isin(k, vert[bi, hi]) | np.isin(i - k, taken)
+      for o in rest:
+        m |= (k >= q0 - o) & (k <= q1 - o)
+      mask[bi, hi] = m & (k <= i)
+  return mask
+
+
+@pytest.mark.parametrize("impl", ["triton", "xla"])
+def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl):
+  rng = np.random.default_rng(7)
+  b, t, h, kh, d, bq = 1, 160, 4, 2, 64, 16
+  vert = rng.integers(0, t, (b, h, 5)).astype(np.int32)
+  sl = np.concatenate([np.broadcast_to(np.arange(6), (b, h, 6)),          # a near band (a run)
+                       rng.integers(20, t, (b, h, 5))], axis=-1).astype(np.int32)
+  sl[0, 0, -2:] = [100, 104]                                              # close pair: stays ranges
+  q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
+  out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
+                                            block_q=bq, block_k=16, max_ranges=64, max_cols=16,
+                                            implementation=impl, interpret=True)
+  mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
+  ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
+  assert_matches_oracle(f"exact vs ({impl})", out, lse, ref, ref_lse, "float32")
+  _, taken = _numpy_split(sl[0, 1], t, bq, 64)
+  assert taken, "the pattern must have isolated slashes for this test to mean anything"
+
+
+def test_bad_diagonal_input_raises():
+  rng = np.random.default_rng(0)
+  q, k, v = _qkv(rng, 1, 32, 2, 1, 64, "float32")
+  offs = jnp.zeros((1, 2, 3), jnp.int32)
+  with pytest.raises(ValueError, match=r"offsets must be \[B, H, F\]"):
+    diagonal_attention(q, k, v, jnp.zeros((1, 3, 3), jnp.int32), scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="integers"):
+    diagonal_attention(q, k, v, offs.astype(jnp.float32), scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="block_q"):
+    diagonal_attention(q, k, v, offs, scale=1.0, block_q=24, interpret=True)
+  ranges = KeyRanges(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 1), jnp.int32),
+                     jnp.zeros((1, 2, 2, 1), jnp.int32), 16, 16)
+  with pytest.raises(ValueError, match="must equal block_q"):
+    diagonal_attention(q, k, v, offs, scale=1.0, exclude=ranges, block_q=32, interpret=True)
+  with pytest.raises(ValueError, match="shared list"):
+    diagonal_attention(q, k, v, offs, scale=1.0, exclude_columns=Columns(
+        jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 4), jnp.int32)), interpret=True, block_q=16)
+  with pytest.raises(ValueError, match="S == T"):
+    diagonal_attention(q, k[:, :16], v[:, :16], offs, scale=1.0, interpret=True)
+  with pytest.raises(dispatch.Unsupported, match="head_dim"):
+    q2, k2, v2 = _qkv(rng, 1, 32, 2, 1, 32, "float32")
+    diagonal_attention(q2, k2, v2, offs, scale=1.0, interpret=True)
+
+
+# -- compiled on a GPU ----------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, kh", [("bfloat16", 2), ("float32", 8)])
+def test_diagonal_kernel_gpu(dtype, kh):
+  rng = np.random.default_rng(11)
+  b, t, h, d, bq = 1, 1000, 8, 128, 64
+  q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
+  offs = jnp.asarray(rng.integers(-4, t, (b, h, 50)), jnp.int32)
+  ranges, cols = _exclusions(rng, b, h, t, bq, 40, 30)
+  kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
+  out, lse = diagonal_attention(q, k, v, offs, _poison=NAN, **kw)
+  ref, ref_lse = diagonal_reference(q, k, v, offs, **kw)
+  assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl, bq", [("triton", 64), ("mosaic_gpu", 128)])
+def test_exact_vertical_slash_gpu(impl, bq):
+  rng = np.random.default_rng(12)
+  b, t, h, kh, d = 1, 1024, 4, 2, 128
+  vert = rng.integers(0, t, (b, h, 20)).astype(np.int32)
+  sl = np.concatenate([np.broadcast_to(np.arange(40), (b, h, 40)), rng.integers(40, t, (b, h, 12))],
+                      axis=-1).astype(np.int32)
+  q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
+  out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
+                                            block_q=bq, block_k=64, max_ranges=64, max_cols=32,
+                                            implementation=impl)
+  mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
+  ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
+  assert_matches_oracle(f"exact vs gpu ({impl})", out, lse, ref, ref_lse, "bfloat16")
