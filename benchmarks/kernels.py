@@ -263,7 +263,8 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
                   ("ranges mosaic_gpu", 56, 64, None)]   # split mode: 56-row blocks per consumer
       # exact: the isolated (far) slashes as diagonals (pallas_kernels/diagonals.py), the rest as ranges
       extra = [("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks", args.vs_block, args.vs_block, 32),
-               ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None)]
+               ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None),
+               ("exact mosaic_gpu per_step=2", 128, 64, None), ("exact mosaic_gpu per_step=4", 128, 64, None)]
       if args.vs_all and kh == h:
         variants += extra
       if args.smoke:  # the plumbing of both layouts and of the exact mode, once
@@ -283,11 +284,13 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
                                     max_blocks=vs_list_sizes(ns, bq, bk)[1], max_cols=vs_max_cols(nv))
 
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
-              stages=3 if "stages=3" in kind else 2, exact=kind.startswith("exact"), bq=bq, bk=bk):
+              stages=3 if "stages=3" in kind else 2, exact=kind.startswith("exact"), bq=bq, bk=bk,
+              per_step=int(kind.split("per_step=")[1]) if "per_step=" in kind else 1):
           if exact:
             return exact_vertical_slash_attention(
                 q, k, v, vert, sl, scale=d ** -0.5, block_q=bq, block_k=bk, max_ranges=vs_list_sizes(ns, bq, bk)[0],
-                max_cols=vs_max_cols(nv), implementation="mosaic_gpu" if mosaic else "triton",
+                max_cols=vs_max_cols(nv), diagonals_per_step=per_step,
+                implementation="mosaic_gpu" if mosaic else "triton",
                 interpret=args.smoke)[0]
           layout, cols = build(vert, sl)
           if mosaic:

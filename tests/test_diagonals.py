@@ -65,13 +65,13 @@ def _exclusions(rng, b, h, t, bq, nv, ns):
   return vertical_slash_to_ranges(vert, sl, t, bq, 16, 4 * ns, nv + 8)
 
 
-@pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl", [
-    (100, 4, 1, 64, 16, "float32", True),     # GQA 4, odd length, ranges and columns excluded
-    (77, 2, 2, 128, 32, "float32", False),
-    (90, 8, 1, 64, 16, "bfloat16", True),     # GQA 8
-    (64, 4, 4, 128, 64, "bfloat16", False),
+@pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl,per_step", [
+    (100, 4, 1, 64, 16, "float32", True, 1),     # GQA 4, odd length, ranges and columns excluded
+    (77, 2, 2, 128, 32, "float32", False, 3),    # 3 diagonals a step (9 offsets: whole steps)
+    (90, 8, 1, 64, 16, "bfloat16", True, 2),     # GQA 8
+    (64, 4, 4, 128, 64, "bfloat16", False, 4),   # 9 offsets in steps of 4: a padded last step
 ])
-def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl):
+def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
   rng = np.random.default_rng(t + d)
   b = 2
   q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
@@ -80,7 +80,8 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl):
   offs[1, 0, :3] = [5, 5, 0]                              # a repeat counts once; the diagonal itself
   ranges, cols = _exclusions(rng, b, h, t, bq, 6, 5) if excl else (None, None)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), interpret=True, _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step, interpret=True,
+                                _poison=NAN, **kw)
   ref, ref_lse = diagonal_reference(q, k, v, jnp.asarray(offs), **kw)
   empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
@@ -155,6 +156,8 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q, k, v, offs.astype(jnp.float32), scale=1.0, interpret=True)
   with pytest.raises(ValueError, match="block_q"):
     diagonal_attention(q, k, v, offs, scale=1.0, block_q=24, interpret=True)
+  with pytest.raises(ValueError, match="diagonals_per_step"):
+    diagonal_attention(q, k, v, offs, scale=1.0, diagonals_per_step=0, interpret=True)
   ranges = KeyRanges(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 1), jnp.int32),
                      jnp.zeros((1, 2, 2, 1), jnp.int32), 16, 16)
   with pytest.raises(ValueError, match="must equal block_q"):
@@ -171,15 +174,15 @@ def test_bad_diagonal_input_raises():
 
 # -- compiled on a GPU ----------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, kh", [("bfloat16", 2), ("float32", 8)])
-def test_diagonal_kernel_gpu(dtype, kh):
+@pytest.mark.parametrize("dtype, kh, per_step", [("bfloat16", 2, 1), ("float32", 8, 2), ("bfloat16", 8, 4)])
+def test_diagonal_kernel_gpu(dtype, kh, per_step):
   rng = np.random.default_rng(11)
   b, t, h, d, bq = 1, 1000, 8, 128, 64
   q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
   offs = jnp.asarray(rng.integers(-4, t, (b, h, 50)), jnp.int32)
   ranges, cols = _exclusions(rng, b, h, t, bq, 40, 30)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, offs, _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, _poison=NAN, **kw)
   ref, ref_lse = diagonal_reference(q, k, v, offs, **kw)
   assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
 

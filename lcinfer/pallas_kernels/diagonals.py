@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
-from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend
+from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend, _next_pow2
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
 from lcinfer.pallas_kernels.sparse_index import Columns, _last_q_row, count_at_most
@@ -146,7 +146,7 @@ def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   return masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale)
 
 
-def _kernel(*refs, qk_scale, block_q, s_valid, has_ranges, has_cols, aliased):
+def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, aliased):
   q_ref, k_ref, v_ref, meta_ref, off_ref, *rest = refs
   if has_ranges:
     lo_ref, hi_ref, *rest = rest
@@ -161,9 +161,9 @@ def _kernel(*refs, qk_scale, block_q, s_valid, has_ranges, has_cols, aliased):
   if has_ranges:
     lo_all, hi_all = lo_ref[...], hi_ref[...]   # [mb]; slots past the count are empty [0, 0)
 
-  def body(j, carry):
-    acc, m_prev, l_prev = carry
-    keys = q_pos - off_ref[j]
+  def one(j):
+    """The block's keys on diagonal j: (base-2 logits [block_q], -inf where not taken; v rows)."""
+    keys = q_pos - off_ref[j]              # past the count: offsets > the block's rows or 2S
     ok = (keys >= 0) & (keys < s_valid)
     keys = jnp.clip(keys, 0, s_valid - 1)
     if has_ranges:   # counted by the block-sparse call
@@ -172,21 +172,28 @@ def _kernel(*refs, qk_scale, block_q, s_valid, has_ranges, has_cols, aliased):
     if has_cols:
       ok = ok & (colpos_ref[keys] >= ccount)
     k = k_ref[keys, :].astype(jnp.float32)
-    v = v_ref[keys, :].astype(jnp.float32)
-    s = jnp.where(ok, jnp.sum(q * k, axis=1) * qk_scale, -jnp.inf)      # one logit a row
-    m_next = jnp.maximum(m_prev, s)
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    alpha, p = jnp.exp2(m_prev - m_safe), jnp.exp2(s - m_safe)
-    return acc * alpha[:, None] + p[:, None] * v, m_next, alpha * l_prev + p
+    return jnp.where(ok, jnp.sum(q * k, axis=1) * qk_scale, -jnp.inf), v_ref[keys, :].astype(jnp.float32)
 
-  carry = lax.fori_loop(0, meta_ref[0], body, osm.init(block_q, q.shape[-1]))
+  def body(step, carry):   # per_step diagonals share one rescale of the accumulator
+    acc, m_prev, l_prev = carry
+    logits, vs = zip(*(one(step * per_step + i) for i in range(per_step)))
+    m_next = functools.reduce(jnp.maximum, logits, m_prev)
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha = jnp.exp2(m_prev - m_safe)
+    ps = [jnp.exp2(x - m_safe) for x in logits]
+    acc = acc * alpha[:, None] + sum(p[:, None] * v for p, v in zip(ps, vs))
+    return acc, m_next, alpha * l_prev + sum(ps)
+
+  n_steps = lax.div(meta_ref[0] + per_step - 1, per_step)
+  carry = lax.fori_loop(0, n_steps, body, osm.init(block_q, q.shape[-1]))
   out, lse = osm.finish(carry)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "num_warps", "num_stages", "interpret", "poison"))
-def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scale, block_q, num_warps,
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "num_warps", "num_stages", "interpret",
+                                             "poison"))
+def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scale, block_q, per_step, num_warps,
               num_stages, interpret, poison):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -194,6 +201,8 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, 
   nq = pl.cdiv(t, block_q)
   tp = nq * block_q
   offs = canonical_offsets(offsets_BHF, s)                                # [B, H, F]
+  f = _next_pow2(pl.cdiv(offs.shape[-1], per_step) * per_step)            # whole steps read 2S padding
+  offs = jnp.pad(offs, ((0, 0), (0, 0), (0, f - offs.shape[-1])), constant_values=2 * s)
   count = count_at_most(offs, _last_q_row(nq, block_q, t))                # offsets a block can use
   ccount = (jnp.zeros_like(count) if exclude_columns is None
             else jnp.clip(exclude_columns.count, 0, exclude_columns.index.shape[-1]).astype(jnp.int32))
@@ -207,7 +216,8 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, 
   in_specs = [q_spec, kv_spec, kv_spec, per_block(2), per_head(offs.shape[-1])]
   if exclude is not None:
     lo, hi, listed = _clipped(exclude, s)
-    mb = max(1, lo.shape[-1])
+    mb = _next_pow2(lo.shape[-1])                                         # Triton loads them whole
+    lo, hi, listed = (jnp.pad(x, ((0, 0),) * 3 + ((0, mb - x.shape[-1]),)) for x in (lo, hi, listed))
     args += [jnp.where(listed, lo, 0).astype(jnp.int32), jnp.where(listed, hi, 0).astype(jnp.int32)]
     in_specs += [per_block(mb), per_block(mb)]
   if exclude_columns is not None:   # the slot of each key in the shared list (n: none), first repeat
@@ -220,7 +230,7 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, 
     in_specs.append(per_head(s))
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   lse_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
-  kernel = functools.partial(_kernel, qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s,
+  kernel = functools.partial(_kernel, qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step,
                              has_ranges=exclude is not None, has_cols=exclude_columns is not None,
                              aliased=poison is not None)
   out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
@@ -230,8 +240,8 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, 
 
 
 def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
-                       exclude_columns: Columns | None = None, block_q: int = 64, interpret: bool = False,
-                       num_warps: int | None = None, num_stages: int | None = None,
+                       exclude_columns: Columns | None = None, block_q: int = 64, diagonals_per_step: int = 1,
+                       interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
                        _poison: float | None = None):
   """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
   outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
@@ -239,8 +249,11 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   block taking its count's prefix): those are counted by the block-sparse call this one is merged
   with. Causal self-attention (S == T). Returns (out [B, T, H, D] in q's dtype, lse [B, T, H] f32);
   a row with no key: out 0, lse -inf. Raises ValueError for malformed calls, `dispatch.Unsupported`
-  for head_dim outside (64, 128) or no GPU without interpret."""
+  for head_dim outside (64, 128) or no GPU without interpret. diagonals_per_step: how many
+  diagonals share one rescale of the accumulator (a knob for the GPU; the result is the same)."""
   _check_block("block_q", block_q)
+  if not isinstance(diagonals_per_step, int) or not 1 <= diagonals_per_step <= 8:
+    raise ValueError(f"diagonals_per_step must be an int in [1, 8], got {diagonals_per_step!r}")
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q)
   d = q_BTHD.shape[-1]
   if d not in SUPPORTED_HEAD_DIMS:
@@ -249,7 +262,7 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   if not interpret and _gpu_backend() is None:
     raise dispatch.Unsupported("the Triton diagonal kernel needs a CUDA GPU; pass interpret=True to run it on CPU")
   return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, scale=float(scale),
-                   block_q=block_q, num_warps=num_warps or 4, num_stages=num_stages or 2,
+                   block_q=block_q, per_step=diagonals_per_step, num_warps=num_warps or 4, num_stages=num_stages or 2,
                    interpret=bool(interpret), poison=_poison)
 
 
@@ -259,7 +272,8 @@ dispatch.register("diagonal_attention", "xla", diagonal_reference)
 
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
-                                   max_diagonals: int = 64, implementation=None, interpret: bool = False):
+                                   max_diagonals: int = 64, diagonals_per_step: int = 1, implementation=None,
+                                   interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
   slashes and the verticals through the block-sparse dispatcher (`implementation`: its names;
   the ranges' block_q must suit the kernel), the isolated slashes through `diagonal_attention`
@@ -271,6 +285,10 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, t, block_q, block_k, max_ranges, max_cols)
   main = dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
                        causal=True, columns=cols, interpret=interpret)
-  diag = dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale, exclude=ranges,
-                       exclude_columns=cols, block_q=block_q, interpret=interpret)
+  # isolated means >= block_q from every other slash, so no diagonal key lies in a slash range of its
+  # block (for rows [q0, q1] with q1 - q0 < block_q: o >= o' + block_q gives i - o < q0 - o', and
+  # o <= o' - block_q gives i - o > q1 - o'): only the columns need excluding
+  diag = dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale,
+                       exclude_columns=cols, block_q=block_q, diagonals_per_step=diagonals_per_step,
+                       interpret=interpret)
   return merge_attention([main, diag])
