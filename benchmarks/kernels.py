@@ -263,8 +263,8 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
                   ("ranges mosaic_gpu", 56, 64, None)]   # split mode: 56-row blocks per consumer
       # exact: the isolated (far) slashes as diagonals (pallas_kernels/diagonals.py), the rest as ranges
       extra = [("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks", args.vs_block, args.vs_block, 32),
-               ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None),
-               ("exact mosaic_gpu per_step=2", 128, 64, None), ("exact mosaic_gpu per_step=4", 128, 64, None)]
+               ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None), ("exact mosaic_gpu", 56, 64, None),
+               ("exact mosaic_gpu per_step=2", 56, 64, None), ("exact mosaic_gpu per_step=4", 56, 64, None)]
       if args.vs_all and kh == h:
         variants += extra
       if args.smoke:  # the plumbing of both layouts and of the exact mode, once

@@ -272,23 +272,27 @@ dispatch.register("diagonal_attention", "xla", diagonal_reference)
 
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
-                                   max_diagonals: int = 64, diagonals_per_step: int = 1, implementation=None,
-                                   interpret: bool = False):
+                                   max_diagonals: int = 64, diagonal_block_q: int = 64, diagonals_per_step: int = 1,
+                                   implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
-  slashes and the verticals through the block-sparse dispatcher (`implementation`: its names;
-  the ranges' block_q must suit the kernel), the isolated slashes through `diagonal_attention`
-  ("triton", else "xla"), merged by lse. Returns (out [B, T, H, D], lse [B, T, H])."""
+  slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
+  56 x 64 for "mosaic_gpu" split mode) and the verticals through the block-sparse dispatcher, the
+  isolated slashes (>= block_q from every other) through `diagonal_attention` (its own
+  diagonal_block_q rows a program; "triton", else "xla"), merged by lse. Returns (out [B, T, H, D],
+  lse [B, T, H])."""
   from lcinfer.attention.base import merge_attention   # the attention protocol's exact merge
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
-  t = q_BTHD.shape[1]
+  b, t, h = q_BTHD.shape[:3]
   rest, offsets = split_isolated_slashes(slash_idx, t, block_q, max_diagonals)
   ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, t, block_q, block_k, max_ranges, max_cols)
   main = dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
                        causal=True, columns=cols, interpret=interpret)
-  # isolated means >= block_q from every other slash, so no diagonal key lies in a slash range of its
-  # block (for rows [q0, q1] with q1 - q0 < block_q: o >= o' + block_q gives i - o < q0 - o', and
-  # o <= o' - block_q gives i - o > q1 - o'): only the columns need excluding
+  # No diagonal key lies in a slash range of its block: rows [q0, q1] of a block have q1 - q0 <
+  # block_q, so o >= o' + block_q gives i - o < q0 - o' and o <= o' - block_q gives i - o > q1 - o'.
+  # The columns: the list is ascending and a block takes its entries <= its last row, so a key
+  # i - o <= i is counted there iff it is in the list at all: every block excludes the whole list.
+  whole = jnp.broadcast_to(jnp.max(cols.count, axis=-1, keepdims=True), (b, h, -(-t // diagonal_block_q)))
   diag = dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale,
-                       exclude_columns=cols, block_q=block_q, diagonals_per_step=diagonals_per_step,
-                       interpret=interpret)
+                       exclude_columns=Columns(whole, cols.index, True), block_q=diagonal_block_q,
+                       diagonals_per_step=diagonals_per_step, interpret=interpret)
   return merge_attention([main, diag])
