@@ -87,6 +87,23 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
   assert empty.any() and not empty.all()
 
 
+def test_merge_in_the_epilogue_equals_merge_attention():
+  """merge_with: the other call's (out, lse), rows of it empty (-inf) or not, merged in the kernel."""
+  from lcinfer.attention.base import merge_attention
+  rng = np.random.default_rng(4)
+  b, t, h, kh, d, bq = 1, 70, 4, 2, 64, 16
+  q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
+  offs = jnp.asarray(rng.integers(0, t, (b, h, 5)), jnp.int32)
+  other = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
+           jnp.asarray(np.where(rng.random((b, t, h)) < 0.3, -np.inf, rng.standard_normal((b, t, h))), jnp.float32))
+  out, lse = diagonal_attention(q, k, v, offs, scale=0.125, merge_with=other, block_q=bq, interpret=True,
+                                _poison=NAN)
+  alone = diagonal_reference(q, k, v, offs, scale=0.125, block_q=bq)
+  ref, ref_lse = merge_attention([other, alone])
+  empty = assert_matches_oracle("merged", out, lse, ref, ref_lse, "float32")
+  assert empty.any() and np.isneginf(np.asarray(alone[1])).sum() > empty.sum()   # rows only the other saw
+
+
 def test_exclusion_removes_exactly_the_listed_keys():
   """A diagonal key inside an excluded range or column of its block is dropped; one in another
   block's range is kept: compare against the oracle on hand-made lists."""
@@ -165,6 +182,8 @@ def test_bad_diagonal_input_raises():
   with pytest.raises(ValueError, match="shared list"):
     diagonal_attention(q, k, v, offs, scale=1.0, exclude_columns=Columns(
         jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 4), jnp.int32)), interpret=True, block_q=16)
+  with pytest.raises(ValueError, match="merge_with"):
+    diagonal_attention(q, k, v, offs, scale=1.0, merge_with=(q, jnp.zeros((1, 32, 1))), interpret=True)
   with pytest.raises(ValueError, match="S == T"):
     diagonal_attention(q, k[:, :16], v[:, :16], offs, scale=1.0, interpret=True)
   with pytest.raises(dispatch.Unsupported, match="head_dim"):

@@ -1,17 +1,17 @@
 """Exact far slashes: vertical-slash attention whose isolated slashes are taken as diagonals.
 
-MInference (Jiang et al. 2024, "MInference 1.0", Sec. 3.2 and Alg. 3) attends, per query block
+MInference (Jiang et al. 2024, "MInference 1.0", Sec. 3: the vertical-slash pattern) attends, per query block
 [q0, q1], a slash o's whole key range [q0 - o, q1 - o]: every row sees block_q keys of it where
 one (key i - o) was selected. For the far slashes of its patterns (isolated diagonals) that is
 block_q x block_q pairs for block_q useful ones, which caps the efficiency of any block kernel
 (density x dense time / time: BENCHMARKS.md). The exact mode here keeps MInference's ranges for
 the runs of slashes (the near band, where ranges are nearly exact) and takes each isolated slash
 as a diagonal: query row i attends exactly key i - o, one logit and one rank-1 update per row
-(no matrix unit), with the same K/V rows loaded:
+(no matrix unit), block_q K/V rows loaded per diagonal as a range step loads its window:
 
     rest, offsets_BHF = split_isolated_slashes(slash_idx, seq_len, min_gap=block_q, max_diagonals=64)
     ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, ...)        # runs + verticals
-    out, lse = merge_attention([block_sparse(ranges, cols), diagonal_attention(offsets, exclude=...)])
+    out, lse = diagonal_attention(offsets, exclude_columns=cols, merge_with=block_sparse(ranges, cols))
 
 (`exact_vertical_slash_attention` does all three.) Key set: keys {k <= i : k a vertical, or i - k
 an isolated slash} exactly, plus the runs' ranges; a subset of MInference's, a superset of the
@@ -22,7 +22,7 @@ Kernel (Pallas, Triton lowering; interpret mode on CPU): one program per (query 
 query head), K/V refs span the whole sequence of kv head h // G (GQA without repeats); a
 `fori_loop` over the head's ascending offsets up to the block's last row: gather the block_q key
 rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
-row. Defaults: block_q 64 (a power of two: Triton tiles), isolation gap = block_q (an isolated
+row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of two: Triton tiles), isolation gap = block_q (an isolated
 slash's keys then lie outside every slash range of any full block), at most 64 diagonals a head.
 """
 
@@ -110,8 +110,14 @@ def _exclusion_mask(exclude, exclude_columns, t, s):
   return ranges_key_mask(exclude, exclude_columns, t, s, causal=True)
 
 
-def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q):
+def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q, merge_with=None):
   b, t, h, _, s, _ = check_qkv(q, k, v)
+  if merge_with is not None:
+    if not (isinstance(merge_with, tuple) and len(merge_with) == 2):
+      raise ValueError("merge_with must be an (out [B, T, H, D], lse [B, T, H]) pair or None")
+    if merge_with[0].shape != q.shape or merge_with[1].shape != (b, t, h):
+      raise ValueError(f"merge_with must be out {tuple(q.shape)} and lse {(b, t, h)}, got "
+                       f"{tuple(merge_with[0].shape)} and {tuple(merge_with[1].shape)}")
   if s != t:
     raise ValueError(f"diagonal attention is causal self-attention (key i - o): needs S == T, got T={t}, S={s}")
   _check_offsets(offsets_BHF, b, h)
@@ -133,25 +139,32 @@ def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q):
 
 
 def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
-                       exclude_columns: Columns | None = None, block_q: int = 64, interpret: bool = False,
-                       num_warps=None, num_stages=None):
-  """Float32 oracle of `diagonal_attention` from dense masks. Returns (out [B,T,H,D], lse [B,T,H])."""
-  del interpret, num_warps, num_stages
-  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q)
+                       exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
+                       diagonals_per_step: int = 1, interpret: bool = False, num_warps=None, num_stages=None):
+  """Float32 oracle of `diagonal_attention` from dense masks (merge_with through `merge_attention`).
+  Returns (out [B,T,H,D], lse [B,T,H]); the kernel's knobs are accepted and ignored."""
+  del diagonals_per_step, interpret, num_warps, num_stages
+  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   t, s = q_BTHD.shape[1], k_BSKD.shape[1]
   mask = diagonal_key_mask(offsets_BHF, t, s)
   excl = _exclusion_mask(exclude, exclude_columns, t, s)
   if excl is not None:
     mask = mask & ~excl
-  return masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale)
+  out = masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale)
+  if merge_with is None:
+    return out
+  from lcinfer.attention.base import merge_attention
+  return merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), out])
 
 
-def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, aliased):
+def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, has_merge, aliased):
   q_ref, k_ref, v_ref, meta_ref, off_ref, *rest = refs
   if has_ranges:
     lo_ref, hi_ref, *rest = rest
   if has_cols:
     colpos_ref, *rest = rest
+  if has_merge:
+    mo_ref, mlse_ref, *rest = rest
   if aliased:
     rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
   o_ref, lse_ref = rest
@@ -187,14 +200,24 @@ def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, a
   n_steps = lax.div(meta_ref[0] + per_step - 1, per_step)
   carry = lax.fori_loop(0, n_steps, body, osm.init(block_q, q.shape[-1]))
   out, lse = osm.finish(carry)
+  if has_merge:   # the other key set's (out, lse), merged here instead of in another pass over both
+    lse_m = mlse_ref[...]
+    top = jnp.maximum(lse, lse_m)
+    top = jnp.where(top == -jnp.inf, 0.0, top)
+    w, w_m = jnp.exp(lse - top), jnp.exp(lse_m - top)
+    total = w + w_m
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    out = (w[:, None] * out + w_m[:, None] * mo_ref[...].astype(jnp.float32)) / total[:, None]
+    lse = jnp.where(seen, top + jnp.log(total), -jnp.inf)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "num_warps", "num_stages", "interpret",
                                              "poison"))
-def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scale, block_q, per_step, num_warps,
-              num_stages, interpret, poison):
+def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, *, scale, block_q, per_step,
+              num_warps, num_stages, interpret, poison):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
@@ -228,11 +251,17 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, 
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape), mode="drop")
     args.append(colpos)
     in_specs.append(per_head(s))
-  out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   lse_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+  if merge_with is not None:
+    mo, mlse = merge_with
+    args += [jnp.pad(mo, ((0, 0), (0, tp - t), (0, 0), (0, 0))),
+             jnp.pad(jnp.transpose(mlse.astype(jnp.float32), (0, 2, 1)), ((0, 0), (0, 0), (0, tp - t)),
+                     constant_values=-jnp.inf)]
+    in_specs += [q_spec, lse_spec]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   kernel = functools.partial(_kernel, qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step,
                              has_ranges=exclude is not None, has_cols=exclude_columns is not None,
-                             aliased=poison is not None)
+                             has_merge=merge_with is not None, aliased=poison is not None)
   out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
                          out_shape=out_shape, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="lcinfer_diagonal_fwd", poison=poison)
@@ -240,28 +269,30 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, 
 
 
 def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
-                       exclude_columns: Columns | None = None, block_q: int = 64, diagonals_per_step: int = 1,
-                       interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
-                       _poison: float | None = None):
+                       exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
+                       diagonals_per_step: int = 1, interpret: bool = False, num_warps: int | None = None,
+                       num_stages: int | None = None, _poison: float | None = None):
   """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
   outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
   `exclude` (KeyRanges of the same block_q) or in `exclude_columns` (one shared list per head, each
   block taking its count's prefix): those are counted by the block-sparse call this one is merged
   with. Causal self-attention (S == T). Returns (out [B, T, H, D] in q's dtype, lse [B, T, H] f32);
   a row with no key: out 0, lse -inf. Raises ValueError for malformed calls, `dispatch.Unsupported`
-  for head_dim outside (64, 128) or no GPU without interpret. diagonals_per_step: how many
-  diagonals share one rescale of the accumulator (a knob for the GPU; the result is the same)."""
+  for head_dim outside (64, 128) or no GPU without interpret. merge_with: that call's (out, lse),
+  merged into the result in the kernel's epilogue (`merge_attention`'s formula; no pass over both
+  outputs after it). diagonals_per_step: how many diagonals share one rescale of the accumulator
+  (a knob for the GPU; the result is the same)."""
   _check_block("block_q", block_q)
   if not isinstance(diagonals_per_step, int) or not 1 <= diagonals_per_step <= 8:
     raise ValueError(f"diagonals_per_step must be an int in [1, 8], got {diagonals_per_step!r}")
-  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q)
+  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   d = q_BTHD.shape[-1]
   if d not in SUPPORTED_HEAD_DIMS:
     raise dispatch.Unsupported(f"head_dim {d} is not supported by the Triton diagonal kernel "
                                f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
   if not interpret and _gpu_backend() is None:
     raise dispatch.Unsupported("the Triton diagonal kernel needs a CUDA GPU; pass interpret=True to run it on CPU")
-  return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, scale=float(scale),
+  return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, scale=float(scale),
                    block_q=block_q, per_step=diagonals_per_step, num_warps=num_warps or 4, num_stages=num_stages or 2,
                    interpret=bool(interpret), poison=_poison)
 
@@ -278,9 +309,8 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
   56 x 64 for "mosaic_gpu" split mode) and the verticals through the block-sparse dispatcher, the
   isolated slashes (>= block_q from every other) through `diagonal_attention` (its own
-  diagonal_block_q rows a program; "triton", else "xla"), merged by lse. Returns (out [B, T, H, D],
-  lse [B, T, H])."""
-  from lcinfer.attention.base import merge_attention   # the attention protocol's exact merge
+  diagonal_block_q rows a program; "triton", else "xla"), which merges the block-sparse result
+  into its own by lse. Returns (out [B, T, H, D], lse [B, T, H])."""
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
   b, t, h = q_BTHD.shape[:3]
   rest, offsets = split_isolated_slashes(slash_idx, t, block_q, max_diagonals)
@@ -292,7 +322,6 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   # The columns: the list is ascending and a block takes its entries <= its last row, so a key
   # i - o <= i is counted there iff it is in the list at all: every block excludes the whole list.
   whole = jnp.broadcast_to(jnp.max(cols.count, axis=-1, keepdims=True), (b, h, -(-t // diagonal_block_q)))
-  diag = dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale,
-                       exclude_columns=Columns(whole, cols.index, True), block_q=diagonal_block_q,
+  return dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale,
+                       exclude_columns=Columns(whole, cols.index, True), merge_with=main, block_q=diagonal_block_q,
                        diagonals_per_step=diagonals_per_step, interpret=interpret)
-  return merge_attention([main, diag])
