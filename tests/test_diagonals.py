@@ -66,10 +66,11 @@ def _exclusions(rng, b, h, t, bq, nv, ns):
 
 
 @pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl,per_step", [
-    (100, 4, 1, 64, 16, "float32", True, 1),     # GQA 4, odd length, ranges and columns excluded
-    (77, 2, 2, 128, 32, "float32", False, 3),    # 3 diagonals a step (9 offsets: whole steps)
-    (90, 8, 1, 64, 16, "bfloat16", True, 2),     # GQA 8
-    (64, 4, 4, 128, 64, "bfloat16", False, 4),   # 9 offsets in steps of 4: a padded last step
+    (100, 4, 1, 64, 16, "float32", "both", 1),    # GQA 4, odd length, ranges and columns excluded
+    (77, 2, 2, 128, 32, "float32", None, 3),      # 3 diagonals a step (9 offsets: whole steps)
+    (90, 8, 1, 64, 16, "bfloat16", "both", 2),    # GQA 8
+    (64, 4, 4, 128, 64, "bfloat16", None, 4),     # 9 offsets in steps of 4: a padded last step
+    (70, 2, 1, 64, 16, "float32", "columns", 1),  # columns alone (per-block prefixes of one list)
 ])
 def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
   rng = np.random.default_rng(t + d)
@@ -79,6 +80,10 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
   offs[0, 0] = -1                                         # a head with no diagonal: rows see nothing
   offs[1, 0, :3] = [5, 5, 0]                              # a repeat counts once; the diagonal itself
   ranges, cols = _exclusions(rng, b, h, t, bq, 6, 5) if excl else (None, None)
+  if excl == "columns":   # an unsorted shared list with repeats and strays, random prefixes per block
+    nq = -(-t // bq)
+    ranges, cols = None, Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
+                                 jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
   out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step, interpret=True,
                                 _poison=NAN, **kw)

@@ -99,14 +99,13 @@ def diagonal_key_mask(offsets_BHF, t: int, s: int):
   return jnp.where(d >= 0, listed[:, :, jnp.clip(d, 0, s - 1)], False)
 
 
-def _exclusion_mask(exclude, exclude_columns, t, s):
+def _exclusion_mask(exclude, exclude_columns, t, s, block_q):
   if exclude is None and exclude_columns is None:
     return None
   if exclude is None:  # columns alone: an empty range list in their blocks
-    nq = exclude_columns.count.shape[-1]
-    b, h = exclude_columns.count.shape[:2]
+    b, h, nq = exclude_columns.count.shape
     zero = jnp.zeros((b, h, nq, 1), jnp.int32)
-    exclude = KeyRanges(jnp.zeros((b, h, nq), jnp.int32), zero, zero, -(-t // nq), 1)
+    exclude = KeyRanges(jnp.zeros((b, h, nq), jnp.int32), zero, zero, block_q, 1)
   return ranges_key_mask(exclude, exclude_columns, t, s, causal=True)
 
 
@@ -147,7 +146,7 @@ def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   t, s = q_BTHD.shape[1], k_BSKD.shape[1]
   mask = diagonal_key_mask(offsets_BHF, t, s)
-  excl = _exclusion_mask(exclude, exclude_columns, t, s)
+  excl = _exclusion_mask(exclude, exclude_columns, t, s, block_q)
   if excl is not None:
     mask = mask & ~excl
   out = masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale)
