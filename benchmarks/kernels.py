@@ -358,7 +358,7 @@ def main(argv=None) -> int:
   p.add_argument("--keep", type=float, default=0.10, help="block-sparse: fraction of causal blocks kept")
   p.add_argument("--vs-block", type=int, default=64)
   p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants and the exact mode "
-                 "(isolated slashes as diagonals: 'exact 64x64', 'exact mosaic_gpu 128x64')")
+                 "(isolated slashes as diagonals: 'exact 64x64', 'exact mosaic_gpu 56x64' (+ 'per_step=2', 4), 128x64)")
   p.add_argument("--vs-variants", default="", help='vertical-slash: only these, e.g. "ranges mosaic_gpu 128x64"')
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--burst-s", type=float, default=kernel_report.BURST_S,
