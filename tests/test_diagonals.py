@@ -197,6 +197,25 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q2, k2, v2, offs, scale=1.0, interpret=True)
 
 
+@pytest.mark.parametrize("per_step, excl", [(1, False), (4, True)])
+def test_diagonal_kernel_lowers_to_triton_for_hopper(monkeypatch, per_step, excl):
+  """The whole kernel body goes through Pallas' Triton lowering on CPU (the GPU info an H200's), so
+  an op Triton cannot take fails here, not first on the device."""
+  from jax._src.pallas.triton import gpu_info      # private: the lowering's only GPU query
+  from lcinfer.pallas_kernels.diagonals import _diagonal
+  monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+  rng = np.random.default_rng(0)
+  b, t, h, kh, d, bq = 1, 512, 4, 2, 128, 64
+  q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
+  offs = jnp.zeros((b, h, 50), jnp.int32)
+  ranges, cols = _exclusions(rng, b, h, t, bq, 20, 10) if excl else (None, None)
+  main = (q, jnp.zeros((b, t, h), jnp.float32)) if excl else None
+  fn = lambda q, k, v, o: _diagonal(q, k, v, o, ranges, cols, main, scale=0.1, block_q=bq, per_step=per_step,  # noqa: E731
+                                    num_warps=4, num_stages=2, interpret=False, poison=None)
+  text = jax.jit(fn).trace(q, k, v, offs).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("@__gpu$xla.gpu.triton") == 1
+
+
 # -- compiled on a GPU ----------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, kh, per_step", [("bfloat16", 2, 1), ("float32", 8, 2), ("bfloat16", 8, 4)])
