@@ -14,6 +14,8 @@
 #   exact[=VARIANTS] gpu tests of the exact mode (tests/test_diagonals.py: the diagonal kernel, the composition
 #                    with the Triton and Mosaic GPU block-sparse kernels), then the vertical-slash benchmark of
 #                    the exact variants beside their range-only ones (H = 32)
+#   diag[=SET]       probes/diag_probe.py (a set's far slashes as exact diagonals under the Triton kernel's
+#                    knobs, beside them as ranges on the split-mode Hopper kernel; default set 30,800)
 #   vsorder[=VARIANTS] probes/vs_order_probe.py (vertical-slash sets under kernel variants; VARIANTS: the
 #                    probe's comma lists joined by '+', e.g. "hf,q56+tf,q56")
 #   vsncu=CASES      ncu metrics (time, DRAM bytes, L2 hit rate) of one vertical-slash kernel launch per
@@ -63,6 +65,8 @@ for step in "$@"; do
              --burst-s "${VS_BURST_S:-0.1}" --vs-variants "${arg:-ranges mosaic_gpu 56x64,exact mosaic_gpu 56x64,\
 exact mosaic_gpu per_step=2 56x64,exact mosaic_gpu per_step=4 56x64,ranges mosaic_gpu 128x64,exact mosaic_gpu 128x64,\
 ranges 64x64,exact 64x64}" 2>&1 | tables 24 ;;
+    diag) timeout 300 python3 benchmarks/probes/diag_probe.py ${arg:+--set $arg} 2>&1 | grep -E "^diag|rror" \
+            | tee -a "$out/diag.log" ;;
     vsgqa) timeout 400 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 8 --reps 5 --out "$out" \
              --burst-s "${VS_BURST_S:-0.1}" \
              --vs-variants "${arg:-ranges mosaic_gpu 56x64}" 2>&1 | tables 14 ;;
