@@ -86,8 +86,8 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
     ranges, cols = None, Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
                                  jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step, interpret=True,
-                                _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step, heads_first=per_step > 1,
+                                interpret=True, _poison=NAN, **kw)
   ref, ref_lse = diagonal_reference(q, k, v, jnp.asarray(offs), **kw)
   empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
@@ -211,7 +211,7 @@ def test_diagonal_kernel_lowers_to_triton_for_hopper(monkeypatch, per_step, excl
   ranges, cols = _exclusions(rng, b, h, t, bq, 20, 10) if excl else (None, None)
   main = (q, jnp.zeros((b, t, h), jnp.float32)) if excl else None
   fn = lambda q, k, v, o: _diagonal(q, k, v, o, ranges, cols, main, scale=0.1, block_q=bq, per_step=per_step,  # noqa: E731
-                                    num_warps=4, num_stages=2, interpret=False, poison=None)
+                                    num_warps=4, num_stages=2, interpret=False, poison=None, heads_first=excl)
   text = jax.jit(fn).trace(q, k, v, offs).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("@__gpu$xla.gpu.triton") == 1
 
@@ -226,7 +226,7 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step):
   offs = jnp.asarray(rng.integers(-4, t, (b, h, 50)), jnp.int32)
   ranges, cols = _exclusions(rng, b, h, t, bq, 40, 30)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1, _poison=NAN, **kw)
   ref, ref_lse = diagonal_reference(q, k, v, offs, **kw)
   assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
 

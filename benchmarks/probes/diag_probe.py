@@ -1,10 +1,10 @@
 """Probe (Hopper): the far slashes of a BENCHMARKS.md vertical-slash set at 128K (H = 32) as exact
 diagonals (`diagonals.diagonal_attention`, Triton) under its knobs (block_q, num_warps,
-diagonals_per_step), beside the same slashes as ranges on the split-mode Hopper kernel (the far
+diagonals_per_step, num_stages, heads_first), beside the same slashes as ranges on the split-mode Hopper kernel (the far
 part of `kernels.vs_subset`, first column included in both). Prints ms and the rate of the K/V rows
 the diagonals must read (one 256-byte K row and one V row per query row per slash, a lower bound
 on their L2 reads), which says whether the exact mode is bound by L2 bandwidth (NOTES, session 19).
-    PYTHONPATH=. python3 benchmarks/probes/diag_probe.py [--set 30,800] [--knobs 64,4,1 128,8,2 ...]"""
+    PYTHONPATH=. python3 benchmarks/probes/diag_probe.py [--set 30,800] [--knobs 64,4,1,2,0 128,8,2,3,1 ...]"""
 import argparse
 import sys
 from pathlib import Path
@@ -23,8 +23,9 @@ from lcinfer.pallas_kernels.diagonals import diagonal_attention  # noqa: E402
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--set", default="30,800")
-  ap.add_argument("--knobs", nargs="*", default=["64,4,1", "64,4,2", "64,8,1", "128,8,1", "128,8,2", "32,4,1"],
-                  help="block_q,num_warps,diagonals_per_step")
+  ap.add_argument("--knobs", nargs="*", default=["64,4,1,2,0", "64,4,1,2,1", "64,4,2,2,1", "64,8,1,3,1", "128,8,1,2,1",
+                                                   "128,8,2,2,1", "32,4,1,2,1"],
+                  help="block_q,num_warps,diagonals_per_step,num_stages,heads_first (0/1)")
   ap.add_argument("--reps", type=int, default=5)
   a = ap.parse_args()
   s, h, d = 131072, 32, 128
@@ -44,19 +45,18 @@ def main():
   ms = bench(ranges, q, k, v, jnp.asarray(vert), offs, reps=a.reps)["ms"]
   print(f"diag ranges mosaic_gpu 56x64 (far part): {ms:7.2f} ms", flush=True)
   for spec in a.knobs:
-    bq, warps, per_step = map(int, spec.split(","))
+    bq, warps, per_step, stages, heads = map(int, spec.split(","))
+    name = f"bq={bq} warps={warps} per_step={per_step} stages={stages} heads_first={heads}"
 
-    def diag(q, k, v, o, bq=bq, warps=warps, per_step=per_step):
-      return diagonal_attention(q, k, v, o, scale=d ** -0.5, block_q=bq, num_warps=warps,
-                                diagonals_per_step=per_step)[0]
+    def diag(q, k, v, o, bq=bq, warps=warps, per_step=per_step, stages=stages, heads=heads):
+      return diagonal_attention(q, k, v, o, scale=d ** -0.5, block_q=bq, num_warps=warps, num_stages=stages,
+                                diagonals_per_step=per_step, heads_first=bool(heads))[0]
     try:
       ms = bench(diag, q, k, v, offs, reps=a.reps)["ms"]
     except Exception as e:  # noqa: BLE001 (a knob Triton cannot compile)
-      print(f"diag exact bq={bq} warps={warps} per_step={per_step}: failed: {str(e).splitlines()[0][:150]}",
-            flush=True)
+      print(f"diag exact {name}: failed: {str(e).splitlines()[0][:150]}", flush=True)
       continue
-    print(f"diag exact bq={bq} warps={warps} per_step={per_step}: {ms:7.2f} ms, {gbytes / ms:5.2f} TB/s of K/V rows",
-          flush=True)
+    print(f"diag exact {name}: {ms:7.2f} ms, {gbytes / ms:5.2f} TB/s of K/V rows", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ Kernel (Pallas, Triton lowering; interpret mode on CPU): one program per (query 
 query head), K/V refs span the whole sequence of kv head h // G (GQA without repeats); a
 `fori_loop` over the head's ascending offsets up to the block's last row: gather the block_q key
 rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
-row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of two: Triton tiles), isolation gap = block_q (an isolated
-slash's keys then lie outside every slash range of any full block), at most 64 diagonals a head.
+row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of
+two: Triton tiles), isolation gap = block_q (an isolated slash's keys then lie outside every slash
+range of any block), at most 64 diagonals a head, one diagonal a step, query blocks launched first.
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q, merge_w
 
 def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
-                       diagonals_per_step: int = 1, interpret: bool = False, num_warps=None, num_stages=None):
+                       diagonals_per_step: int = 1, heads_first: bool = False, interpret: bool = False,
+                       num_warps=None, num_stages=None):
   """Float32 oracle of `diagonal_attention` from dense masks (merge_with through `merge_attention`).
   Returns (out [B,T,H,D], lse [B,T,H]); the kernel's knobs are accepted and ignored."""
-  del diagonals_per_step, interpret, num_warps, num_stages
+  del diagonals_per_step, heads_first, interpret, num_warps, num_stages
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   t, s = q_BTHD.shape[1], k_BSKD.shape[1]
   mask = diagonal_key_mask(offsets_BHF, t, s)
@@ -156,7 +158,7 @@ def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   return merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), out])
 
 
-def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, has_merge, aliased):
+def _kernel(*refs, qk_scale, block_q, s_valid, per_step, qb_axis, has_ranges, has_cols, has_merge, aliased):
   q_ref, k_ref, v_ref, meta_ref, off_ref, *rest = refs
   if has_ranges:
     lo_ref, hi_ref, *rest = rest
@@ -167,7 +169,7 @@ def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, h
   if aliased:
     rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
   o_ref, lse_ref = rest
-  q_pos = pl.program_id(0) * block_q + jnp.arange(block_q, dtype=jnp.int32)
+  q_pos = pl.program_id(qb_axis) * block_q + jnp.arange(block_q, dtype=jnp.int32)
   q = q_ref[...].astype(jnp.float32)
   ccount = meta_ref[1]
   if has_ranges:
@@ -213,10 +215,10 @@ def _kernel(*refs, qk_scale, block_q, s_valid, per_step, has_ranges, has_cols, h
   lse_ref[...] = lse
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "num_warps", "num_stages", "interpret",
-                                             "poison"))
+@functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "heads_first", "num_warps", "num_stages",
+                                             "interpret", "poison"))
 def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, *, scale, block_q, per_step,
-              num_warps, num_stages, interpret, poison):
+              num_warps, num_stages, interpret, poison, heads_first=False):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
@@ -230,10 +232,15 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
             else jnp.clip(exclude_columns.count, 0, exclude_columns.index.shape[-1]).astype(jnp.int32))
   meta = jnp.stack([count, ccount], axis=-1).astype(jnp.int32)            # [B, H, nq, 2]
   q = jnp.pad(q_BTHD, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-  q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
-  kv_spec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
-  per_head = lambda n: pl.BlockSpec((None, None, n), lambda i, bi, hi: (bi, hi, 0))   # noqa: E731
-  per_block = lambda n: pl.BlockSpec((None, None, None, n), lambda i, bi, hi: (bi, hi, i, 0))  # noqa: E731
+  # grid (query block, batch, head), or (head, query block, batch) with heads_first: the programs in
+  # flight then read the same key positions of every head (one 8 KB run at 32 heads x 256 B)
+  grid, qb_axis, ibh = ((h, nq, b), 1, lambda x, y, z: (y, z, x)) if heads_first else \
+      ((nq, b, h), 0, lambda x, y, z: (x, y, z))
+  spec = lambda shape, f: pl.BlockSpec(shape, lambda *ids: f(*ibh(*ids)))   # noqa: E731 (f of (i, bi, hi))
+  q_spec = spec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+  kv_spec = spec((None, s, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+  per_head = lambda n: spec((None, None, n), lambda i, bi, hi: (bi, hi, 0))   # noqa: E731
+  per_block = lambda n: spec((None, None, None, n), lambda i, bi, hi: (bi, hi, i, 0))  # noqa: E731
   args = [q, k_BSKD, v_BSKD, meta, offs]
   in_specs = [q_spec, kv_spec, kv_spec, per_block(2), per_head(offs.shape[-1])]
   if exclude is not None:
@@ -250,7 +257,7 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape), mode="drop")
     args.append(colpos)
     in_specs.append(per_head(s))
-  lse_spec = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+  lse_spec = spec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
   if merge_with is not None:
     mo, mlse = merge_with
     args += [jnp.pad(mo, ((0, 0), (0, tp - t), (0, 0), (0, 0))),
@@ -259,9 +266,10 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
     in_specs += [q_spec, lse_spec]
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   kernel = functools.partial(_kernel, qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step,
+                             qb_axis=qb_axis,
                              has_ranges=exclude is not None, has_cols=exclude_columns is not None,
                              has_merge=merge_with is not None, aliased=poison is not None)
-  out, lse = triton_call(kernel, args, grid=(nq, b, h), in_specs=in_specs, out_specs=[q_spec, lse_spec],
+  out, lse = triton_call(kernel, args, grid=grid, in_specs=in_specs, out_specs=[q_spec, lse_spec],
                          out_shape=out_shape, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="lcinfer_diagonal_fwd", poison=poison)
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
@@ -269,8 +277,8 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
 
 def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
-                       diagonals_per_step: int = 1, interpret: bool = False, num_warps: int | None = None,
-                       num_stages: int | None = None, _poison: float | None = None):
+                       diagonals_per_step: int = 1, heads_first: bool = False, interpret: bool = False,
+                       num_warps: int | None = None, num_stages: int | None = None, _poison: float | None = None):
   """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
   outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
   `exclude` (KeyRanges of the same block_q) or in `exclude_columns` (one shared list per head, each
@@ -279,8 +287,8 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   a row with no key: out 0, lse -inf. Raises ValueError for malformed calls, `dispatch.Unsupported`
   for head_dim outside (64, 128) or no GPU without interpret. merge_with: that call's (out, lse),
   merged into the result in the kernel's epilogue (`merge_attention`'s formula; no pass over both
-  outputs after it). diagonals_per_step: how many diagonals share one rescale of the accumulator
-  (a knob for the GPU; the result is the same)."""
+  outputs after it). Knobs for the GPU (the result is the same): diagonals_per_step, how many
+  diagonals share one rescale of the accumulator; heads_first, the launch order of the programs."""
   _check_block("block_q", block_q)
   if not isinstance(diagonals_per_step, int) or not 1 <= diagonals_per_step <= 8:
     raise ValueError(f"diagonals_per_step must be an int in [1, 8], got {diagonals_per_step!r}")
@@ -292,7 +300,8 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   if not interpret and _gpu_backend() is None:
     raise dispatch.Unsupported("the Triton diagonal kernel needs a CUDA GPU; pass interpret=True to run it on CPU")
   return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, scale=float(scale),
-                   block_q=block_q, per_step=diagonals_per_step, num_warps=num_warps or 4, num_stages=num_stages or 2,
+                   block_q=block_q, per_step=diagonals_per_step, heads_first=bool(heads_first),
+                   num_warps=num_warps or 4, num_stages=num_stages or 2,
                    interpret=bool(interpret), poison=_poison)
 
 
