@@ -48,6 +48,12 @@ def naive_attention(q, k, v, q_pos, kv_pos, scale, window=None, q_seg=None, kv_s
   return out, lse
 
 
+def self_attention_qkv(rng, b, t, h, kh, d, dtype):
+  """Random q [B, T, H, D] and k, v [B, T, KH, D] (self-attention: S = T) in `dtype`, as jax arrays."""
+  dt = jnp.dtype(dtype)
+  return tuple(jnp.asarray(rng.standard_normal(shape), dt) for shape in ((b, t, h, d), (b, t, kh, d), (b, t, kh, d)))
+
+
 def assert_matches_oracle(name, out, lse, ref, ref_lse, dtype):
   """Kernel (out, lse) against a float32 oracle; outputs were NaN-poisoned before the run, so an
   unwritten element shows as NaN. Returns the mask of rows that see no key (lse = -inf)."""

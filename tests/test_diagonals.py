@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_oracle
+from helpers import assert_matches_oracle, self_attention_qkv as _qkv
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.diagonals import (diagonal_attention, diagonal_key_mask, diagonal_reference,
                                               exact_vertical_slash_attention, split_isolated_slashes)
@@ -17,11 +17,6 @@ from lcinfer.pallas_kernels.sparse_index import Columns
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges
 
 NAN = float("nan")
-
-
-def _qkv(rng, b, t, h, kh, d, dtype):
-  dt = jnp.dtype(dtype)
-  return tuple(jnp.asarray(rng.standard_normal(shape), dt) for shape in ((b, t, h, d), (b, t, kh, d), (b, t, kh, d)))
 
 
 def _numpy_split(sl, t, gap, max_diag):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_oracle
+from helpers import assert_matches_oracle, self_attention_qkv as _qkv
 from lcinfer.pallas_kernels.block_sparse import block_sparse_attention
 from lcinfer.pallas_kernels.reference import block_sparse_reference
 from lcinfer.pallas_kernels.sparse_index import Columns, row_prefix_sum, stable_partition
@@ -16,11 +16,6 @@ from lcinfer.pallas_kernels.vertical_slash import (KeyRanges, ascending_ranges, 
                                                    vertical_slash_to_ranges)
 
 NAN = float("nan")
-
-
-def _qkv(rng, b, t, h, kh, d, dtype):
-  dt = jnp.dtype(dtype)
-  return tuple(jnp.asarray(rng.standard_normal(shape), dt) for shape in ((b, t, h, d), (b, t, kh, d), (b, t, kh, d)))
 
 
 def _pattern(rng, b, h, t, nv, ns):

@@ -41,7 +41,7 @@ from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend, _next_pow2
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
-from lcinfer.pallas_kernels.sparse_index import Columns, _last_q_row, count_at_most
+from lcinfer.pallas_kernels.sparse_index import Columns, _last_q_row, _sort_dedupe, count_at_most
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped, check_ranges, ranges_key_mask
 
 
@@ -57,9 +57,7 @@ def canonical_offsets(offsets_BHF, s: int):
   """Ascending, duplicate-free offsets in [0, s) per head; other entries (outside, repeats) become
   2s and sort last. Returns [B, H, F] int32."""
   o = offsets_BHF.astype(jnp.int32)
-  o = jnp.sort(jnp.where((o >= 0) & (o < s), o, 2 * s), axis=-1)
-  rep = jnp.concatenate([jnp.zeros_like(o[..., :1], bool), o[..., 1:] == o[..., :-1]], axis=-1)
-  return jnp.sort(jnp.where(rep, 2 * s, o), axis=-1)
+  return _sort_dedupe(o, (o >= 0) & (o < s), 2 * s)[0]
 
 
 def split_isolated_slashes(slash_idx, seq_len: int, min_gap: int, max_diagonals: int = 64):

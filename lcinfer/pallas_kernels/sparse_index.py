@@ -361,9 +361,7 @@ def shared_vertical_columns(vertical_idx, t: int, q1, max_cols: int) -> Columns:
   row q1[qb] (q1: [nq, 1]). The kernel skips columns inside the block's listed keys, so nothing
   per query block is built here beyond the counts."""
   c = vertical_idx.astype(jnp.int32)
-  c = jnp.sort(jnp.where((c >= 0) & (c < t), c, t), axis=-1)
-  rep = jnp.concatenate([jnp.zeros_like(c[..., :1], bool), c[..., 1:] == c[..., :-1]], axis=-1)
-  c = jnp.sort(jnp.where(rep, t, c), axis=-1)[..., :max_cols]         # ascending; t = no entry
+  c = _sort_dedupe(c, (c >= 0) & (c < t), t)[0][..., :max_cols]       # ascending; t = no entry
   count = count_at_most(c, q1[:, 0])
   return Columns(count.astype(jnp.int32), jnp.where(c < t, c, 0)[:, :, None, :], ascending=True)
 
