@@ -24,7 +24,10 @@ query head), K/V refs span the whole sequence of kv head h // G (GQA without rep
 rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
 row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of
 two: Triton tiles), isolation gap = block_q (an isolated slash's keys then lie outside every slash
-range of any block), at most 64 diagonals a head, one diagonal a step, query blocks launched first.
+range of any block), at most 64 diagonals a head, two diagonals a step, 8 warps (4 below 64 rows),
+3 stages, query blocks launched first: the fastest of 19 knob sets on the H200 for the 50 far slashes
+of (30, 800) at 128K, H = 32 (7.84 ms, 6.7 TB/s of K/V rows against 9.6 ms for 1 diagonal / 4 warps /
+2 stages, 15.8 ms heads first: benchmarks/NOTES.md, session 20).
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q, merge_w
 
 def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
-                       diagonals_per_step: int = 1, heads_first: bool = False, interpret: bool = False,
+                       diagonals_per_step: int = 2, heads_first: bool = False, interpret: bool = False,
                        num_warps=None, num_stages=None):
   """Float32 oracle of `diagonal_attention` from dense masks (merge_with through `merge_attention`).
   Returns (out [B,T,H,D], lse [B,T,H]); the kernel's knobs are accepted and ignored."""
@@ -275,7 +278,7 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
 
 def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
-                       diagonals_per_step: int = 1, heads_first: bool = False, interpret: bool = False,
+                       diagonals_per_step: int = 2, heads_first: bool = False, interpret: bool = False,
                        num_warps: int | None = None, num_stages: int | None = None, _poison: float | None = None):
   """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
   outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
@@ -299,7 +302,7 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
     raise dispatch.Unsupported("the Triton diagonal kernel needs a CUDA GPU; pass interpret=True to run it on CPU")
   return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, scale=float(scale),
                    block_q=block_q, per_step=diagonals_per_step, heads_first=bool(heads_first),
-                   num_warps=num_warps or 4, num_stages=num_stages or 2,
+                   num_warps=num_warps or (8 if block_q >= 64 else 4), num_stages=num_stages or 3,
                    interpret=bool(interpret), poison=_poison)
 
 
@@ -309,7 +312,7 @@ dispatch.register("diagonal_attention", "xla", diagonal_reference)
 
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
-                                   max_diagonals: int = 64, diagonal_block_q: int = 64, diagonals_per_step: int = 1,
+                                   max_diagonals: int = 64, diagonal_block_q: int = 64, diagonals_per_step: int = 2,
                                    implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
   slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
