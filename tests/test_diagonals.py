@@ -2,6 +2,8 @@
 diagonal kernel (interpret mode, NaN-poisoned outputs) against its float32 oracle, and the exact
 vertical-slash composition against a dense mask built in numpy from the pattern itself."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,8 +149,9 @@ def _numpy_exact_mask(vert, sl, t, bq, gap, max_diag):
   return mask
 
 
-@pytest.mark.parametrize("impl, bq", [("triton", 16), ("xla", 24)])   # 24: ranges of other heights than 16
-def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq):
+# 24: ranges of other heights than 16; side_stream: the diagonals on their own GPU stream, merged after
+@pytest.mark.parametrize("impl, bq, side_stream", [("triton", 16, None), ("xla", 24, 1)])
+def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, side_stream):
   rng = np.random.default_rng(7)
   b, t, h, kh, d = 1, 160, 4, 2, 64
   vert = rng.integers(0, t, (b, h, 5)).astype(np.int32)
@@ -156,9 +159,13 @@ def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq):
                        rng.integers(20, t, (b, h, 5))], axis=-1).astype(np.int32)
   sl[0, 0, -2:] = [100, 104]                                              # close pair: stays ranges
   q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
-  out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
-                                            block_q=bq, block_k=16, max_ranges=64, max_cols=16,
-                                            diagonal_block_q=16, implementation=impl, interpret=True)
+  call = functools.partial(exact_vertical_slash_attention, scale=d ** -0.5, block_q=bq, block_k=16, max_ranges=64,
+                           max_cols=16, diagonal_block_q=16, side_stream=side_stream, implementation=impl,
+                           interpret=True)
+  out, lse = call(q, k, v, jnp.asarray(vert), jnp.asarray(sl))
+  if side_stream:   # the diagonals' call carries the stream annotation XLA's GPU backend reads
+    hlo = jax.jit(call).lower(q, k, v, jnp.asarray(vert), jnp.asarray(sl)).as_text()
+    assert f'_xla_stream_annotation = "{side_stream}"' in hlo
   mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs ({impl})", out, lse, ref, ref_lse, "float32")
@@ -189,6 +196,9 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q, k, v, offs, scale=1.0, merge_with=(q, jnp.zeros((1, 32, 1))), interpret=True)
   with pytest.raises(ValueError, match="S == T"):
     diagonal_attention(q, k[:, :16], v[:, :16], offs, scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="side_stream"):
+    exact_vertical_slash_attention(q, k, v, offs, offs, scale=1.0, max_ranges=4, max_cols=4, side_stream=0,
+                                   interpret=True)
   with pytest.raises(dispatch.Unsupported, match="head_dim"):
     q2, k2, v2 = _qkv(rng, 1, 32, 2, 1, 32, "float32")
     diagonal_attention(q2, k2, v2, offs, scale=1.0, interpret=True)
@@ -229,8 +239,9 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl, bq", [("triton", 64), ("mosaic_gpu", 128), ("mosaic_gpu", 56)])
-def test_exact_vertical_slash_gpu(impl, bq):
+@pytest.mark.parametrize("impl, bq, side_stream", [("triton", 64, None), ("mosaic_gpu", 128, None),
+                                                  ("mosaic_gpu", 56, None), ("mosaic_gpu", 128, 1)])
+def test_exact_vertical_slash_gpu(impl, bq, side_stream):
   if impl == "mosaic_gpu" and hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(12)
@@ -241,7 +252,7 @@ def test_exact_vertical_slash_gpu(impl, bq):
   q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
   out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
                                             block_q=bq, block_k=64, max_ranges=64, max_cols=32,
-                                            implementation=impl)
+                                            side_stream=side_stream, implementation=impl)
   mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs gpu ({impl})", out, lse, ref, ref_lse, "bfloat16")

@@ -313,24 +313,42 @@ dispatch.register("diagonal_attention", "xla", diagonal_reference)
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
                                    max_diagonals: int = 64, diagonal_block_q: int = 64, diagonals_per_step: int = 2,
-                                   implementation=None, interpret: bool = False):
+                                   side_stream: int | None = None, implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
   slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
   56 x 64 for "mosaic_gpu" split mode) and the verticals through the block-sparse dispatcher, the
   isolated slashes (>= block_q from every other) through `diagonal_attention` (its own
   diagonal_block_q rows a program; "triton", else "xla"), which merges the block-sparse result
-  into its own by lse. Returns (out [B, T, H, D], lse [B, T, H])."""
+  into its own by lse. Returns (out [B, T, H, D], lse [B, T, H]).
+
+  side_stream=N: the diagonals go to GPU stream N (`jax.experimental.compute_on("gpu_stream:N")`,
+  ignored off GPU), independent of the block-sparse call, so that their L2-bound CTAs may run
+  beside its compute-bound ones; the two results are then merged by `merge_attention` (one more
+  pass over both outputs). The same result either way."""
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
+  if side_stream is not None and (not isinstance(side_stream, int) or side_stream < 1):
+    raise ValueError(f"side_stream must be None or a GPU stream number >= 1, got {side_stream!r}")
   b, t, h = q_BTHD.shape[:3]
   rest, offsets = split_isolated_slashes(slash_idx, t, block_q, max_diagonals)
   ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, t, block_q, block_k, max_ranges, max_cols)
-  main = dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
-                       causal=True, columns=cols, interpret=interpret)
   # No diagonal key lies in a slash range of its block: rows [q0, q1] of a block have q1 - q0 <
   # block_q, so o >= o' + block_q gives i - o < q0 - o' and o <= o' - block_q gives i - o > q1 - o'.
   # The columns: the list is ascending and a block takes its entries <= its last row, so a key
   # i - o <= i is counted there iff it is in the list at all: every block excludes the whole list.
   whole = jnp.broadcast_to(jnp.max(cols.count, axis=-1, keepdims=True), (b, h, -(-t // diagonal_block_q)))
-  return dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale,
-                       exclude_columns=Columns(whole, cols.index, True), merge_with=main, block_q=diagonal_block_q,
-                       diagonals_per_step=diagonals_per_step, interpret=interpret)
+
+  def diagonals(q, k, v, offsets, count, index, merge_with=None):
+    return dispatch.call("diagonal_attention", None, q, k, v, offsets, scale=scale,
+                         exclude_columns=Columns(count, index, True), merge_with=merge_with,
+                         block_q=diagonal_block_q, diagonals_per_step=diagonals_per_step, interpret=interpret)
+
+  def block_sparse():
+    return dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
+                         causal=True, columns=cols, interpret=interpret)
+  if side_stream is None:
+    return diagonals(q_BTHD, k_BSKD, v_BSKD, offsets, whole, cols.index, merge_with=block_sparse())
+  from jax.experimental.compute_on import compute_on
+  from lcinfer.attention.base import merge_attention
+  side = compute_on(compute_type=f"gpu_stream:{side_stream}", out_memory_spaces=jax.memory.Space.Device)(
+      jax.jit(diagonals))
+  return merge_attention([block_sparse(), side(q_BTHD, k_BSKD, v_BSKD, offsets, whole, cols.index)])
