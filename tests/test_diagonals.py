@@ -65,14 +65,15 @@ def _exclusions(rng, b, h, t, bq, nv, ns):
   return vertical_slash_to_ranges(vert, sl, t, bq, 16, 4 * ns, nv + 8)
 
 
-@pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl,per_step", [
-    (100, 4, 1, 64, 16, "float32", "both", 1),    # GQA 4, odd length, ranges and columns excluded
-    (77, 2, 2, 128, 32, "float32", None, 3),      # 3 diagonals a step (9 offsets: whole steps)
-    (90, 8, 1, 64, 16, "bfloat16", "both", 2),    # GQA 8
-    (64, 4, 4, 128, 64, "bfloat16", None, 4),     # 9 offsets in steps of 4: a padded last step
-    (70, 2, 1, 64, 16, "float32", "columns", 1),  # columns alone (per-block prefixes of one list)
+# programs: a persistent launch (items not a multiple of it: programs with one item less)
+@pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl,per_step,programs", [
+    (100, 4, 1, 64, 16, "float32", "both", 1, None),    # GQA 4, odd length, ranges and columns excluded
+    (77, 2, 2, 128, 32, "float32", None, 3, 5),         # 3 diagonals a step (9 offsets: whole steps)
+    (90, 8, 1, 64, 16, "bfloat16", "both", 2, 7),       # GQA 8; 96 items over 7 programs
+    (64, 4, 4, 128, 64, "bfloat16", None, 4, None),     # 9 offsets in steps of 4: a padded last step
+    (70, 2, 1, 64, 16, "float32", "columns", 1, 3),     # columns alone (per-block prefixes of one list)
 ])
-def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
+def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step, programs):
   rng = np.random.default_rng(t + d)
   b = 2
   q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
@@ -86,7 +87,7 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step):
                                  jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
   out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step, heads_first=per_step > 1,
-                                interpret=True, _poison=NAN, **kw)
+                                programs=programs, interpret=True, _poison=NAN, **kw)
   ref, ref_lse = _reference(q, k, v, jnp.asarray(offs), **kw)
   empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
@@ -161,7 +162,7 @@ def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, si
   q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
   call = functools.partial(exact_vertical_slash_attention, scale=d ** -0.5, block_q=bq, block_k=16, max_ranges=64,
                            max_cols=16, diagonal_block_q=16, side_stream=side_stream, implementation=impl,
-                           interpret=True)
+                           diagonal_programs=side_stream and 5, interpret=True)
   out, lse = call(q, k, v, jnp.asarray(vert), jnp.asarray(sl))
   if side_stream:   # the diagonals' call carries the stream annotation XLA's GPU backend reads
     hlo = jax.jit(call).lower(q, k, v, jnp.asarray(vert), jnp.asarray(sl)).as_text()
@@ -185,6 +186,8 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q, k, v, offs, scale=1.0, block_q=24, interpret=True)
   with pytest.raises(ValueError, match="diagonals_per_step"):
     diagonal_attention(q, k, v, offs, scale=1.0, diagonals_per_step=0, interpret=True)
+  with pytest.raises(ValueError, match="programs"):
+    diagonal_attention(q, k, v, offs, scale=1.0, programs=0, interpret=True)
   ranges = KeyRanges(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 1), jnp.int32),
                      jnp.zeros((1, 2, 2, 1), jnp.int32), 16, 16)
   with pytest.raises(ValueError, match="must equal block_q"):
@@ -204,8 +207,8 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q2, k2, v2, offs, scale=1.0, interpret=True)
 
 
-@pytest.mark.parametrize("per_step, excl", [(1, False), (4, True)])
-def test_diagonal_kernel_lowers_to_triton_for_hopper(monkeypatch, per_step, excl):
+@pytest.mark.parametrize("per_step, excl, programs", [(1, False, None), (4, True, None), (2, True, 132)])
+def test_diagonal_kernel_lowers_to_triton_for_hopper(monkeypatch, per_step, excl, programs):
   """The whole kernel body goes through Pallas' Triton lowering on CPU (the GPU info an H200's), so
   an op Triton cannot take fails here, not first on the device."""
   from jax._src.pallas.triton import gpu_info      # private: the lowering's only GPU query
@@ -218,30 +221,33 @@ def test_diagonal_kernel_lowers_to_triton_for_hopper(monkeypatch, per_step, excl
   ranges, cols = _exclusions(rng, b, h, t, bq, 20, 10) if excl else (None, None)
   main = (q, jnp.zeros((b, t, h), jnp.float32)) if excl else None
   fn = lambda q, k, v, o: _diagonal(q, k, v, o, ranges, cols, main, scale=0.1, block_q=bq, per_step=per_step,  # noqa: E731
-                                    num_warps=4, num_stages=2, interpret=False, poison=None, heads_first=excl)
+                                    num_warps=4, num_stages=2, interpret=False, poison=None, heads_first=excl,
+                                    programs=programs)
   text = jax.jit(fn).trace(q, k, v, offs).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("@__gpu$xla.gpu.triton") == 1
 
 
 # -- compiled on a GPU ----------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, kh, per_step", [("bfloat16", 2, 1), ("float32", 8, 2), ("bfloat16", 8, 4)])
-def test_diagonal_kernel_gpu(dtype, kh, per_step):
+@pytest.mark.parametrize("dtype, kh, per_step, programs", [("bfloat16", 2, 1, None), ("float32", 8, 2, None),
+                                                      ("bfloat16", 8, 4, None), ("bfloat16", 2, 2, 13)])
+def test_diagonal_kernel_gpu(dtype, kh, per_step, programs):
   rng = np.random.default_rng(11)
   b, t, h, d, bq = 1, 1000, 8, 128, 64
   q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
   offs = jnp.asarray(rng.integers(-4, t, (b, h, 50)), jnp.int32)
   ranges, cols = _exclusions(rng, b, h, t, bq, 40, 30)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1, _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1, programs=programs,
+                                _poison=NAN, **kw)
   ref, ref_lse = _reference(q, k, v, offs, **kw)
   assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl, bq, side_stream", [("triton", 64, None), ("mosaic_gpu", 128, None),
-                                                  ("mosaic_gpu", 56, None), ("mosaic_gpu", 128, 1)])
-def test_exact_vertical_slash_gpu(impl, bq, side_stream):
+@pytest.mark.parametrize("impl, bq, side_stream, programs", [("triton", 64, None, None), ("mosaic_gpu", 128, None, None),
+                                                            ("mosaic_gpu", 56, None, None), ("mosaic_gpu", 128, 1, 16)])
+def test_exact_vertical_slash_gpu(impl, bq, side_stream, programs):
   if impl == "mosaic_gpu" and hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(12)
@@ -252,7 +258,7 @@ def test_exact_vertical_slash_gpu(impl, bq, side_stream):
   q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
   out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
                                             block_q=bq, block_k=64, max_ranges=64, max_cols=32,
-                                            side_stream=side_stream, implementation=impl)
+                                            side_stream=side_stream, diagonal_programs=programs, implementation=impl)
   mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs gpu ({impl})", out, lse, ref, ref_lse, "bfloat16")

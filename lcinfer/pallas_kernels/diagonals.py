@@ -18,8 +18,8 @@ an isolated slash} exactly, plus the runs' ranges; a subset of MInference's, a s
 exact pattern. `diagonal_attention` counts a key once: keys inside the excluded ranges or columns
 of the row's block are left to the block-sparse call.
 
-Kernel (Pallas, Triton lowering; interpret mode on CPU): one program per (query block, batch,
-query head), K/V refs span the whole sequence of kv head h // G (GQA without repeats); a
+Kernel (`diagonals_kernel.py`; Pallas, Triton lowering; interpret mode on CPU): one program per
+(query block, batch, query head), or `programs` persistent ones sharing those items, K/V refs span the whole sequence of kv head h // G (GQA without repeats); a
 `fori_loop` over the head's ascending offsets up to the block's last row: gather the block_q key
 rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
 row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of
@@ -36,11 +36,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
+from lcinfer.pallas_kernels.diagonals_kernel import _kernel, _persistent_kernel
 from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend, _next_pow2
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
@@ -142,10 +142,10 @@ def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q, merge_w
 def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
                        diagonals_per_step: int = 2, heads_first: bool = False, interpret: bool = False,
-                       num_warps=None, num_stages=None):
+                       num_warps=None, num_stages=None, programs=None):
   """Float32 oracle of `diagonal_attention` from dense masks (merge_with through `merge_attention`).
   Returns (out [B,T,H,D], lse [B,T,H]); the kernel's knobs are accepted and ignored."""
-  del diagonals_per_step, heads_first, interpret, num_warps, num_stages
+  del diagonals_per_step, heads_first, interpret, num_warps, num_stages, programs
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   t, s = q_BTHD.shape[1], k_BSKD.shape[1]
   mask = diagonal_key_mask(offsets_BHF, t, s)
@@ -159,67 +159,10 @@ def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   return merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), out])
 
 
-def _kernel(*refs, qk_scale, block_q, s_valid, per_step, qb_axis, has_ranges, has_cols, has_merge, aliased):
-  q_ref, k_ref, v_ref, meta_ref, off_ref, *rest = refs
-  if has_ranges:
-    lo_ref, hi_ref, *rest = rest
-  if has_cols:
-    colpos_ref, *rest = rest
-  if has_merge:
-    mo_ref, mlse_ref, *rest = rest
-  if aliased:
-    rest = rest[2:]  # NaN-filled buffers aliased to the outputs; never read
-  o_ref, lse_ref = rest
-  q_pos = pl.program_id(qb_axis) * block_q + jnp.arange(block_q, dtype=jnp.int32)
-  q = q_ref[...].astype(jnp.float32)
-  ccount = meta_ref[1]
-  if has_ranges:
-    lo_all, hi_all = lo_ref[...], hi_ref[...]   # [mb]; slots past the count are empty [0, 0)
-
-  def one(j):
-    """The block's keys on diagonal j: (base-2 logits [block_q], -inf where not taken; v rows)."""
-    keys = q_pos - off_ref[j]              # past the count: offsets > the block's rows or 2S
-    ok = (keys >= 0) & (keys < s_valid)
-    keys = jnp.clip(keys, 0, s_valid - 1)
-    if has_ranges:   # counted by the block-sparse call
-      inside = (keys[:, None] >= lo_all[None, :]) & (keys[:, None] < hi_all[None, :])
-      ok = ok & (jnp.max(inside.astype(jnp.int32), axis=1) == 0)
-    if has_cols:
-      ok = ok & (colpos_ref[keys] >= ccount)
-    k = k_ref[keys, :].astype(jnp.float32)
-    return jnp.where(ok, jnp.sum(q * k, axis=1) * qk_scale, -jnp.inf), v_ref[keys, :].astype(jnp.float32)
-
-  def body(step, carry):   # per_step diagonals share one rescale of the accumulator
-    acc, m_prev, l_prev = carry
-    logits, vs = zip(*(one(step * per_step + i) for i in range(per_step)))
-    m_next = functools.reduce(jnp.maximum, logits, m_prev)
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    alpha = jnp.exp2(m_prev - m_safe)
-    ps = [jnp.exp2(x - m_safe) for x in logits]
-    acc = acc * alpha[:, None] + sum(p[:, None] * v for p, v in zip(ps, vs))
-    return acc, m_next, alpha * l_prev + sum(ps)
-
-  n_steps = lax.div(meta_ref[0] + per_step - 1, per_step)
-  carry = lax.fori_loop(0, n_steps, body, osm.init(block_q, q.shape[-1]))
-  out, lse = osm.finish(carry)
-  if has_merge:   # the other key set's (out, lse), merged here instead of in another pass over both
-    lse_m = mlse_ref[...]
-    top = jnp.maximum(lse, lse_m)
-    top = jnp.where(top == -jnp.inf, 0.0, top)
-    w, w_m = jnp.exp(lse - top), jnp.exp(lse_m - top)
-    total = w + w_m
-    seen = total > 0
-    total = jnp.where(seen, total, 1.0)
-    out = (w[:, None] * out + w_m[:, None] * mo_ref[...].astype(jnp.float32)) / total[:, None]
-    lse = jnp.where(seen, top + jnp.log(total), -jnp.inf)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = lse
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "heads_first", "num_warps", "num_stages",
-                                             "interpret", "poison"))
+                                             "interpret", "poison", "programs"))
 def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, *, scale, block_q, per_step,
-              num_warps, num_stages, interpret, poison, heads_first=False):
+              num_warps, num_stages, interpret, poison, heads_first=False, programs=None):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
@@ -266,11 +209,18 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
                      constant_values=-jnp.inf)]
     in_specs += [q_spec, lse_spec]
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-  kernel = functools.partial(_kernel, qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step,
-                             qb_axis=qb_axis,
-                             has_ranges=exclude is not None, has_cols=exclude_columns is not None,
-                             has_merge=merge_with is not None, aliased=poison is not None)
-  out, lse = triton_call(kernel, args, grid=grid, in_specs=in_specs, out_specs=[q_spec, lse_spec],
+  flags = dict(has_ranges=exclude is not None, has_cols=exclude_columns is not None,
+               has_merge=merge_with is not None, aliased=poison is not None)
+  common = dict(qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step, **flags)
+  out_specs = [q_spec, lse_spec]
+  if programs is None:
+    kernel = functools.partial(_kernel, qb_axis=qb_axis, **common)
+  else:   # every ref whole; each program walks its share of the (query block, batch, head) items
+    whole = lambda x: pl.BlockSpec(x.shape, lambda p: (0,) * len(x.shape))   # noqa: E731
+    grid, in_specs, out_specs = (programs,), [whole(x) for x in args], [whole(x) for x in out_shape]
+    kernel = functools.partial(_persistent_kernel, programs=programs, n_items=nq * b * h, heads=h, batch=b, group=g,
+                               **common)
+  out, lse = triton_call(kernel, args, grid=grid, in_specs=in_specs, out_specs=out_specs,
                          out_shape=out_shape, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                          name="lcinfer_diagonal_fwd", poison=poison)
   return out[:, :t], jnp.transpose(lse[:, :, :t], (0, 2, 1))
@@ -278,8 +228,9 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
 
 def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
-                       diagonals_per_step: int = 2, heads_first: bool = False, interpret: bool = False,
-                       num_warps: int | None = None, num_stages: int | None = None, _poison: float | None = None):
+                       diagonals_per_step: int = 2, heads_first: bool = False, programs: int | None = None,
+                       interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
+                       _poison: float | None = None):
   """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
   outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
   `exclude` (KeyRanges of the same block_q) or in `exclude_columns` (one shared list per head, each
@@ -289,10 +240,15 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   for head_dim outside (64, 128) or no GPU without interpret. merge_with: that call's (out, lse),
   merged into the result in the kernel's epilogue (`merge_attention`'s formula; no pass over both
   outputs after it). Knobs for the GPU (the result is the same): diagonals_per_step, how many
-  diagonals share one rescale of the accumulator; heads_first, the launch order of the programs."""
+  diagonals share one rescale of the accumulator; heads_first, the launch order of the programs;
+  programs=P, a persistent launch of P programs that share the (query block, batch, head) items
+  (a few CTAs that leave the other SMs to a kernel on another stream: `exact_vertical_slash_attention`'s
+  side_stream; heads_first does not apply)."""
   _check_block("block_q", block_q)
   if not isinstance(diagonals_per_step, int) or not 1 <= diagonals_per_step <= 8:
     raise ValueError(f"diagonals_per_step must be an int in [1, 8], got {diagonals_per_step!r}")
+  if programs is not None and (not isinstance(programs, int) or programs < 1):
+    raise ValueError(f"programs must be None or an int >= 1 (a persistent launch), got {programs!r}")
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   d = q_BTHD.shape[-1]
   if d not in SUPPORTED_HEAD_DIMS:
@@ -303,7 +259,7 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, scale=float(scale),
                    block_q=block_q, per_step=diagonals_per_step, heads_first=bool(heads_first),
                    num_warps=num_warps or (8 if block_q >= 64 else 4), num_stages=num_stages or 3,
-                   interpret=bool(interpret), poison=_poison)
+                   interpret=bool(interpret), poison=_poison, programs=programs)
 
 
 dispatch.register("diagonal_attention", "triton", diagonal_attention)
@@ -313,7 +269,8 @@ dispatch.register("diagonal_attention", "xla", diagonal_reference)
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
                                    max_diagonals: int = 64, diagonal_block_q: int = 64, diagonals_per_step: int = 2,
-                                   side_stream: int | None = None, implementation=None, interpret: bool = False):
+                                   side_stream: int | None = None, diagonal_programs: int | None = None,
+                                   implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
   slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
   56 x 64 for "mosaic_gpu" split mode) and the verticals through the block-sparse dispatcher, the
@@ -324,7 +281,9 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   side_stream=N: the diagonals go to GPU stream N (`jax.experimental.compute_on("gpu_stream:N")`,
   ignored off GPU), independent of the block-sparse call, so that their L2-bound CTAs may run
   beside its compute-bound ones; the two results are then merged by `merge_attention` (one more
-  pass over both outputs). The same result either way."""
+  pass over both outputs). diagonal_programs=P: the diagonal kernel as P persistent programs
+  (`diagonal_attention`'s programs), so that it holds P SMs' worth of CTAs and the block-sparse
+  kernel's CTAs (which take a whole SM's registers) the rest. The same result either way."""
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
   if side_stream is not None and (not isinstance(side_stream, int) or side_stream < 1):
     raise ValueError(f"side_stream must be None or a GPU stream number >= 1, got {side_stream!r}")
@@ -340,7 +299,8 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   def diagonals(q, k, v, offsets, count, index, merge_with=None):
     return dispatch.call("diagonal_attention", None, q, k, v, offsets, scale=scale,
                          exclude_columns=Columns(count, index, True), merge_with=merge_with,
-                         block_q=diagonal_block_q, diagonals_per_step=diagonals_per_step, interpret=interpret)
+                         block_q=diagonal_block_q, diagonals_per_step=diagonals_per_step, programs=diagonal_programs,
+                         interpret=interpret)
 
   def block_sparse():
     return dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
