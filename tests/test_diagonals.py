@@ -86,8 +86,9 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step, 
     ranges, cols = None, Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
                                  jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step, heads_first=per_step > 1,
-                                programs=programs, interpret=True, _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step,
+                                heads_first=per_step > 1 and programs is None, programs=programs, interpret=True,
+                                _poison=NAN, **kw)
   ref, ref_lse = _reference(q, k, v, jnp.asarray(offs), **kw)
   empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
@@ -188,6 +189,8 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q, k, v, offs, scale=1.0, diagonals_per_step=0, interpret=True)
   with pytest.raises(ValueError, match="programs"):
     diagonal_attention(q, k, v, offs, scale=1.0, programs=0, interpret=True)
+  with pytest.raises(ValueError, match="heads_first"):
+    diagonal_attention(q, k, v, offs, scale=1.0, programs=4, heads_first=True, interpret=True)
   ranges = KeyRanges(jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2, 1), jnp.int32),
                      jnp.zeros((1, 2, 2, 1), jnp.int32), 16, 16)
   with pytest.raises(ValueError, match="must equal block_q"):
@@ -221,8 +224,8 @@ def test_diagonal_kernel_lowers_to_triton_for_hopper(monkeypatch, per_step, excl
   ranges, cols = _exclusions(rng, b, h, t, bq, 20, 10) if excl else (None, None)
   main = (q, jnp.zeros((b, t, h), jnp.float32)) if excl else None
   fn = lambda q, k, v, o: _diagonal(q, k, v, o, ranges, cols, main, scale=0.1, block_q=bq, per_step=per_step,  # noqa: E731
-                                    num_warps=4, num_stages=2, interpret=False, poison=None, heads_first=excl,
-                                    programs=programs)
+                                    num_warps=4, num_stages=2, interpret=False, poison=None,
+                                    heads_first=excl and programs is None, programs=programs)
   text = jax.jit(fn).trace(q, k, v, offs).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("@__gpu$xla.gpu.triton") == 1
 
@@ -238,8 +241,8 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step, programs):
   offs = jnp.asarray(rng.integers(-4, t, (b, h, 50)), jnp.int32)
   ranges, cols = _exclusions(rng, b, h, t, bq, 40, 30)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1, programs=programs,
-                                _poison=NAN, **kw)
+  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1 and programs is None,
+                                programs=programs, _poison=NAN, **kw)
   ref, ref_lse = _reference(q, k, v, offs, **kw)
   assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
 

@@ -19,9 +19,9 @@ exact pattern. `diagonal_attention` counts a key once: keys inside the excluded 
 of the row's block are left to the block-sparse call.
 
 Kernel (`diagonals_kernel.py`; Pallas, Triton lowering; interpret mode on CPU): one program per
-(query block, batch, query head), or `programs` persistent ones sharing those items, K/V refs span the whole sequence of kv head h // G (GQA without repeats); a
-`fori_loop` over the head's ascending offsets up to the block's last row: gather the block_q key
-rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
+(query block, batch, query head), or `programs` persistent ones sharing those items; K/V refs span
+the whole sequence of kv head h // G (GQA without repeats); a `fori_loop` over the head's
+ascending offsets up to the block's last row: gather the block_q key rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
 row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of
 two: Triton tiles), isolation gap = block_q (an isolated slash's keys then lie outside every slash
 range of any block), at most 64 diagonals a head, two diagonals a step, 8 warps (4 below 64 rows),
@@ -243,12 +243,15 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   diagonals share one rescale of the accumulator; heads_first, the launch order of the programs;
   programs=P, a persistent launch of P programs that share the (query block, batch, head) items
   (a few CTAs that leave the other SMs to a kernel on another stream: `exact_vertical_slash_attention`'s
-  side_stream; heads_first does not apply)."""
+  side_stream), items in the grid's default order (so not with heads_first)."""
   _check_block("block_q", block_q)
   if not isinstance(diagonals_per_step, int) or not 1 <= diagonals_per_step <= 8:
     raise ValueError(f"diagonals_per_step must be an int in [1, 8], got {diagonals_per_step!r}")
   if programs is not None and (not isinstance(programs, int) or programs < 1):
     raise ValueError(f"programs must be None or an int >= 1 (a persistent launch), got {programs!r}")
+  if programs is not None and heads_first:
+    raise ValueError("heads_first orders the grid's programs; a persistent launch (programs=...) has its own "
+                     "order: pass one of them")
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   d = q_BTHD.shape[-1]
   if d not in SUPPORTED_HEAD_DIMS:

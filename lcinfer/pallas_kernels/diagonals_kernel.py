@@ -116,20 +116,21 @@ def _persistent_kernel(*refs, qk_scale, block_q, s_valid, per_step, programs, n_
 
   def item(n, carry):
     w = pid + n * programs
-    hi, bi, i = w % heads, (w // heads) % batch, w // (heads * batch)
-    kv = hi // group
+    head, bi, i = w % heads, (w // heads) % batch, w // (heads * batch)
+    kv = head // group
     q0 = pl.multiple_of(i * block_q, block_q)
     rows = pl.ds(q0, block_q)
-    excluded = _excluded(lo_ref[bi, hi, i, :] if has_ranges else None, hi_ref[bi, hi, i, :] if has_ranges else None,
-                         (lambda keys: colpos_ref[bi, hi, keys]) if has_cols else None, meta_ref[bi, hi, i, 1])
-    out, lse = _attend_block(q_ref[bi, rows, hi, :].astype(jnp.float32), q0 + jnp.arange(block_q, dtype=jnp.int32),
-                             meta_ref[bi, hi, i, 0], lambda j: off_ref[bi, hi, j],
+    excluded = _excluded(lo_ref[bi, head, i, :] if has_ranges else None,
+                         hi_ref[bi, head, i, :] if has_ranges else None,
+                         (lambda keys: colpos_ref[bi, head, keys]) if has_cols else None, meta_ref[bi, head, i, 1])
+    out, lse = _attend_block(q_ref[bi, rows, head, :].astype(jnp.float32), q0 + jnp.arange(block_q, dtype=jnp.int32),
+                             meta_ref[bi, head, i, 0], lambda j: off_ref[bi, head, j],
                              lambda keys: (k_ref[bi, keys, kv, :], v_ref[bi, keys, kv, :]), excluded,
                              qk_scale=qk_scale, s_valid=s_valid, per_step=per_step)
     if has_merge:
-      out, lse = _merge(out, lse, mo_ref[bi, rows, hi, :], mlse_ref[bi, hi, rows])
-    o_ref[bi, rows, hi, :] = out.astype(o_ref.dtype)
-    lse_ref[bi, hi, rows] = lse
+      out, lse = _merge(out, lse, mo_ref[bi, rows, head, :], mlse_ref[bi, head, rows])
+    o_ref[bi, rows, head, :] = out.astype(o_ref.dtype)
+    lse_ref[bi, head, rows] = lse
     return carry
 
   lax.fori_loop(0, lax.div(n_items - pid + programs - 1, programs), item, 0)
