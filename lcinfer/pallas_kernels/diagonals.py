@@ -44,7 +44,8 @@ from lcinfer.pallas_kernels.diagonals_kernel import _kernel, _persistent_kernel
 from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend, _next_pow2
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
-from lcinfer.pallas_kernels.sparse_index import Columns, _last_q_row, _sort_dedupe, count_at_most
+from lcinfer.pallas_kernels.sparse_index import (Columns, _last_q_row, _sort_dedupe, count_at_most,
+                                                 shared_vertical_columns)
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped, check_ranges, ranges_key_mask
 
 
@@ -297,7 +298,10 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   # block_q, so o >= o' + block_q gives i - o < q0 - o' and o <= o' - block_q gives i - o > q1 - o'.
   # The columns: the list is ascending and a block takes its entries <= its last row, so a key
   # i - o <= i is counted there iff it is in the list at all: every block excludes the whole list.
-  whole = jnp.broadcast_to(jnp.max(cols.count, axis=-1, keepdims=True), (b, h, -(-t // diagonal_block_q)))
+  # The same list as the builder's, from the verticals alone: the diagonal call then waits for the
+  # slash split and one sort, not for the range builder (with side_stream it starts while that runs).
+  whole = shared_vertical_columns(vertical_idx, t, jnp.full((1, 1), t - 1, jnp.int32), max_cols)
+  count, index = jnp.broadcast_to(whole.count, (b, h, -(-t // diagonal_block_q))), whole.index
 
   def diagonals(q, k, v, offsets, count, index, merge_with=None):
     return dispatch.call("diagonal_attention", None, q, k, v, offsets, scale=scale,
@@ -309,9 +313,10 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
     return dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
                          causal=True, columns=cols, interpret=interpret)
   if side_stream is None:
-    return diagonals(q_BTHD, k_BSKD, v_BSKD, offsets, whole, cols.index, merge_with=block_sparse())
+    return diagonals(q_BTHD, k_BSKD, v_BSKD, offsets, count, index, merge_with=block_sparse())
   from jax.experimental.compute_on import compute_on
   from lcinfer.attention.base import merge_attention
   side = compute_on(compute_type=f"gpu_stream:{side_stream}", out_memory_spaces=jax.memory.Space.Device)(
       jax.jit(diagonals))
-  return merge_attention([block_sparse(), side(q_BTHD, k_BSKD, v_BSKD, offsets, whole, cols.index)])
+  diag = side(q_BTHD, k_BSKD, v_BSKD, offsets, count, index)
+  return merge_attention([block_sparse(), diag])
