@@ -202,6 +202,12 @@ def test_bad_diagonal_input_raises():
     diagonal_attention(q, k, v, offs, scale=1.0, merge_with=(q, jnp.zeros((1, 32, 1))), interpret=True)
   with pytest.raises(ValueError, match="S == T"):
     diagonal_attention(q, k[:, :16], v[:, :16], offs, scale=1.0, interpret=True)
+  for vert, sl, match in ((offs, offs.astype(jnp.float32), "integer"), (offs, offs[0], "integer"),
+                          (jnp.zeros((1, 3, 2), jnp.int32), jnp.zeros((1, 3, 2), jnp.int32), "q's B, H")):
+    with pytest.raises(ValueError, match=match):
+      exact_vertical_slash_attention(q, k, v, vert, sl, scale=1.0, max_ranges=4, max_cols=4, interpret=True)
+  with pytest.raises(ValueError, match="integer"):
+    split_isolated_slashes(offs.astype(jnp.float32), 32, 16)
   with pytest.raises(ValueError, match="side_stream"):
     exact_vertical_slash_attention(q, k, v, offs, offs, scale=1.0, max_ranges=4, max_cols=4, side_stream=0,
                                    interpret=True)

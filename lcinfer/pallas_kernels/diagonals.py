@@ -44,8 +44,8 @@ from lcinfer.pallas_kernels.diagonals_kernel import _kernel, _persistent_kernel
 from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend, _next_pow2
 from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
-from lcinfer.pallas_kernels.sparse_index import (Columns, _last_q_row, _sort_dedupe, count_at_most,
-                                                 shared_vertical_columns)
+from lcinfer.pallas_kernels.sparse_index import (Columns, _last_q_row, _sort_dedupe, check_vertical_slash_args,
+                                                 count_at_most, shared_vertical_columns)
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped, check_ranges, ranges_key_mask
 
 
@@ -72,6 +72,8 @@ def split_isolated_slashes(slash_idx, seq_len: int, min_gap: int, max_diagonals:
   builder. Jittable."""
   if not isinstance(min_gap, int) or min_gap < 1 or not isinstance(max_diagonals, int) or max_diagonals < 1:
     raise ValueError(f"min_gap and max_diagonals must be static ints >= 1, got {min_gap!r}, {max_diagonals!r}")
+  if slash_idx.ndim != 3 or not jnp.issubdtype(slash_idx.dtype, jnp.integer):
+    raise ValueError(f"slash_idx must be an integer [B, H, S] array, got {slash_idx.dtype} {tuple(slash_idx.shape)}")
   t = seq_len
   o = slash_idx.astype(jnp.int32)
   o = jnp.sort(jnp.where((o >= 0) & (o < t), o, 2 * t), axis=-1)      # ascending, invalid last
@@ -291,7 +293,12 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
   if side_stream is not None and (not isinstance(side_stream, int) or side_stream < 1):
     raise ValueError(f"side_stream must be None or a GPU stream number >= 1, got {side_stream!r}")
+  check_vertical_slash_args(vertical_idx, slash_idx, block_q=block_q, block_k=block_k, max_ranges=max_ranges,
+                            max_cols=max_cols, max_diagonals=max_diagonals, diagonal_block_q=diagonal_block_q)
   b, t, h = q_BTHD.shape[:3]
+  if vertical_idx.shape[:2] != (b, h):
+    raise ValueError(f"vertical_idx and slash_idx must be [B, H, n] with q's B, H = {(b, h)}, got "
+                     f"{tuple(vertical_idx.shape)} and {tuple(slash_idx.shape)}")
   rest, offsets = split_isolated_slashes(slash_idx, t, block_q, max_diagonals)
   ranges, cols = vertical_slash_to_ranges(vertical_idx, rest, t, block_q, block_k, max_ranges, max_cols)
   # No diagonal key lies in a slash range of its block: rows [q0, q1] of a block have q1 - q0 <
