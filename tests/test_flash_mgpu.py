@@ -5,6 +5,8 @@ for a CUDA target (every Pallas-level construct must lower) and the range splitt
 is checked against the key-set semantics; on an H100 (gpu-marked), outputs against the float32
 oracles on fresh random inputs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,17 +206,23 @@ def test_count_below_matches_a_binary_search():
   srt[0, 0, :4] = [0, 31, 32, 63]                          # first and last bits of words
   x = np.concatenate([rng.integers(0, sp + 1, (b, h, 50)),
                       np.broadcast_to(np.array([0, 1, 31, 32, 33, 63, 64, s, sp]), (b, h, 9))], -1)
-  got = np.asarray(flash_mgpu._count_below(jnp.asarray(srt), s, sp)(jnp.asarray(x.reshape(b, h, 1, -1))))
+  at, every = flash_mgpu._count_below(jnp.asarray(srt), s, sp)
+  got = np.asarray(at(jnp.asarray(x.reshape(b, h, 1, -1))))
   want = np.stack([np.stack([np.searchsorted(srt[i, j][srt[i, j] < s], x[i, j]) for j in range(h)])
                    for i in range(b)])
   np.testing.assert_array_equal(got.reshape(want.shape), want)
+  for upto in (1, 700, sp + 1, sp + 70):   # every x below upto, past the bitmap's last word too
+    want = np.stack([np.stack([np.searchsorted(srt[i, j][srt[i, j] < s], np.arange(upto)) for j in range(h)])
+                     for i in range(b)])
+    np.testing.assert_array_equal(np.asarray(every(upto)), want)
 
 
-@pytest.mark.parametrize("t,bq,bk,nv,near,n_far,seed", [
-    (1000, 128, 64, 40, 200, 6, 0), (1024, 128, 128, 30, 130, 4, 1), (700, 128, 64, 60, 3, 8, 2),
-    (300, 128, 64, 5, 0, 3, 3), (1000, 56, 64, 40, 200, 6, 4), (700, 56, 64, 60, 3, 8, 5),
-    (1000, 56, 64, 300, 200, 6, 6), (900, 56, 64, 150, 3, 8, 7)])   # split, shared column chunks
-def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
+@pytest.mark.parametrize("t,bq,bk,nv,near,n_far,seed,cap", [
+    (1000, 128, 64, 40, 200, 6, 0, None), (1024, 128, 128, 30, 130, 4, 1, None), (700, 128, 64, 60, 3, 8, 2, None),
+    (300, 128, 64, 5, 0, 3, 3, None), (1000, 56, 64, 40, 200, 6, 4, None), (700, 56, 64, 60, 3, 8, 5, None),
+    (1000, 56, 64, 300, 200, 6, 6, None), (900, 56, 64, 150, 3, 8, 7, None),   # split, shared column chunks
+    (700, 56, 64, 100, 3, 8, 8, 70)])   # a list cut at 70 columns, and blocks taking random shorter prefixes
+def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed, cap):
   """The inputs the wrapper builds for ranges + ascending columns make the kernel's steps count
   every key of the pattern exactly once and nothing else (emulated on CPU from those inputs): the
   band's columns by its ranges, unmasked where whole (the column steps skip their slots), the
@@ -233,7 +241,10 @@ def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed):
 
   @jax.jit  # the wrapper's preparation, as `flash_mgpu._run` does it (one compile, not eager ops)
   def inputs(vert, slash):
-    ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 4 * (n_far + 3) + t // bk, max(64, nv))
+    ranges, cols = vertical_slash_to_ranges(vert, slash, t, bq, bk, 4 * (n_far + 3) + t // bk, cap or max(64, nv))
+    if cap:   # a block may take less than its rows reach (Columns' contract): the rows' counts must follow
+      cols = dataclasses.replace(cols, count=jnp.minimum(cols.count, jnp.asarray(
+          np.random.default_rng(seed).integers(0, cap, cols.count.shape), jnp.int32)))
     return (ranges, cols), flash_mgpu._ranges_inputs(ranges, cols, jnp.zeros((1, sp, 1, 8)), t=t, s=t, h=h,
                                                      block_k=bk, causal=True, split=split)
   (ranges, cols), (meta, lo, hi, thr, colmap, srt) = inputs(jnp.asarray(vert), jnp.asarray(slash))

@@ -141,10 +141,12 @@ def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp, sp
   srt = jnp.pad(jnp.where(live, cols, s), ((0, 0), (0, 0), (0, cp - n)), constant_values=s)
   bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
   colmap = jnp.zeros((b, h, sp), jnp.int32).at[bi, hi_, jnp.where(srt < s, srt, sp)].set(1, mode="drop")
-  at = _count_below(srt, s, sp)
-  rows = jnp.arange(tp, dtype=jnp.int32)
-  thr = at(jnp.broadcast_to(rows + 1, (b, h, tp)))                        # entries <= the row
-  thr = jnp.minimum(thr, ccount[:, :, jnp.minimum(rows // bq, nq - 1)]).astype(jnp.int32)
+  at, every = _count_below(srt, s, sp)
+  thr = every(tp + 1)[..., 1:]                                            # entries <= the row
+  per_row = jnp.broadcast_to(ccount[..., None], (b, h, nq, bq)).reshape(b, h, nq * bq)   # its block's count
+  per_row = (per_row[..., :tp] if tp <= nq * bq else
+             jnp.concatenate([per_row, jnp.broadcast_to(per_row[..., -1:], (b, h, tp - nq * bq))], axis=-1))
+  thr = jnp.minimum(thr, per_row).astype(jnp.int32)
   last = jnp.where(ccount > 0, jnp.take_along_axis(srt, jnp.maximum(ccount - 1, 0), axis=-1), -1)
   sa, sb = jnp.minimum(at(ea), ccount), jnp.minimum(at(eb), ccount)
   # a range outside the band holding a block column (in [lo, min(hi, last + 1))) needs colmap
@@ -164,12 +166,14 @@ def _column_inputs(columns, k, lo, hi, count, ea, eb, *, t, s, h, bk, bq, tp, sp
 
 
 def _count_below(srt, s: int, sp: int):
-  """at(x): the list entries < x, per head (x [B, H, ...] in [0, sp]), for an ascending, distinct
-  list srt [B, H, n] (entries >= s unused): every count is two gathers from small tables, not a
-  binary search. The list as a bitmap of 32-key words (bits [B, H, W + 1] uint32) and the entries
-  before each word (before [B, H, W + 1]); at(x) = before[x // 32] + popcount(bits[x // 32] below
-  bit x % 32). H200, 128K: the tables are 1 MB; a prefix sum of the [B, H, sp] key map (16 MB) and
-  gathers from it took ~0.2 + 0.8 ms on 1000 columns."""
+  """(at, every): at(x), the list entries < x, per head (x [B, H, ...] in [0, sp]), for an
+  ascending, distinct list srt [B, H, n] (entries >= s unused): every count is two gathers from
+  small tables, not a binary search. The list as a bitmap of 32-key words (bits [B, H, W + 1]
+  uint32) and the entries before each word (before [B, H, W + 1]); at(x) = before[x // 32] +
+  popcount(bits[x // 32] below bit x % 32). H200, 128K: the tables are 1 MB; a prefix sum of the
+  [B, H, sp] key map (16 MB) and gathers from it took ~0.2 + 0.8 ms on 1000 columns. every(n):
+  at(x) for x = 0 .. n - 1, [B, H, n], the same formula broadcast over each word's 32 keys (no
+  gather; at(x) for x >= sp is the whole list, as at's clip gives)."""
   b, h, _ = srt.shape
   words = sp // 32 + 1
   ok = srt < s
@@ -187,7 +191,15 @@ def _count_below(srt, s: int, sp: int):
     got = jnp.take_along_axis(before, w, axis=-1) + lax.population_count(
         jnp.take_along_axis(bits, w, axis=-1) & below_bit).astype(jnp.int32)
     return got.reshape(x.shape)
-  return at
+
+  def every(n):
+    below_bit = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32)) - jnp.uint32(1)
+    table = (before[..., None] + lax.population_count(bits[..., None] & below_bit).astype(jnp.int32))
+    table = table.reshape(b, h, words * 32)                               # at(x), x < words * 32
+    if n <= words * 32:
+      return table[..., :n]
+    return jnp.concatenate([table, jnp.broadcast_to(table[..., -1:], (b, h, n - words * 32))], axis=-1)
+  return at, every
 
 
 def _shared_columns(n_steps, ccount, sa, sb):
