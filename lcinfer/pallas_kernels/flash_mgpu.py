@@ -278,8 +278,8 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
   """Ranges mode: the kernel's per-block inputs (meta [B, H, nq, N_META], lo, hi, thr, colmap, srt;
   without columns thr and colmap are `unread` placeholders and srt None) from any layout + columns.
   No comparison sort of the lists for the builders' (canonical) ranges: the band is read off the
-  ascending lists, the class order is `stable_partition`, the column counts are gathers from a
-  prefix sum of the column map (H200, 128K: 0.4-1.4 ms, from 4-11 ms with sorts and searches)."""
+  ascending lists, the class order is `stable_partition`, the column counts come from a 32-key
+  bitmap of the list (`_count_below`; H200, 128K: 0.4-1.4 ms, from 4-11 ms with sorts and searches)."""
   from lcinfer.pallas_kernels.block_sparse import prepare_ranges
   bq, nq, tp = _query_blocks(t, split)
   if isinstance(layout, KeyRanges):   # ascending (the builders' lists: as they are, no sort)
