@@ -94,8 +94,10 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step, 
   assert empty.any() and not empty.all()
 
 
-def test_merge_in_the_epilogue_equals_merge_attention():
-  """merge_with: the other call's (out, lse), rows of it empty (-inf) or not, merged in the kernel."""
+@pytest.mark.parametrize("programs", [None, 3])
+def test_merge_in_the_epilogue_equals_merge_attention(programs):
+  """merge_with: the other call's (out, lse), rows of it empty (-inf) or not, merged in the kernel
+  (the grid launch and a persistent one)."""
   from lcinfer.attention.base import merge_attention
   rng = np.random.default_rng(4)
   b, t, h, kh, d, bq = 1, 70, 4, 2, 64, 16
@@ -103,8 +105,8 @@ def test_merge_in_the_epilogue_equals_merge_attention():
   offs = jnp.asarray(rng.integers(0, t, (b, h, 5)), jnp.int32)
   other = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
            jnp.asarray(np.where(rng.random((b, t, h)) < 0.3, -np.inf, rng.standard_normal((b, t, h))), jnp.float32))
-  out, lse = diagonal_attention(q, k, v, offs, scale=0.125, merge_with=other, block_q=bq, interpret=True,
-                                _poison=NAN)
+  out, lse = diagonal_attention(q, k, v, offs, scale=0.125, merge_with=other, block_q=bq, programs=programs,
+                                interpret=True, _poison=NAN)
   alone = _reference(q, k, v, offs, scale=0.125, block_q=bq)
   ref, ref_lse = merge_attention([other, alone])
   empty = assert_matches_oracle("merged", out, lse, ref, ref_lse, "float32")
