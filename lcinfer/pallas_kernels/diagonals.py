@@ -323,7 +323,6 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
     return diagonals(q_BTHD, k_BSKD, v_BSKD, offsets, count, index, merge_with=block_sparse())
   from jax.experimental.compute_on import compute_on
   from lcinfer.attention.base import merge_attention
-  side = compute_on(compute_type=f"gpu_stream:{side_stream}", out_memory_spaces=jax.memory.Space.Device)(
-      jax.jit(diagonals))
+  side = compute_on(compute_type=f"gpu_stream:{side_stream}", out_memory_spaces=jax.memory.Space.Device)(diagonals)
   diag = side(q_BTHD, k_BSKD, v_BSKD, offsets, count, index)
   return merge_attention([block_sparse(), diag])
