@@ -7,7 +7,9 @@
   * block_sparse: 10% of the causally visible KV blocks kept (the diagonal always) at 128K;
   * vertical_slash: BENCHMARKS.md's four (v, s) pattern sets at 128K (H=32, and GQA with 8 KV
     heads), index construction on device included in the time; speedup over cuDNN dense and
-    efficiency = density x dense time / time (density: the exact fraction of causal (q, k) pairs);
+    efficiency = density x dense time / time, with the exact fraction of causal (q, k) pairs and
+    with BENCHMARKS.md's density column (kernel_report.table_density, the one its MInference
+    efficiencies use);
   * decode: one query per head over a 128K bf16 cache (B=1, H=32, K=8, D=128): lcinfer's
     flash-decoding kernel and the dense XLA decode, GB/s of K+V read and fraction of copy bandwidth;
   * --tune: block-size sweeps of the flash and flash-decoding kernels.

@@ -101,3 +101,39 @@ def test_device_time_only_where_there_is_a_gpu():
   compiled, cargs, _, _ = prepare_in_jit(lambda x: jnp.sin(x) * 2, jnp.ones((64, 64)), copies=2)
   ms = device_time(compiled, cargs, copies=2, runs=2)
   assert (ms is None) if jax.default_backend() == "cpu" else (ms > 0)
+
+
+def test_table_density_is_benchmarks_md_column():
+  """table_density against BENCHMARKS.md itself: its density column (0.108 / 0.013 / 0.055 / 0.014)
+  and MInference's efficiencies quoted there (65% on (1000, 6096), 37% on (3500, 100), from 38.6 and
+  34.5 ms against 232.6 ms of cuDNN dense) come out of it."""
+  from kernel_report import table_density, vs_efficiencies
+  s = 131072
+  for (nv, ns), want in {(1000, 6096): 0.108, (30, 800): 0.013, (3500, 100): 0.055, (100, 800): 0.014}.items():
+    assert round(table_density(nv, ns, s), 3) == want, (nv, ns)
+  for (nv, ns), ms, eff in (((1000, 6096), 38.6, 0.65), ((3500, 100), 34.5, 0.37)):
+    row = {"v": nv, "s": ns, "S": s, "speedup": 232.6 / ms, "efficiency": 0.5}
+    pairs, nominal = vs_efficiencies(row)
+    assert pairs == 0.5 and round(nominal, 2) == eff, (nv, ns, nominal)
+  assert vs_efficiencies({"v": 30, "s": 800, "S": s, "error": "x"}) == (None, None)   # a failed row
+
+
+def test_rerender_keeps_notes_and_rewrites_tables(tmp_path):
+  """rerender rebuilds a result file's tables from its .json and keeps the hand-written text above
+  them; a .md without a table section raises and is left as it was."""
+  from kernel_report import rerender
+  row = {"name": "vs", "section": "vertical_slash", "ms": 23.0, "S": 131072, "v": 3500, "s": 100,
+         "kv_heads": 32, "density": 0.028, "layout": "ranges mosaic_gpu", "block": "56x64", "speedup": 11.0,
+         "efficiency": 0.308}
+  info = {"device": "GPU", "date": "d", "jax": "0.11.2", "python": "3.12"}
+  (tmp_path / "r.json").write_text(json.dumps({"info": info, "command": "cmd", "rows": [row]}))
+  note = "# old header\n\n**Note.** kept by hand.\n"
+  (tmp_path / "r.md").write_text(note + "\n## Vertical-slash (old)\n\n| stale |\n")
+  text = rerender(tmp_path / "r.json")
+  assert text.startswith(note) and "stale" not in text
+  line = next(x for x in text.splitlines() if x.startswith("| (3500, 100)"))
+  assert "| 0.055 |" in line and "| 0.308 |" in line and "| 0.604 |" in line   # 2 * 3600 / 131072 * 11.0
+  (tmp_path / "r.md").write_text("no tables here\n")
+  with pytest.raises(ValueError, match="no '## ' table section"):
+    rerender(tmp_path / "r.json")
+  assert (tmp_path / "r.md").read_text() == "no tables here\n"
