@@ -27,7 +27,7 @@
 #                    and cuDNN dense, from bursts of 1-8 calls; SETS: "V,S+V,S")
 #   vsoverlap[=SETS] probes/vs_trace_probe.py --variant exact[,side_stream][,programs=16|32]: the exact mode's
 #                    diagonal and block-sparse kernel windows in one synced call, and how long they overlap
-#                    (SETS: "V,S+V,S"; default 1000,6096+30,800)
+#                    (SETS: "V,S+V,S"; default 1000,6096+3500,100: the two sets 65% efficiency is in reach on)
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
 #   cta              probes/cta_overhead_probe.py (per-CTA cost outside the steps)
 #   qdecode[=OPTS]   probes/qdecode_mgpu_probe.py (int4 Hopper decode: checks, variant times; OPTS: quick,no-check)
@@ -86,7 +86,7 @@ lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lt
            done ;;
     vstrace) timeout 300 python3 benchmarks/probes/vs_trace_probe.py ${arg:+--sets ${arg//+/ }} --out /tmp/trace 2>&1 \
                | grep -E "^vstrace|rror" | tee -a "$out/vstrace.log" ;;
-    vsoverlap) sets="${arg:-1000,6096+30,800}"
+    vsoverlap) sets="${arg:-1000,6096+3500,100}"
                for variant in exact exact,side_stream exact,side_stream,programs=16 exact,side_stream,programs=32; do
                  timeout 150 python3 benchmarks/probes/vs_trace_probe.py --sets ${sets//+/ } --top 0 \
                    --variant $variant --out /tmp/trace 2>&1 | grep -E "^vstrace|rror" | tee -a "$out/vsoverlap.log"
