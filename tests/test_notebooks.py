@@ -12,7 +12,8 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 # what each notebook must print (its cells assert their own results too)
 EXPECTED = {"quickstart.ipynb": ["| dense |", "score: 1.0"],
-            "kernels.ipynb": ["| flash_attention |", "| block_sparse_attention |", "| quantized_decode_attention |"]}
+            "kernels.ipynb": ["| flash_attention |", "| block_sparse_attention |", "| exact_vertical_slash_attention |",
+                              "| quantized_decode_attention |"]}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
