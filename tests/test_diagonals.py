@@ -256,9 +256,10 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step, programs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl, bq, side_stream, programs", [("triton", 64, None, None), ("mosaic_gpu", 128, None, None),
-                                                            ("mosaic_gpu", 56, None, None), ("mosaic_gpu", 128, 1, 16)])
-def test_exact_vertical_slash_gpu(impl, bq, side_stream, programs):
+@pytest.mark.parametrize("impl, bq, bk, side_stream, programs", [
+    ("triton", 64, 64, None, None), ("mosaic_gpu", 128, 64, None, None), ("mosaic_gpu", 56, 64, None, None),
+    ("mosaic_gpu", 128, 64, 1, 16), ("mosaic_gpu", 128, 128, None, None)])   # 128x128: narrow steps for ranges
+def test_exact_vertical_slash_gpu(impl, bq, bk, side_stream, programs):
   if impl == "mosaic_gpu" and hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(12)
@@ -268,7 +269,7 @@ def test_exact_vertical_slash_gpu(impl, bq, side_stream, programs):
                       axis=-1).astype(np.int32)
   q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
   out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
-                                            block_q=bq, block_k=64, max_ranges=64, max_cols=32,
+                                            block_q=bq, block_k=bk, max_ranges=64, max_cols=32,
                                             side_stream=side_stream, diagonal_programs=programs, implementation=impl)
   mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
