@@ -135,6 +135,15 @@ def test_aligned_split_keeps_the_key_set(t, bk, align):
     np.testing.assert_array_equal(got[None] & (keys[None] <= np.arange(t)[rows, None]), want[i[:2]][rows])
 
 
+def _outside_band(c0, w, sa, sb):
+  """A column chunk's slots [c0, c0 + w) the kernel keeps by its band mask: the band's slots [sa, sb)
+  masked, the mask applied only to chunks that hold one of them."""
+  slot = c0 + np.arange(w)
+  if c0 < sb and c0 + w > sa:
+    return (slot < sa) | (slot >= sb)
+  return np.ones(w, bool)
+
+
 def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.TILE_Q):
   """[B, H, T, S] how often the Hopper kernel's steps count each (row, key), from its inputs, by
   the kernel's rules: split mode's shared windows (each block's band keys in them) and shared column
@@ -166,7 +175,7 @@ def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.T
     for jj in range(n_scol):                                         # split: shared column chunks
       chunk = jj if jj < scol_from else jj + scol_to - scol_from
       slot = chunk * kern.SHARED + np.arange(kern.SHARED)
-      keep = (slot[None] < thr[bi, hi_, rows][:, None]) & ((slot < sa) | (slot >= sb))[None]
+      keep = (slot[None] < thr[bi, hi_, rows][:, None]) & _outside_band(slot[0], kern.SHARED, sa, sb)[None]
       key = srt[bi, hi_, slot]
       assert not keep[:, key >= s].any(), "a padding slot of the list is attended"
       np.add.at(c, (slice(None), np.minimum(key, sp - 1)), keep)
@@ -185,7 +194,7 @@ def _stream_key_counts(meta, lo, hi, thr, colmap, srt, t, s, bk, bq=flash_mgpu.T
     for jj in range(n_steps):
       chunk = jj if jj < skip_from else jj + skip_to - skip_from
       slot = chunk * bk + win
-      keep = (slot[None] < thr[bi, hi_, rows][:, None]) & ((slot < sa) | (slot >= sb))[None]
+      keep = (slot[None] < thr[bi, hi_, rows][:, None]) & _outside_band(slot[0], bk, sa, sb)[None]
       key = srt[bi, hi_, slot]
       assert not keep[:, key >= s].any(), "a padding slot of the list is attended"
       np.add.at(c, (slice(None), np.minimum(key, sp - 1)), keep)

@@ -75,8 +75,8 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
         c0 = _column_chunk(j - j0 - n_list, skip_from, skip_to) * bk
       else:
         c0 = shared_column_rows(j, st)
-      slot = c0 + col_iota(w)
-      return bias((slot < band_from) | (slot >= band_to)), c0, None
+      slot = c0 + col_iota(w)   # the add only on chunks that hold band slots (most hold none)
+      return bias((slot < band_from) | (slot >= band_to)), c0, (c0 < band_to) & (c0 + w > band_from)
     if kind == "shared":  # the window's keys in the consumer's own band
       start, lo = shared_window(g, shared_at, n_shared, j)
       lo, hi = jnp.maximum(lo, band_lo), jnp.minimum(lo + SHARED, band_hi)
@@ -93,8 +93,8 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
 
   def masked(kind, s, key_mask, w):
     """s with the keys of the step that it does not count at -inf: the per-key bias added (shared
-    windows: only where it masks something), the per-row part only on the steps that need it
-    (lax.cond, uniform)."""
+    windows and column chunks: only where it masks something), the per-row part only on the steps
+    that need it (lax.cond, uniform)."""
     col_bias, start, partial = key_mask
     if col_bias is None:
       return s
