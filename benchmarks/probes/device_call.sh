@@ -21,6 +21,9 @@
 #   vsncu=CASES      ncu metrics (time, DRAM bytes, L2 hit rate) of one vertical-slash kernel launch per
 #                    CASE "V,S:PART:VARIANT" (probes/vs_one_call.py), CASES joined by '+'. Slow: ~4 min a
 #                    case on the H200 (the replays save and restore GBs of inputs)
+#   diagncu[=P]      ncu of the (30, 800) far slashes as diagonals (probes/diag_one_call.py; P: persistent
+#                    programs): time, DRAM bytes, L2 hit rate, L2 throughput and L1<-L2 bytes as % of peak
+#                    (is the far-slash bound the hardware's L2 rate?). ~3-4 min
 #   vstrace[=SETS]   probes/vs_trace_probe.py (per set, the whole call's GPU ops outside the kernel by time;
 #                    SETS: "V,S+V,S")
 #   vsburst[=SETS]   probes/vs_burst_probe.py (fixed cost per timed sample vs cost per call, vertical-slash
@@ -85,6 +88,12 @@ lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,lt
                python3 benchmarks/probes/vs_one_call.py "$set" "$part" "$variant" 2>&1 | grep -E '^"[0-9]' \
                | awk -F'","' -v c="$c" '{gsub(/"/,"",$NF); print "vsncu", c, $(NF-2), $NF}' | tee -a "$out/vsncu.log"
            done ;;
+    diagncu) XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 ncu --clock-control none -k regex:lcinfer_diagonal \
+               --launch-skip 1 --launch-count 1 --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum,\
+lts__t_sector_hit_rate.pct,lts__t_sectors_op_read.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed,\
+l1tex__m_xbar2l1tex_read_bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+               python3 benchmarks/probes/diag_one_call.py 30,800 $arg 2>&1 | grep -E '^"[0-9]|rror' \
+               | awk -F'","' '{gsub(/"/,"",$NF); print "diagncu", $(NF-2), $NF}' | tee -a "$out/diagncu.log" ;;
     vstrace) timeout 300 python3 benchmarks/probes/vs_trace_probe.py ${arg:+--sets ${arg//+/ }} --out /tmp/trace 2>&1 \
                | grep -E "^vstrace|rror" | tee -a "$out/vstrace.log" ;;
     vsoverlap) sets="${arg:-1000,6096+3500,100}"
