@@ -72,6 +72,35 @@ def assert_matches_oracle(name, out, lse, ref, ref_lse, dtype):
   return empty
 
 
+def numpy_split(sl, t, gap, max_diag):
+  """Per head: (sorted valid offsets left as slashes, the isolated ones taken as diagonals)."""
+  o = np.sort(sl[(sl >= 0) & (sl < t)])
+  iso = [x for i, x in enumerate(o) if all(abs(x - y) >= gap for j, y in enumerate(o) if j != i)]
+  taken = iso[:max_diag]
+  rest = list(o)
+  for x in taken:
+    rest.remove(x)
+  return rest, taken
+
+
+def numpy_exact_mask(vert, sl, t, bq, gap, max_diag):
+  """The exact mode's key set from the pattern: k <= i and (k a vertical, or i - k a taken
+  isolated slash, or k in [q0 - o, q1 - o] of row i's block for a slash o left as a range)."""
+  b, h = sl.shape[:2]
+  i, k = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+  q0 = (i // bq) * bq
+  q1 = np.minimum(q0 + bq, t) - 1
+  mask = np.zeros((b, h, t, t), bool)
+  for bi in range(b):
+    for hi in range(h):
+      rest, taken = numpy_split(sl[bi, hi], t, gap, max_diag)
+      m = np.isin(k, vert[bi, hi]) | np.isin(i - k, taken)
+      for o in rest:
+        m |= (k >= q0 - o) & (k <= q1 - o)
+      mask[bi, hi] = m & (k <= i)
+  return mask
+
+
 def emulate_ptx(asm: str, inputs: dict, dtype) -> dict:
   """A numpy model of the few PTX instructions lcinfer's unpacking blocks use (mov.b32, prmt.b32 in
   default mode, shr.b32, lop3.b32 with LUT 0xEA = (a & b) | c, sub.rn / fma.rn on bf16x2 or f16x2),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_oracle, self_attention_qkv as _qkv
+from helpers import assert_matches_oracle, numpy_exact_mask, numpy_split, self_attention_qkv as _qkv
 from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels.diagonals import (diagonal_attention, diagonal_key_mask, diagonal_reference,
                                               exact_vertical_slash_attention, split_isolated_slashes)
@@ -23,17 +23,6 @@ NAN = float("nan")
 _reference = jax.jit(diagonal_reference, static_argnames=("scale", "block_q"))
 
 
-def _numpy_split(sl, t, gap, max_diag):
-  """Per head: (sorted valid offsets left as slashes, the isolated ones taken as diagonals)."""
-  o = np.sort(sl[(sl >= 0) & (sl < t)])
-  iso = [x for i, x in enumerate(o) if all(abs(x - y) >= gap for j, y in enumerate(o) if j != i)]
-  taken = iso[:max_diag]
-  rest = list(o)
-  for x in taken:
-    rest.remove(x)
-  return rest, taken
-
-
 @pytest.mark.parametrize("gap, max_diag", [(8, 64), (16, 3)])
 def test_split_isolated_slashes_matches_numpy(gap, max_diag):
   rng = np.random.default_rng(gap)
@@ -45,7 +34,7 @@ def test_split_isolated_slashes_matches_numpy(gap, max_diag):
   assert offs.shape == (2, 3, max_diag)
   for b in range(2):
     for h in range(3):
-      want_rest, want_taken = _numpy_split(sl[b, h], t, gap, max_diag)
+      want_rest, want_taken = numpy_split(sl[b, h], t, gap, max_diag)
       got_rest = np.sort(rest[b, h][rest[b, h] >= 0])
       np.testing.assert_array_equal(got_rest, want_rest)
       np.testing.assert_array_equal(offs[b, h], np.pad(want_taken, (0, max_diag - len(want_taken)),
@@ -135,24 +124,6 @@ def test_exclusion_removes_exactly_the_listed_keys():
   assert_matches_oracle("exclusion", out, lse, ref, ref_lse, "float32")
 
 
-def _numpy_exact_mask(vert, sl, t, bq, gap, max_diag):
-  """The exact mode's key set from the pattern: k <= i and (k a vertical, or i - k a taken
-  isolated slash, or k in [q0 - o, q1 - o] of row i's block for a slash o left as a range)."""
-  b, h = sl.shape[:2]
-  i, k = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
-  q0 = (i // bq) * bq
-  q1 = np.minimum(q0 + bq, t) - 1
-  mask = np.zeros((b, h, t, t), bool)
-  for bi in range(b):
-    for hi in range(h):
-      rest, taken = _numpy_split(sl[bi, hi], t, gap, max_diag)
-      m = np.isin(k, vert[bi, hi]) | np.isin(i - k, taken)
-      for o in rest:
-        m |= (k >= q0 - o) & (k <= q1 - o)
-      mask[bi, hi] = m & (k <= i)
-  return mask
-
-
 # 24: ranges of other heights than 16; side_stream: the diagonals on their own GPU stream, merged after
 @pytest.mark.parametrize("impl, bq, side_stream", [("triton", 16, None), ("xla", 24, 1)])
 def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, side_stream):
@@ -170,10 +141,10 @@ def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, si
   if side_stream:   # the diagonals' call carries the stream annotation XLA's GPU backend reads
     hlo = jax.jit(call).lower(q, k, v, jnp.asarray(vert), jnp.asarray(sl)).as_text()
     assert f'_xla_stream_annotation = "{side_stream}"' in hlo
-  mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
+  mask = numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs ({impl})", out, lse, ref, ref_lse, "float32")
-  _, taken = _numpy_split(sl[0, 1], t, bq, 64)
+  _, taken = numpy_split(sl[0, 1], t, bq, 64)
   assert taken, "the pattern must have isolated slashes for this test to mean anything"
 
 
@@ -271,6 +242,6 @@ def test_exact_vertical_slash_gpu(impl, bq, bk, side_stream, programs):
   out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
                                             block_q=bq, block_k=bk, max_ranges=64, max_cols=32,
                                             side_stream=side_stream, diagonal_programs=programs, implementation=impl)
-  mask = _numpy_exact_mask(vert, sl, t, bq, bq, 64)
+  mask = numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs gpu ({impl})", out, lse, ref, ref_lse, "bfloat16")

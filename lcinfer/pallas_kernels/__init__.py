@@ -18,6 +18,7 @@ from lcinfer.pallas_kernels.sparse_index import (BlockSparse, Columns, blocks_fr
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges  # noqa: F401
 from lcinfer.pallas_kernels import block_sparse  # noqa: F401  (registers "block_sparse_attention")
 from lcinfer.pallas_kernels import diagonals  # noqa: F401  (registers "diagonal_attention")
+from lcinfer.pallas_kernels import diagonals_xla  # noqa: F401  (registers "diagonal_attention"/"xla")
 from lcinfer.pallas_kernels.diagonals import exact_vertical_slash_attention  # noqa: F401
 from lcinfer.pallas_kernels import flash_mgpu  # noqa: F401  (registers the "mosaic_gpu" implementations)
 from lcinfer.pallas_kernels import decode  # noqa: F401  (registers "decode_attention")
@@ -34,4 +35,4 @@ __all__ = ["attention_reference", "dispatch", "flash_triton", "flash_mgpu", "blo
            "decode_attention", "decode_reference",
            "quant", "quantized_decode_attention", "quantized_decode_reference", "decode_quant_mgpu", "tpu_block_sparse",
            "tpu_decode",
-           "KeyRanges", "vertical_slash_to_ranges", "diagonals", "exact_vertical_slash_attention"]
+           "KeyRanges", "vertical_slash_to_ranges", "diagonals", "diagonals_xla", "exact_vertical_slash_attention"]

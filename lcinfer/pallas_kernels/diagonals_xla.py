@@ -1,0 +1,100 @@
+"""Diagonal attention in plain XLA: the fallback of `diagonal_attention` where no kernel runs (a TPU,
+a GPU without Triton, a CPU without interpret mode), in memory linear in the sequence.
+
+The oracle (`diagonals.diagonal_reference`) builds [B, H, T, S] masks: 34 GB of booleans at 32K with
+32 heads. This one walks the offsets in a `lax.scan`, one diagonal a step: gather the key and value
+rows i - o of every query row (per KV head, GQA without repeats), one logit a row, online softmax
+(the accumulator [B, K, G, T, D] in float32), then the keys of the row's block that `exclude` or
+`exclude_columns` hold dropped (they are counted by the call this one is merged with). Same
+contract and result as `diagonals.diagonal_attention`; the kernel's knobs are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.diagonals import _check_args, canonical_offsets
+from lcinfer.pallas_kernels.sparse_index import Columns
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped
+
+
+def diagonal_attention_xla(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
+                           exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
+                           diagonals_per_step=None, heads_first=None, programs=None, interpret=None,
+                           num_warps=None, num_stages=None):
+  """`diagonals.diagonal_attention`'s contract in plain XLA (module docstring). Returns (out
+  [B, T, H, D] in q's dtype, lse [B, T, H] f32)."""
+  del diagonals_per_step, heads_first, programs, interpret, num_warps, num_stages
+  _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
+  out, lse = _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, scale=float(scale),
+                   block_q=block_q)
+  if merge_with is None:
+    return out.astype(q_BTHD.dtype), lse
+  from lcinfer.attention.base import merge_attention
+  out, lse = merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), (out, lse)])
+  return out.astype(q_BTHD.dtype), lse
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_q"))
+def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scale, block_q):
+  b, t, h, d = q_BTHD.shape
+  s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  g = h // kh
+  nq = -(-t // block_q)
+  split = lambda x: x.reshape(b, kh, g, *x.shape[2:])                     # noqa: E731 [B, H, ...] -> [B, K, G, ...]
+  q = split(jnp.transpose(q_BTHD, (0, 2, 1, 3)).astype(jnp.float32) * scale)     # [B, K, G, T, D]
+  k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKD, v_BSKD))              # [B, K, S, D]
+  rows = jnp.arange(t, dtype=jnp.int32)
+  offs = jnp.moveaxis(split(canonical_offsets(offsets_BHF, s)), -1, 0)             # [F, B, K, G]; 2S: none
+  by_block = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, nq * block_q - t),)).reshape(b, kh, g, nq, block_q)  # noqa: E731
+  if exclude is not None:     # the block's ranges, to compare each row's key against (no [T, M] gather)
+    lo, hi, listed = (split(x) for x in _clipped(exclude, s))                      # [B, K, G, nq, M]
+    lo, hi = jnp.where(listed, lo, 0)[..., None, :], jnp.where(listed, hi, 0)[..., None, :]
+  if exclude_columns is not None:   # each key's first slot in the shared list (n: not listed)
+    idx = exclude_columns.index[:, :, 0, :].astype(jnp.int32)                      # [B, H, n]
+    n = idx.shape[-1]
+    bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    slot = split(jnp.full((b, h, s + 1), n, jnp.int32).at[bi, hi_, jnp.where((idx >= 0) & (idx < s), idx, s)].min(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape)))                # [B, K, G, S + 1]
+    count = split(jnp.clip(exclude_columns.count, 0, n).astype(jnp.int32))[..., rows // block_q]  # [B, K, G, T]
+
+  def dropped(key):                      # key [B, K, G, T] in [0, S): held by the other call's lists
+    out = jnp.zeros(key.shape, bool)
+    if exclude is not None:
+      kb = by_block(key)[..., None]                                                # [B, K, G, nq, bq, 1]
+      out |= jnp.any((kb >= lo) & (kb < hi), axis=-1).reshape(b, kh, g, -1)[..., :t]
+    if exclude_columns is not None:
+      out |= jnp.take_along_axis(slot, key, axis=-1) < count
+    return out
+
+  def gather(x, key):                    # x [B, K, S, D], key [B, K, G, T] -> [B, K, G, T, D]
+    got = jnp.take_along_axis(x, key.reshape(b, kh, g * t)[..., None], axis=2)
+    return got.reshape(b, kh, g, t, d).astype(jnp.float32)
+
+  def step(carry, o):                    # o [B, K, G]: one diagonal of every head
+    m, l, acc = carry
+    key = rows - o[..., None]                                                      # [B, K, G, T]
+    ok = (key >= 0) & (key < s)
+    key = jnp.clip(key, 0, s - 1)
+    ok &= ~dropped(key)
+    logit = jnp.where(ok, jnp.sum(q * gather(k, key), axis=-1), -jnp.inf)
+    m_new = jnp.maximum(m, logit)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha, p = jnp.exp(m - m_safe), jnp.exp(logit - m_safe)
+    return (m_new, alpha * l + p, alpha[..., None] * acc + p[..., None] * gather(v, key)), None
+
+  init = (jnp.full((b, kh, g, t), -jnp.inf), jnp.zeros((b, kh, g, t)), jnp.zeros((b, kh, g, t, d)))
+  m, l, acc = lax.scan(step, init, offs)[0]
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  out = jnp.transpose((acc / l_safe[..., None]).reshape(b, h, t, d), (0, 2, 1, 3))
+  lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
+  return out, jnp.transpose(lse.reshape(b, h, t), (0, 2, 1))
+
+
+dispatch.register("diagonal_attention", "xla", diagonal_attention_xla)
