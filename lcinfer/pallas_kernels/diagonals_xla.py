@@ -2,8 +2,9 @@
 a GPU without Triton, a CPU without interpret mode), in memory linear in the sequence.
 
 The oracle (`diagonals.diagonal_reference`) builds [B, H, T, S] masks: 34 GB of booleans at 32K with
-32 heads. This one walks the offsets in a `lax.scan`, one diagonal a step: gather the key and value
-rows i - o of every query row (per KV head, GQA without repeats), one logit a row, online softmax
+32 heads. This one walks the offsets in a `lax.scan`, one diagonal a step: the key and value rows
+i - o of the rows i are one contiguous window of each KV head's rows (a dynamic slice per query head,
+GQA without repeats), one logit a row, online softmax
 (the accumulator [B, K, G, T, D] in float32), then the keys of the row's block that `exclude` or
 `exclude_columns` hold dropped (they are counted by the call this one is merged with). Same
 contract and result as `diagonals.diagonal_attention`; the kernel's knobs are accepted and ignored.
@@ -48,7 +49,8 @@ def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scal
   nq = -(-t // block_q)
   split = lambda x: x.reshape(b, kh, g, *x.shape[2:])                     # noqa: E731 [B, H, ...] -> [B, K, G, ...]
   q = split(jnp.transpose(q_BTHD, (0, 2, 1, 3)).astype(jnp.float32) * scale)     # [B, K, G, T, D]
-  k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k_BSKD, v_BSKD))              # [B, K, S, D]
+  # [B, K, S + S, D]: S rows of zeros in front, so that the rows i - o of a diagonal are one window
+  k, v = (jnp.pad(jnp.transpose(x, (0, 2, 1, 3)), ((0, 0), (0, 0), (s, 0), (0, 0))) for x in (k_BSKD, v_BSKD))
   rows = jnp.arange(t, dtype=jnp.int32)
   offs = jnp.moveaxis(split(canonical_offsets(offsets_BHF, s)), -1, 0)             # [F, B, K, G]; 2S: none
   by_block = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, nq * block_q - t),)).reshape(b, kh, g, nq, block_q)  # noqa: E731
@@ -72,9 +74,9 @@ def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scal
       out |= jnp.take_along_axis(slot, key, axis=-1) < count
     return out
 
-  def gather(x, key):                    # x [B, K, S, D], key [B, K, G, T] -> [B, K, G, T, D]
-    got = jnp.take_along_axis(x, key.reshape(b, kh, g * t)[..., None], axis=2)
-    return got.reshape(b, kh, g, t, d).astype(jnp.float32)
+  def window(x, o):                      # x [B, K, 2S, D], o [B, K, G] -> rows i - o: [B, K, G, T, D]
+    one = lambda x, o: lax.dynamic_slice_in_dim(x, s - o, t, axis=0)         # noqa: E731 (o = 2S: clamped, unused)
+    return jax.vmap(jax.vmap(jax.vmap(one, in_axes=(None, 0))))(x, o).astype(jnp.float32)
 
   def step(carry, o):                    # o [B, K, G]: one diagonal of every head
     m, l, acc = carry
@@ -82,11 +84,11 @@ def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scal
     ok = (key >= 0) & (key < s)
     key = jnp.clip(key, 0, s - 1)
     ok &= ~dropped(key)
-    logit = jnp.where(ok, jnp.sum(q * gather(k, key), axis=-1), -jnp.inf)
+    logit = jnp.where(ok, jnp.sum(q * window(k, o), axis=-1), -jnp.inf)
     m_new = jnp.maximum(m, logit)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha, p = jnp.exp(m - m_safe), jnp.exp(logit - m_safe)
-    return (m_new, alpha * l + p, alpha[..., None] * acc + p[..., None] * gather(v, key)), None
+    return (m_new, alpha * l + p, alpha[..., None] * acc + p[..., None] * window(v, o)), None
 
   init = (jnp.full((b, kh, g, t), -jnp.inf), jnp.zeros((b, kh, g, t)), jnp.zeros((b, kh, g, t, d)))
   m, l, acc = lax.scan(step, init, offs)[0]
