@@ -25,6 +25,7 @@ from lcinfer.pallas_kernels import decode  # noqa: F401  (registers "decode_atte
 from lcinfer.pallas_kernels.decode import decode_attention, decode_reference  # noqa: F401
 from lcinfer.pallas_kernels import quant  # noqa: F401  (quantized cache layouts)
 from lcinfer.pallas_kernels import tpu_block_sparse  # noqa: F401  (registers the "tpu" implementations)
+from lcinfer.pallas_kernels import tpu_diagonals  # noqa: F401  (registers "diagonal_attention"/"tpu")
 from lcinfer.pallas_kernels import tpu_decode  # noqa: F401  (registers "decode_attention"/"tpu")
 from lcinfer.pallas_kernels.decode_quant import (quantized_decode_attention,  # noqa: F401
                                                  quantized_decode_reference)
@@ -34,5 +35,5 @@ __all__ = ["attention_reference", "dispatch", "flash_triton", "flash_mgpu", "blo
            "BlockSparse", "Columns", "blocks_from_mask", "vertical_slash_to_layout", "decode",
            "decode_attention", "decode_reference",
            "quant", "quantized_decode_attention", "quantized_decode_reference", "decode_quant_mgpu", "tpu_block_sparse",
-           "tpu_decode",
+           "tpu_decode", "tpu_diagonals",
            "KeyRanges", "vertical_slash_to_ranges", "diagonals", "diagonals_xla", "exact_vertical_slash_attention"]

@@ -27,9 +27,10 @@ two: Triton tiles), isolation gap = block_q (an isolated slash's keys then lie o
 range of any block), at most 64 diagonals a head, two diagonals a step, 8 warps (4 below 64 rows),
 3 stages, query blocks launched first: the fastest of 19 knob sets on the H200 for the 50 far slashes
 of (30, 800) at 128K, H = 32 (7.84 ms, 6.7 TB/s of K/V rows against 9.6 ms for 1 diagonal / 4 warps /
-2 stages, 15.8 ms heads first: benchmarks/NOTES.md, session 20). Where the kernel cannot run (a
-TPU, a CPU without interpret mode) the dispatcher takes `diagonals_xla.py`: the same in plain XLA,
-a scan over the offsets in memory linear in T (the oracle here builds [B, H, T, S] masks).
+2 stages, 15.8 ms heads first: benchmarks/NOTES.md, session 20). On a TPU the dispatcher takes
+`tpu_diagonals.py` (Mosaic TPU, block_q a multiple of 128: pass diagonal_block_q=128 to the exact
+mode); where no kernel can run, `diagonals_xla.py`: the same in plain XLA, a scan over the offsets
+in memory linear in T (the oracle here builds [B, H, T, S] masks).
 """
 
 from __future__ import annotations

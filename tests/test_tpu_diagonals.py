@@ -1,0 +1,70 @@
+"""The TPU diagonal kernel (pallas_kernels/tpu_diagonals.py) in TPU interpret mode, against the
+dense-mask oracle: GQA, odd lengths, excluded columns, merge_with, outputs poisoned before the run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import assert_matches_oracle, self_attention_qkv as _qkv
+from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels.diagonals import diagonal_reference
+from lcinfer.pallas_kernels.sparse_index import Columns
+from lcinfer.pallas_kernels.tpu_diagonals import tpu_diagonal_attention
+from lcinfer.pallas_kernels.vertical_slash import KeyRanges
+
+NAN = float("nan")
+_reference = jax.jit(diagonal_reference, static_argnames=("scale", "block_q"))
+
+
+@pytest.mark.parametrize("t,h,kh,d,bq,dtype,cols,merge", [
+    (100, 4, 2, 64, 16, "float32", True, False),      # GQA 2, odd length, excluded columns
+    (77, 2, 2, 128, 32, "float32", False, True),      # merged with another call's result
+    (90, 8, 1, 64, 16, "bfloat16", True, True),       # GQA 8
+])
+def test_tpu_diagonals_match_oracle(t, h, kh, d, bq, dtype, cols, merge):
+  from lcinfer.attention.base import merge_attention
+  rng = np.random.default_rng(t + h)
+  b = 2
+  q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
+  offs = rng.integers(-4, t + 4, (b, h, 9)).astype(np.int32)
+  offs[0, 0] = -1                                         # a head with no diagonal: rows see nothing
+  offs[1, 0, :3] = [5, 5, 0]                              # a repeat counts once; the diagonal itself
+  excl = None
+  if cols:   # an unsorted shared list with repeats and strays, random prefixes per block
+    nq = -(-t // bq)
+    excl = Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
+                   jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
+  other = None
+  if merge:
+    other = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32).astype(q.dtype),
+             jnp.asarray(np.where(rng.random((b, t, h)) < 0.3, -np.inf, rng.standard_normal((b, t, h))), jnp.float32))
+  kw = dict(scale=d ** -0.5, exclude_columns=excl, block_q=bq)
+  out, lse = tpu_diagonal_attention(q, k, v, jnp.asarray(offs), merge_with=other, interpret=True, _poison=NAN, **kw)
+  ref, ref_lse = _reference(q, k, v, jnp.asarray(offs), **kw)
+  if merge:
+    ref, ref_lse = merge_attention([(other[0].astype(jnp.float32), other[1]), (ref, ref_lse)])
+  assert out.dtype == q.dtype
+  empty = assert_matches_oracle("tpu diagonals", out, lse, ref, ref_lse, dtype)
+  assert empty.any() and not empty.all()
+
+
+def test_tpu_diagonals_pass_what_they_cannot_serve():
+  """Excluded ranges, blocks a TPU cannot tile, and a CPU without interpret mode raise Unsupported,
+  so the dispatcher takes the next implementation."""
+  rng = np.random.default_rng(0)
+  q, k, v = _qkv(rng, 1, 64, 2, 1, 64, "float32")
+  offs = jnp.asarray([[[3, 9], [0, 40]]], jnp.int32)
+  ranges = KeyRanges(jnp.zeros((1, 2, 4), jnp.int32), jnp.zeros((1, 2, 4, 1), jnp.int32),
+                     jnp.zeros((1, 2, 4, 1), jnp.int32), 16, 16)
+  with pytest.raises(dispatch.Unsupported, match="ranges"):
+    tpu_diagonal_attention(q, k, v, offs, scale=0.1, exclude=ranges, block_q=16, interpret=True)
+  with pytest.raises(dispatch.Unsupported, match="power of two"):
+    tpu_diagonal_attention(q, k, v, offs, scale=0.1, block_q=24, interpret=True)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(dispatch.Unsupported, match="needs a TPU"):
+      tpu_diagonal_attention(q, k, v, offs, scale=0.1, block_q=16)
+  out, lse = dispatch.call("diagonal_attention", ("tpu", "xla"), q, k, v, offs, scale=0.1, exclude=ranges,
+                           block_q=16, interpret=True)   # falls through to the XLA scan
+  ref, ref_lse = _reference(q, k, v, offs, scale=0.1, exclude=ranges, block_q=16)
+  assert_matches_oracle("fall-through", out, lse, ref, ref_lse, "float32")
