@@ -68,3 +68,33 @@ def test_tpu_diagonals_pass_what_they_cannot_serve():
                            block_q=16, interpret=True)   # falls through to the XLA scan
   ref, ref_lse = _reference(q, k, v, offs, scale=0.1, exclude=ranges, block_q=16)
   assert_matches_oracle("fall-through", out, lse, ref, ref_lse, "float32")
+
+
+def test_exact_mode_takes_128_row_diagonal_blocks_on_a_tpu(monkeypatch):
+  """The exact mode's diagonal_block_q defaults to 128 on a TPU (the kernel's tiles), 64 elsewhere;
+  the key set is the same either way (numpy, from the pattern)."""
+  from helpers import numpy_exact_mask
+  from lcinfer.pallas_kernels import diagonals
+  from lcinfer.pallas_kernels.reference import masked_attention_reference
+  seen = []
+  call = dispatch.call
+
+  def spy(op, impls, *args, **kw):
+    if op == "diagonal_attention":
+      seen.append(kw["block_q"])
+    return call(op, impls, *args, **kw)
+  monkeypatch.setattr(dispatch, "call", spy)
+  rng = np.random.default_rng(5)
+  b, t, h, kh, d, bq = 1, 160, 2, 1, 64, 16
+  vert = rng.integers(0, t, (b, h, 5)).astype(np.int32)
+  sl = np.concatenate([np.broadcast_to(np.arange(4), (b, h, 4)), rng.integers(20, t, (b, h, 4))], -1).astype(np.int32)
+  q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
+  mask = numpy_exact_mask(vert, sl, t, bq, bq, 64)
+  ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
+  for on_tpu, want in ((False, 64), (True, 128)):
+    monkeypatch.setattr(diagonals, "_on_tpu", lambda on_tpu=on_tpu: on_tpu)
+    out, lse = diagonals.exact_vertical_slash_attention(
+        q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5, block_q=bq, block_k=16, max_ranges=64,
+        max_cols=16, implementation="xla")
+    assert seen[-1] == want
+    assert_matches_oracle(f"exact mode, diagonal blocks of {want}", out, lse, ref, ref_lse, "float32")

@@ -28,8 +28,8 @@ range of any block), at most 64 diagonals a head, two diagonals a step, 8 warps 
 3 stages, query blocks launched first: the fastest of 19 knob sets on the H200 for the 50 far slashes
 of (30, 800) at 128K, H = 32 (7.84 ms, 6.7 TB/s of K/V rows against 9.6 ms for 1 diagonal / 4 warps /
 2 stages, 15.8 ms heads first: benchmarks/NOTES.md, session 20). On a TPU the dispatcher takes
-`tpu_diagonals.py` (Mosaic TPU, block_q a multiple of 128: pass diagonal_block_q=128 to the exact
-mode); where no kernel can run, `diagonals_xla.py`: the same in plain XLA, a scan over the offsets
+`tpu_diagonals.py` (Mosaic TPU, block_q a multiple of 128: the exact mode's diagonal_block_q
+defaults to 128 there); where no kernel can run, `diagonals_xla.py`: the same in plain XLA, a scan over the offsets
 in memory linear in T (the oracle here builds [B, H, T, S] masks).
 """
 
@@ -49,6 +49,7 @@ from lcinfer.pallas_kernels.launch import triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
 from lcinfer.pallas_kernels.sparse_index import (Columns, _last_q_row, _sort_dedupe, check_vertical_slash_args,
                                                  count_at_most, shared_vertical_columns)
+from lcinfer.pallas_kernels.tpu_block_sparse import _on_tpu
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped, check_ranges, ranges_key_mask
 
 
@@ -276,15 +277,16 @@ dispatch.register("diagonal_attention", "triton", diagonal_attention)   # "xla":
 
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
-                                   max_diagonals: int = 64, diagonal_block_q: int = 64, diagonals_per_step: int = 2,
+                                   max_diagonals: int = 64, diagonal_block_q: int | None = None,
+                                   diagonals_per_step: int = 2,
                                    side_stream: int | None = None, diagonal_programs: int | None = None,
                                    implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
   slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
   56 x 64 for "mosaic_gpu" split mode) and the verticals through the block-sparse dispatcher, the
   isolated slashes (>= block_q from every other) through `diagonal_attention` (its own
-  diagonal_block_q rows a program; "triton", else "xla"), which merges the block-sparse result
-  into its own by lse. Returns (out [B, T, H, D], lse [B, T, H]).
+  diagonal_block_q rows a program, default 64, 128 on a TPU; "triton", "tpu", else "xla"), which
+  merges the block-sparse result into its own by lse. Returns (out [B, T, H, D], lse [B, T, H]).
 
   side_stream=N: the diagonals go to GPU stream N (`jax.experimental.compute_on("gpu_stream:N")`,
   ignored off GPU), independent of the block-sparse call, so that their L2-bound CTAs may run
@@ -295,6 +297,8 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
   if side_stream is not None and (not isinstance(side_stream, int) or side_stream < 1):
     raise ValueError(f"side_stream must be None or a GPU stream number >= 1, got {side_stream!r}")
+  if diagonal_block_q is None:   # the TPU kernel's rows come in tiles of 128
+    diagonal_block_q = 128 if _on_tpu() else 64
   check_vertical_slash_args(vertical_idx, slash_idx, block_q=block_q, block_k=block_k, max_ranges=max_ranges,
                             max_cols=max_cols, max_diagonals=max_diagonals, diagonal_block_q=diagonal_block_q)
   b, t, h = q_BTHD.shape[:3]
