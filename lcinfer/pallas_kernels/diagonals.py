@@ -21,8 +21,9 @@ of the row's block are left to the block-sparse call.
 Kernel (`diagonals_kernel.py`; Pallas, Triton lowering; interpret mode on CPU): one program per
 (query block, batch, query head), or `programs` persistent ones sharing those items; K/V refs span
 the whole sequence of kv head h // G (GQA without repeats); a `fori_loop` over the head's
-ascending offsets up to the block's last row: gather the block_q key rows i - o, logits by an elementwise product and a row sum, online softmax (exp2) with one key a
-row; the block-sparse call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of
+ascending offsets up to the block's last row: gather the block_q key rows i - o, logits by an
+elementwise product and a row sum, online softmax (exp2) with one key a row; the block-sparse
+call's (out, lse) merged in the epilogue. Defaults: block_q 64 (a power of
 two: Triton tiles), isolation gap = block_q (an isolated slash's keys then lie outside every slash
 range of any block), at most 64 diagonals a head, two diagonals a step, 8 warps (4 below 64 rows),
 3 stages, query blocks launched first: the fastest of 19 knob sets on the H200 for the 50 far slashes
