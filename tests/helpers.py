@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import lcinfer
+from lcinfer.attention.base import merge_attention
+from lcinfer.pallas_kernels.diagonals import diagonal_reference
+from lcinfer.pallas_kernels.sparse_index import Columns
+from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
 
 TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -99,6 +106,45 @@ def numpy_exact_mask(vert, sl, t, bq, gap, max_diag):
         m |= (k >= q0 - o) & (k <= q1 - o)
       mask[bi, hi] = m & (k <= i)
   return mask
+
+
+def diagonal_case(rng, q, bq, excl=None, merge=False):
+  """Inputs of a diagonal-attention test against its oracle, for q [B, T, H, D]: offsets [B, H, 9]
+  at random in and around [0, T), head (0, 0) with none (its rows see nothing) and head (1, 0) with
+  a repeat and offset 0; excl "both": a vertical-slash index's ranges (garbage past each count) and
+  columns, "columns": an unsorted shared list with repeats and strays, random prefixes per block;
+  merge: another call's (out, lse), some rows -inf. Returns (offsets, ranges, columns, other)."""
+  b, t, h, d = q.shape
+  offs = rng.integers(-4, t + 4, (b, h, 9)).astype(np.int32)
+  offs[0, 0] = -1
+  offs[1, 0, :3] = [5, 5, 0]
+  ranges = cols = other = None
+  if excl == "both":
+    vert = jnp.asarray(rng.integers(0, t, (b, h, 6)), jnp.int32)
+    sl = jnp.asarray(rng.integers(0, t, (b, h, 5)), jnp.int32)
+    ranges, cols = vertical_slash_to_ranges(vert, sl, t, bq, 16, 20, 14)
+    past = jnp.arange(ranges.start.shape[-1]) >= ranges.count[..., None]
+    junk = jnp.asarray(rng.integers(0, t, ranges.start.shape), jnp.int32)
+    ranges = dataclasses.replace(ranges, start=jnp.where(past, junk, ranges.start),
+                                 end=jnp.where(past, junk + 8, ranges.end))
+  if excl == "columns":
+    nq = -(-t // bq)
+    cols = Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
+                   jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
+  if merge:
+    other = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32).astype(q.dtype),
+             jnp.asarray(np.where(rng.random((b, t, h)) < 0.3, -np.inf, rng.standard_normal((b, t, h))), jnp.float32))
+  return jnp.asarray(offs), ranges, cols, other
+
+
+# the oracle under jit: op by op, its dense exclusion masks take seconds a case on CPU
+_diagonal_reference = jax.jit(diagonal_reference, static_argnames=("scale", "block_q"))
+
+
+def diagonal_oracle(q, k, v, offsets, other=None, **kw):
+  """diagonals.diagonal_reference merged with `other` when given: (out, lse) in float32."""
+  ref = _diagonal_reference(q, k, v, offsets, **kw)
+  return ref if other is None else merge_attention([(other[0].astype(jnp.float32), other[1]), ref])
 
 
 def emulate_ptx(asm: str, inputs: dict, dtype) -> dict:

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_oracle, numpy_exact_mask, numpy_split, self_attention_qkv as _qkv
+from helpers import (assert_matches_oracle, diagonal_case, diagonal_oracle, numpy_exact_mask, numpy_split,
+                     self_attention_qkv as _qkv)
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.diagonals import (diagonal_attention, diagonal_key_mask, diagonal_reference,
+from lcinfer.pallas_kernels.diagonals import (diagonal_attention, diagonal_key_mask,
                                               exact_vertical_slash_attention, split_isolated_slashes)
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import masked_attention_reference
@@ -19,8 +20,6 @@ from lcinfer.pallas_kernels.sparse_index import Columns
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, vertical_slash_to_ranges
 
 NAN = float("nan")
-# The oracle under jit: op by op, its dense exclusion masks took ~3 s of each excluding case on CPU.
-_reference = jax.jit(diagonal_reference, static_argnames=("scale", "block_q"))
 
 
 @pytest.mark.parametrize("gap, max_diag", [(8, 64), (16, 3)])
@@ -64,21 +63,13 @@ def _exclusions(rng, b, h, t, bq, nv, ns):
 ])
 def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step, programs):
   rng = np.random.default_rng(t + d)
-  b = 2
-  q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
-  offs = rng.integers(-4, t + 4, (b, h, 9)).astype(np.int32)
-  offs[0, 0] = -1                                         # a head with no diagonal: rows see nothing
-  offs[1, 0, :3] = [5, 5, 0]                              # a repeat counts once; the diagonal itself
-  ranges, cols = _exclusions(rng, b, h, t, bq, 6, 5) if excl else (None, None)
-  if excl == "columns":   # an unsorted shared list with repeats and strays, random prefixes per block
-    nq = -(-t // bq)
-    ranges, cols = None, Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
-                                 jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
+  q, k, v = _qkv(rng, 2, t, h, kh, d, dtype)
+  offs, ranges, cols, _ = diagonal_case(rng, q, bq, excl)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
-  out, lse = diagonal_attention(q, k, v, jnp.asarray(offs), diagonals_per_step=per_step,
+  out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step,
                                 heads_first=per_step > 1 and programs is None, programs=programs, interpret=True,
                                 _poison=NAN, **kw)
-  ref, ref_lse = _reference(q, k, v, jnp.asarray(offs), **kw)
+  ref, ref_lse = diagonal_oracle(q, k, v, offs, **kw)
   empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
 
@@ -96,7 +87,7 @@ def test_merge_in_the_epilogue_equals_merge_attention(programs):
            jnp.asarray(np.where(rng.random((b, t, h)) < 0.3, -np.inf, rng.standard_normal((b, t, h))), jnp.float32))
   out, lse = diagonal_attention(q, k, v, offs, scale=0.125, merge_with=other, block_q=bq, programs=programs,
                                 interpret=True, _poison=NAN)
-  alone = _reference(q, k, v, offs, scale=0.125, block_q=bq)
+  alone = diagonal_oracle(q, k, v, offs, scale=0.125, block_q=bq)
   ref, ref_lse = merge_attention([other, alone])
   empty = assert_matches_oracle("merged", out, lse, ref, ref_lse, "float32")
   assert empty.any() and np.isneginf(np.asarray(alone[1])).sum() > empty.sum()   # rows only the other saw
@@ -222,7 +213,7 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step, programs):
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
   out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1 and programs is None,
                                 programs=programs, _poison=NAN, **kw)
-  ref, ref_lse = _reference(q, k, v, offs, **kw)
+  ref, ref_lse = diagonal_oracle(q, k, v, offs, **kw)
   assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
 
 

@@ -6,15 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import assert_matches_oracle, self_attention_qkv as _qkv
+from helpers import assert_matches_oracle, diagonal_case, diagonal_oracle, self_attention_qkv as _qkv
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.diagonals import diagonal_reference
-from lcinfer.pallas_kernels.sparse_index import Columns
 from lcinfer.pallas_kernels.tpu_diagonals import tpu_diagonal_attention
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges
 
 NAN = float("nan")
-_reference = jax.jit(diagonal_reference, static_argnames=("scale", "block_q"))
 
 
 @pytest.mark.parametrize("t,h,kh,d,bq,dtype,cols,merge", [
@@ -23,27 +20,12 @@ _reference = jax.jit(diagonal_reference, static_argnames=("scale", "block_q"))
     (90, 8, 1, 64, 16, "bfloat16", True, True),       # GQA 8
 ])
 def test_tpu_diagonals_match_oracle(t, h, kh, d, bq, dtype, cols, merge):
-  from lcinfer.attention.base import merge_attention
   rng = np.random.default_rng(t + h)
-  b = 2
-  q, k, v = _qkv(rng, b, t, h, kh, d, dtype)
-  offs = rng.integers(-4, t + 4, (b, h, 9)).astype(np.int32)
-  offs[0, 0] = -1                                         # a head with no diagonal: rows see nothing
-  offs[1, 0, :3] = [5, 5, 0]                              # a repeat counts once; the diagonal itself
-  excl = None
-  if cols:   # an unsorted shared list with repeats and strays, random prefixes per block
-    nq = -(-t // bq)
-    excl = Columns(jnp.asarray(rng.integers(0, 13, (b, h, nq)), jnp.int32),
-                   jnp.asarray(rng.integers(-2, t + 2, (b, h, 1, 12)), jnp.int32))
-  other = None
-  if merge:
-    other = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32).astype(q.dtype),
-             jnp.asarray(np.where(rng.random((b, t, h)) < 0.3, -np.inf, rng.standard_normal((b, t, h))), jnp.float32))
+  q, k, v = _qkv(rng, 2, t, h, kh, d, dtype)
+  offs, _, excl, other = diagonal_case(rng, q, bq, "columns" if cols else None, merge)
   kw = dict(scale=d ** -0.5, exclude_columns=excl, block_q=bq)
-  out, lse = tpu_diagonal_attention(q, k, v, jnp.asarray(offs), merge_with=other, interpret=True, _poison=NAN, **kw)
-  ref, ref_lse = _reference(q, k, v, jnp.asarray(offs), **kw)
-  if merge:
-    ref, ref_lse = merge_attention([(other[0].astype(jnp.float32), other[1]), (ref, ref_lse)])
+  out, lse = tpu_diagonal_attention(q, k, v, offs, merge_with=other, interpret=True, _poison=NAN, **kw)
+  ref, ref_lse = diagonal_oracle(q, k, v, offs, other, **kw)
   assert out.dtype == q.dtype
   empty = assert_matches_oracle("tpu diagonals", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
@@ -66,7 +48,7 @@ def test_tpu_diagonals_pass_what_they_cannot_serve():
       tpu_diagonal_attention(q, k, v, offs, scale=0.1, block_q=16)
   out, lse = dispatch.call("diagonal_attention", ("tpu", "xla"), q, k, v, offs, scale=0.1, exclude=ranges,
                            block_q=16, interpret=True)   # falls through to the XLA scan
-  ref, ref_lse = _reference(q, k, v, offs, scale=0.1, exclude=ranges, block_q=16)
+  ref, ref_lse = diagonal_oracle(q, k, v, offs, scale=0.1, exclude=ranges, block_q=16)
   assert_matches_oracle("fall-through", out, lse, ref, ref_lse, "float32")
 
 
