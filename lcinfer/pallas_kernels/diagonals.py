@@ -119,6 +119,18 @@ def _exclusion_mask(exclude, exclude_columns, t, s, block_q):
   return ranges_key_mask(exclude, exclude_columns, t, s, causal=True)
 
 
+def column_slots(exclude_columns: Columns, s: int):
+  """([B, H, S] int32, n): each key's first slot in the head's shared column list (index
+  [B, H, 1, n]; entries outside [0, S) ignored), n where it is not listed. A key of a block is in
+  the block's prefix iff its slot < the block's count, whatever the list's order."""
+  idx = exclude_columns.index[:, :, 0, :].astype(jnp.int32)
+  b, h, n = idx.shape
+  bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+  slot = jnp.full((b, h, s), n, jnp.int32).at[bi, hi, jnp.where((idx >= 0) & (idx < s), idx, s)].min(
+      jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape), mode="drop")
+  return slot, n
+
+
 def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q, merge_with=None):
   b, t, h, _, s, _ = check_qkv(q, k, v)
   if merge_with is not None:
@@ -161,10 +173,17 @@ def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   if excl is not None:
     mask = mask & ~excl
   out = masked_attention_reference(q_BTHD, k_BSKD, v_BSKD, mask, scale=scale)
-  if merge_with is None:
-    return out
-  from lcinfer.attention.base import merge_attention
-  return merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), out])
+  return merged_with(out, merge_with)
+
+
+def merged_with(out_lse, merge_with, dtype=jnp.float32):
+  """(out, lse) merged with the other call's `merge_with` (merge_attention, float32) when given, out
+  cast to dtype. The implementations that do not merge in their kernel's epilogue end with it."""
+  out, lse = out_lse
+  if merge_with is not None:
+    from lcinfer.attention.base import merge_attention
+    out, lse = merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), (out.astype(jnp.float32), lse)])
+  return out.astype(dtype), lse
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "heads_first", "num_warps", "num_stages",
@@ -202,12 +221,7 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
     args += [jnp.where(listed, lo, 0).astype(jnp.int32), jnp.where(listed, hi, 0).astype(jnp.int32)]
     in_specs += [per_block(mb), per_block(mb)]
   if exclude_columns is not None:   # the slot of each key in the shared list (n: none), first repeat
-    idx = exclude_columns.index[:, :, 0, :].astype(jnp.int32)
-    n = idx.shape[-1]
-    bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-    colpos = jnp.full((b, h, s), n, jnp.int32).at[bi, hi_, jnp.where((idx >= 0) & (idx < s), idx, s)].min(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape), mode="drop")
-    args.append(colpos)
+    args.append(column_slots(exclude_columns, s)[0])
     in_specs.append(per_head(s))
   lse_spec = spec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
   if merge_with is not None:

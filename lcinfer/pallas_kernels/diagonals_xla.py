@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.diagonals import _check_args, canonical_offsets
+from lcinfer.pallas_kernels.diagonals import _check_args, canonical_offsets, column_slots, merged_with
 from lcinfer.pallas_kernels.sparse_index import Columns
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped
 
@@ -34,11 +34,7 @@ def diagonal_attention_xla(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float,
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   out, lse = _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, scale=float(scale),
                    block_q=block_q)
-  if merge_with is None:
-    return out.astype(q_BTHD.dtype), lse
-  from lcinfer.attention.base import merge_attention
-  out, lse = merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), (out, lse)])
-  return out.astype(q_BTHD.dtype), lse
+  return merged_with((out, lse), merge_with, q_BTHD.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q"))
@@ -58,11 +54,8 @@ def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scal
     lo, hi, listed = (split(x) for x in _clipped(exclude, s))                      # [B, K, G, nq, M]
     lo, hi = jnp.where(listed, lo, 0)[..., None, :], jnp.where(listed, hi, 0)[..., None, :]
   if exclude_columns is not None:   # each key's first slot in the shared list (n: not listed)
-    idx = exclude_columns.index[:, :, 0, :].astype(jnp.int32)                      # [B, H, n]
-    n = idx.shape[-1]
-    bi, hi_ = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-    slot = split(jnp.full((b, h, s + 1), n, jnp.int32).at[bi, hi_, jnp.where((idx >= 0) & (idx < s), idx, s)].min(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape)))                # [B, K, G, S + 1]
+    slot, n = column_slots(exclude_columns, s)
+    slot = split(slot)                                                             # [B, K, G, S]
     count = split(jnp.clip(exclude_columns.count, 0, n).astype(jnp.int32))[..., rows // block_q]  # [B, K, G, T]
 
   def dropped(key):                      # key [B, K, G, T] in [0, S): held by the other call's lists

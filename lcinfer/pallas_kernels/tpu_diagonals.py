@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcinfer.pallas_kernels import dispatch
-from lcinfer.pallas_kernels.diagonals import _check_args, canonical_offsets
+from lcinfer.pallas_kernels.diagonals import _check_args, canonical_offsets, column_slots, merged_with
 from lcinfer.pallas_kernels.sparse_index import _last_q_row, count_at_most
 from lcinfer.pallas_kernels.tpu_block_sparse import NEG_INF, _check_blocks, _on_tpu, finish_scratch, init_scratch
 
@@ -103,11 +103,7 @@ def _tpu_diagonals(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude_columns, *, scal
   has_cols = exclude_columns is not None
   ccount = jnp.zeros((b, h, nq), jnp.int32)
   if has_cols:   # each key's first slot in the shared list (n: not listed), padded as K
-    idx = exclude_columns.index[:, :, 0, :].astype(jnp.int32)
-    n = idx.shape[-1]
-    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-    slot = jnp.full((b, h, s + 1), n, jnp.int32).at[bi, hi, jnp.where((idx >= 0) & (idx < s), idx, s)].min(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), idx.shape))[..., :s]
+    slot, n = column_slots(exclude_columns, s)
     args.append(jnp.pad(slot, ((0, 0), (0, 0), (bq, rows - bq - s)), constant_values=n)[..., None])
     in_specs.append(pl.BlockSpec((None, None, pl.Element(bq), 1),
                                  lambda bi, hh, qi, j, count_ref, ld_ref, *_: (bi, hh, ld_ref[bi, hh, qi, j], 0)))
@@ -148,11 +144,7 @@ def tpu_diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float,
   _check_blocks(block_q, block_q, interpret)
   out, lse = _tpu_diagonals(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude_columns, scale=float(scale),
                             block_q=block_q, interpret=bool(interpret), poison=_poison)
-  if merge_with is None:
-    return out, lse
-  from lcinfer.attention.base import merge_attention
-  out, lse = merge_attention([(merge_with[0].astype(jnp.float32), merge_with[1]), (out.astype(jnp.float32), lse)])
-  return out.astype(q_BTHD.dtype), lse
+  return merged_with((out, lse), merge_with, q_BTHD.dtype)
 
 
 dispatch.register("diagonal_attention", "tpu", tpu_diagonal_attention)
