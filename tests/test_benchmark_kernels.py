@@ -137,3 +137,30 @@ def test_rerender_keeps_notes_and_rewrites_tables(tmp_path):
   with pytest.raises(ValueError, match="no '## ' table section"):
     rerender(tmp_path / "r.json")
   assert (tmp_path / "r.md").read_text() == "no tables here\n"
+
+
+def test_l2_probe_kernels_read_what_they_say():
+  """The L2 probe's Triton fold (interpret mode) equals its jnp reference, so its rate counts bytes
+  that were read; programs > blocks wraps around; the TMA reader lowers to Mosaic GPU."""
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+  import l2_probe
+
+  x = jax.random.bits(jax.random.key(3), (40, l2_probe.ROW_WORDS), jnp.uint32).astype(jnp.int32)
+  for programs, rows, unroll, n_steps in ((3, 8, 2, 2), (7, 16, 1, 3)):   # 5 blocks, 2 blocks
+    kw = dict(programs=programs, rows=rows, unroll=unroll, n_steps=n_steps)
+    got = l2_probe.triton_read(x, num_warps=4, num_stages=1, interpret=True, **kw)
+    want = l2_probe.fold_reference(x, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # the reference against a numpy walk of program 1's blocks (1, 4, 2, 0: stride 3 mod 5 blocks)
+  xn = np.asarray(x)
+  acc = np.zeros((8, l2_probe.ROW_WORDS), np.int32)
+  for blk in (1, 4, 2, 0):
+    acc ^= xn[blk * 8:(blk + 1) * 8]
+  want = l2_probe.fold_reference(x, programs=3, rows=8, unroll=2, n_steps=2)
+  np.testing.assert_array_equal(np.asarray(want)[1], acc.sum(0, dtype=np.int32))
+  x16 = jax.lax.bitcast_convert_type(x, jnp.bfloat16).reshape(40, 2 * l2_probe.ROW_WORDS)
+  f = lambda y: l2_probe.tma_read(y, programs=2, rows=8, n_steps=5, stages=2)   # noqa: E731
+  assert "mosaic_gpu" in jax.jit(f).trace(x16).lower(lowering_platforms=("cuda",)).as_text()
