@@ -164,3 +164,19 @@ def test_l2_probe_kernels_read_what_they_say():
   x16 = jax.lax.bitcast_convert_type(x, jnp.bfloat16).reshape(40, 2 * l2_probe.ROW_WORDS)
   f = lambda y: l2_probe.tma_read(y, programs=2, rows=8, n_steps=5, stages=2)   # noqa: E731
   assert "mosaic_gpu" in jax.jit(f).trace(x16).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_far_slash_bytes_counts_the_union_of_windows():
+  """far_slash_bytes' per-tile union of key windows against a brute-force set of (tile, key) rows,
+  with slashes close enough to overlap inside a tile, one past the start, and a short last tile."""
+  sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+  import far_slash_bytes as fsb
+
+  s = 203
+  for offsets, n in (([0, 5, 9, 60, 150], 16), ([3, 40, 41, 200], 32), ([7], 64), ([1, 2, 100], 7)):
+    want = 0
+    for q0 in range(0, s, n):
+      keys = {i - o for i in range(q0, min(q0 + n, s)) for o in offsets if i - o >= 0}
+      want += len(keys)
+    assert fsb.window_union_rows(offsets, s, n) == want
+    assert fsb.pair_rows(offsets, s) == sum(s - o for o in offsets)
