@@ -180,3 +180,37 @@ def test_far_slash_bytes_counts_the_union_of_windows():
       want += len(keys)
     assert fsb.window_union_rows(offsets, s, n) == want
     assert fsb.pair_rows(offsets, s) == sum(s - o for o in offsets)
+
+
+def test_kprof_summarizes_profiler_buffers():
+  """kprof.summarize on a buffer laid out as Mosaic GPU's profiler writes it (per trace: start, SM,
+  entries used, then (tag, clock) pairs; an end tag has bit 31 set): regions paired per trace,
+  other names (Mosaic's own "Init") skipped, a 32-bit clock wrap, a truncated trace's lone begin
+  counted as unpaired, the producer (last trace of a block) outside the consumer spans."""
+  sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+  import kprof
+
+  names = {"Init": 0, "k:a.wait_k": 1, "k:a.qk": 2, "k:p.wait_free": 3, "other": 4}
+  end = kprof.EXIT
+  wrap = 2 ** 32
+  traces = {   # (block, warpgroup): [(tag, clock)]
+      (0, 0): [(0, wrap - 400), (0 | end, wrap - 390), (1, wrap - 380), (1 | end, wrap - 350), (2, wrap - 350),
+               (2 | end, wrap - 300), (1, wrap - 6), (1 | end, 10)],
+      (0, 1): [(2, 0), (4, 5), (4 | end, 7), (2 | end, 30)],   # "other" nested inside: dropped, a.qk still paired
+      (0, 2): [(3, 5), (3 | end, 9)],
+      (1, 0): [(1, 0)],                                        # truncated: its end was dropped
+  }
+  e = kprof.HEADER + 2 * 8
+  buf = np.zeros((2, 3, e), np.uint64)
+  for (blk, wg), evs in traces.items():
+    buf[blk, wg, 2] = 2 * len(evs)
+    for i, (tag, clk) in enumerate(evs):
+      buf[blk, wg, kprof.HEADER + 2 * i:kprof.HEADER + 2 * i + 2] = (tag, clk % wrap)
+  got = kprof.summarize(buf.astype(np.uint32).ravel(), names, 3, e)
+  assert got["regions"] == {"a.wait_k": {"count": 2, "cycles": 30 + 16}, "a.qk": {"count": 2, "cycles": 50 + 30},
+                            "p.wait_free": {"count": 1, "cycles": 4}}
+  assert got["blocks"] == 2 and got["unpaired"] == 1
+  assert got["consumer_cycles"] == (400 + 10) + 30   # block 0's two consumer spans; block 1: one event, 0
+  rows = kprof.table(got, ghz=1.0)
+  assert rows[2].startswith("| a.qk | 1.00 | 40 | 0.040 | 0.182 |")   # 80 of 440 consumer cycles
+  assert any(r.startswith("| p.wait_free |") and r.endswith("| - |") for r in rows)

@@ -6,6 +6,7 @@ is checked against the key-set semantics; on an H100 (gpu-marked), outputs again
 oracles on fresh random inputs."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,32 @@ def test_kernel_lowers_to_mosaic_gpu(mode, t, h, kh, d, bq, bk, dtype):
                                                      block_k=bk, stages=2, heads_fastest=heads_fastest,
                                                      lazy_max=lazy_max)
     assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
+
+
+def test_profiled_kernel_times_every_step_part(monkeypatch):
+  """Geometry.profile: the split-mode vertical-slash kernel lowers with Mosaic GPU's profiler on, and
+  each loop's step parts, the prologue / epilogue waits and the producer's slot waits are regions
+  (`benchmarks/probes/kprof.py` reads them); without it, no profiler at all."""
+  from jax.experimental.mosaic.gpu import profiler as mgpu_profiler
+  names = []
+  intern = mgpu_profiler.ProfilerSpec.intern_name
+  monkeypatch.setattr(mgpu_profiler.ProfilerSpec, "intern_name", lambda self, n: (names.append(n), intern(self, n))[1])
+  monkeypatch.setattr(jax.debug, "callback", lambda *a, **k: None)   # the trace dump: a host callback,
+  t, h, d = 300, 2, 128                                              # which needs a CUDA backend to lower
+  q = jax.ShapeDtypeStruct((1, t, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, t, 1, d), jnp.bfloat16)
+  layout, cols = _vertical_slash(np.random.default_rng(0), h, t, 64, bq=flash_mgpu.SPLIT_Q)
+  for profile in ((), (64, "/tmp/unused")):
+    names.clear()
+    run = lambda q, k, v, lay, cols, profile=profile: flash_mgpu._run(   # noqa: E731
+        q, k, v, lay, cols, scale=0.1, causal=True, block_k=64, stages=2, heads_fastest=True, profile=profile)
+    assert "mosaic_gpu" in _lowered(run, q, kv, kv, layout, cols)
+    if not profile:
+      assert names == []
+  parts = ("wait_k", "qk", "softmax", "wait_v", "pv")
+  kinds = ("shared", "shared_columns", "colmasked", "masked", "whole", "columns")
+  want = {f"k:{kind}.{part}" for kind in kinds for part in parts + ("bias",) if (kind, part) != ("whole", "bias")}
+  assert want | {"k:idle", "k:q_wait", "k:end_sync", "k:store_wait", "k:p.wait_free"} <= set(names)
 
 
 def _vertical_slash(rng, h, t, bk, nv=9, ns=6, bq=flash_mgpu.TILE_Q, max_cols=16):
@@ -383,6 +410,36 @@ def test_vertical_slash_with_columns_matches_oracle_on_gpu(t, h, kh, d, bq, bk, 
   ref, ref_lse = block_sparse_reference(q, k, v, ranges, scale=d ** -0.5, columns=unsorted,
                                         out_dtype=jnp.float32)
   _close("unsorted columns via triton", out, lse, ref, ref_lse)
+
+
+@pytest.mark.gpu
+def test_profiled_kernel_gives_the_same_output_on_gpu(tmp_path):
+  """Geometry.profile only reads clocks: the split-mode vertical-slash kernel's output is the same
+  with the profiler on, and the probe's summary of the run has every CTA's steps in it."""
+  if hopper_device() is None:
+    pytest.skip("needs a Hopper GPU")
+  import sys
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "probes"))
+  import kprof
+  t, h, d = 1000, 4, 128
+  rng = np.random.default_rng(5)
+  q, k, v = _qkv(rng, 1, t, t, h, 1, d, "bfloat16")
+  ranges, cols = _vertical_slash(rng, h, t, 64, 40, 60, flash_mgpu.SPLIT_Q, max_cols=48)
+  run = lambda profile: flash_mgpu._run(q, k, v, ranges, cols, scale=d ** -0.5, causal=True, block_k=64,  # noqa: E731
+                                        stages=2, heads_fastest=True, profile=profile)
+  plain = run(())
+  with kprof.captured() as got:
+    profiled = run((256, str(tmp_path)))
+    jax.block_until_ready(profiled)
+    jax.effects_barrier()
+  for a, b in zip(plain, profiled):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  (summary,) = got
+  n_tiles = -(-t // (2 * flash_mgpu.SPLIT_Q)) * h
+  assert summary["blocks"] == n_tiles and summary["unpaired"] == 0
+  regions = summary["regions"]
+  assert regions["q_wait"]["count"] == 2 * n_tiles and regions["store_wait"]["count"] == 2 * n_tiles
+  assert regions["shared.qk"]["count"] > 0 and regions["shared.qk"]["cycles"] > 0
 
 
 @pytest.mark.gpu

@@ -24,6 +24,9 @@
 #   diagncu[=P]      ncu of the (30, 800) far slashes as diagonals (probes/diag_one_call.py; P: persistent
 #                    programs): time, DRAM bytes, L2 hit rate, L2 throughput and L1<-L2 bytes as % of peak
 #                    (is the far-slash bound the hardware's L2 rate?). ~3-4 min
+#   kprof[=CASES]    probes/kprof.py (Mosaic GPU's in-kernel profiler: cycles of each step part of the Hopper
+#                    kernel per loop kind; CASES "V,S:PART:VARIANT" or "dense:S" joined by '+'; default
+#                    (3500, 100) and (1000, 6096) without far slashes, split and 128x64, and dense 16K). ~3 min
 #   l2[=ARGS]        probes/l2_probe.py (the L2 -> SM read ceiling: Triton and TMA readers of an L2-resident
 #                    buffer, 8-32 MB, and of a 512 MB one for HBM; ARGS: the probe's flags). ~1.5 min
 #   vstrace[=SETS]   probes/vs_trace_probe.py (per set, the whole call's GPU ops outside the kernel by time;
@@ -96,6 +99,8 @@ lts__t_sector_hit_rate.pct,lts__t_sectors_op_read.sum,lts__throughput.avg.pct_of
 l1tex__m_xbar2l1tex_read_bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
                python3 benchmarks/probes/diag_one_call.py 30,800 $arg 2>&1 | grep -E '^"[0-9]|rror' \
                | awk -F'","' '{gsub(/"/,"",$NF); print "diagncu", $(NF-2), $NF}' | tee -a "$out/diagncu.log" ;;
+    kprof) timeout 420 python3 benchmarks/probes/kprof.py ${arg//+/ } 2>&1 | grep -E "^kprof|rror" \
+             | tee -a "$out/kprof.log" ;;
     l2) timeout 240 python3 benchmarks/probes/l2_probe.py $arg 2>&1 | grep -E "^l2|rror" | tee -a "$out/l2.log" ;;
     vstrace) timeout 300 python3 benchmarks/probes/vs_trace_probe.py ${arg:+--sets ${arg//+/ }} --out /tmp/trace 2>&1 \
                | grep -E "^vstrace|rror" | tee -a "$out/vstrace.log" ;;
@@ -130,6 +135,6 @@ l1tex__m_xbar2l1tex_read_bytes.sum,dram__throughput.avg.pct_of_peak_sustained_el
     hlen) timeout 400 python3 benchmarks/probes/host_trace_probe.py lengths 2>&1 | grep -E "^host|rror" | tee -a "$out/hlen.log" ;;
     hburst) timeout 500 python3 benchmarks/probes/host_trace_probe.py burst 2>&1 | tee -a "$out/hburst.log" | tail -30 ;;
     htrace) timeout 500 python3 benchmarks/probes/host_trace_probe.py all 2>&1 | tee -a "$out/htrace.log" | tail -60 ;;
-    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] vsorder[=VARIANTS] vsncu=CASES l2[=ARGS] vstrace[=SETS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
+    *) echo "unknown step: $step (tests[=EXPR] dtests[=EXPR] vs[=VARIANTS] vsorder[=VARIANTS] vsncu=CASES kprof[=CASES] l2[=ARGS] vstrace[=SETS] kernels=SECTIONS prep cta qdecode qparts qncu qbalance trace combine qsass host htrace hburst hlen)"; exit 2 ;;
   esac
 done

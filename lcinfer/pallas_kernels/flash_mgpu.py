@@ -315,9 +315,9 @@ def _ranges_inputs(layout, columns, k, *, t, s, h, block_k, causal, split):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest", "lazy_max",
-                                             "narrow"))
+                                             "narrow", "profile"))
 def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, stages, heads_fastest,
-         lazy_max=True, narrow=True):
+         lazy_max=True, narrow=True, profile=()):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   split = layout is not None and layout.block_q == SPLIT_Q
@@ -330,7 +330,7 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
   g = Geometry(b=b, t_padded=tp, t_rows=tq, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
                stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
-               narrow=narrow and layout is not None and block_k == 128, split=split)
+               narrow=narrow and layout is not None and block_k == 128, split=split, profile=profile)
   q = _pad_to(q_BTHD, tq, 1)
   k, v = _pad_to(k_BSKD, sp, 1), _pad_to(v_BSKD, sp, 1)
   unread = jnp.zeros((1, 1, 1, 1), jnp.int32)

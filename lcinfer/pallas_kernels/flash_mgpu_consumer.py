@@ -15,7 +15,7 @@ from lcinfer.pallas_kernels import mgpu_inline as mi
 from lcinfer.pallas_kernels.flash_mgpu_kernel import (
     ALIGN, M_COLMASKED, M_EA, M_EB, M_LAST, M_SA, M_SB, M_SKIP_FROM, M_SKIP_TO, NARROW, ROWS_PER_WG,
     SHARED, SPLIT_Q, TILE_Q, Geometry, _column_chunk, _entry, _is_narrow, _plgpu, _Refs, _stream, _window,
-    shared_column_rows, shared_window, split_steps)
+    region, shared_column_rows, shared_window, split_steps)
 from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 
@@ -43,7 +43,8 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     plgpu.barrier_wait(sched)
 
   plgpu.copy_gmem_to_smem(r.q.at[b, pl.ds(q_base, ROWS_PER_WG), h], qo_smem, q_bar.at[wg])
-  plgpu.barrier_wait(q_bar.at[wg])
+  with region("q_wait"):
+    plgpu.barrier_wait(q_bar.at[wg])
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout, col_layout = wgmma_layout.reduce(1), wgmma_layout.reduce(0)
   m = plgpu.layout_cast(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32), row_layout)
@@ -129,36 +130,42 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   def body(j, kind, entry, w, carry):
     """One step of w keys (block_k, NARROW for a narrow step, SHARED for a shared window)."""
     acc, m, l = carry
-    key_mask = key_bias(j, kind, entry, w)
+    with region(f"{kind}.bias"):
+      key_mask = key_bias(j, kind, entry, w)
     slot = lax.rem(j, jnp.int32(g.stages))
     k_tile, v_tile = tiles(slot, kind, w)
-    plgpu.barrier_wait(k_full.at[slot])
+    with region(f"{kind}.wait_k"):
+      plgpu.barrier_wait(k_full.at[slot])
 
     def qk(acc_ref):
       plgpu.wgmma(acc_ref, qo_smem, k_tile.transpose((1, 0)))
       sync()
       return acc_ref[...]
-    s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WG, w), jnp.float32))
+    with region(f"{kind}.qk"):   # the wgmma, the ping-pong turn, the wait for the result
+      s = pl.run_scoped(qk, plgpu.ACC((ROWS_PER_WG, w), jnp.float32))
     plgpu.barrier_arrive(k_free.at[slot])
-    s = masked(kind, s, key_mask, w)
-    mx = s.max(axis=1) * c
-    if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
-      votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
-      m, acc, l = lax.cond(any_above(mx, m + mi.LAZY_TAU, votes), rescale, lambda a: a[1:],
-                           (mx, m, acc, l))
-    else:
-      m, acc, l = rescale((mx, m, acc, l))
-    p = jnp.exp2(s * c - by_row(mi.finite(m), w))
-    l = l + p.sum(axis=1)
-    p16 = p.astype(g.dtype)
-    acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))
-    plgpu.barrier_arrive(sched)
-    plgpu.barrier_wait(v_full.at[slot])
-    plgpu.barrier_wait(sched)
+    with region(f"{kind}.softmax"):
+      s = masked(kind, s, key_mask, w)
+      mx = s.max(axis=1) * c
+      if g.lazy_max:  # most steps: no logit passes m + TAU, so m stays and nothing is rescaled
+        votes = flags.at[lax.rem(j, 2)]   # two sets: a warp a step ahead never overwrites unread flags
+        m, acc, l = lax.cond(any_above(mx, m + mi.LAZY_TAU, votes), rescale, lambda a: a[1:],
+                             (mx, m, acc, l))
+      else:
+        m, acc, l = rescale((mx, m, acc, l))
+      p = jnp.exp2(s * c - by_row(mi.finite(m), w))
+      l = l + p.sum(axis=1)
+      p16 = p.astype(g.dtype)
+      acc, l, m, p16 = lax.optimization_barrier((acc, l, m, p16))
+    with region(f"{kind}.wait_v"):   # the other consumer's turn, then the V tile
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_full.at[slot])
+      plgpu.barrier_wait(sched)
 
     def pv(acc_ref):
       plgpu.wgmma(acc_ref, p16, v_tile)
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    with region(f"{kind}.pv"):
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(v_free.at[slot])
     return acc, m, l
 
@@ -179,13 +186,14 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   def idle(j):
     """Split mode, the other consumer's list is longer: the step's barriers without the work."""
     slot = lax.rem(j, jnp.int32(g.stages))
-    plgpu.barrier_wait(k_full.at[slot])
-    sync()
-    plgpu.barrier_arrive(k_free.at[slot])
-    plgpu.barrier_arrive(sched)
-    plgpu.barrier_wait(v_full.at[slot])
-    plgpu.barrier_wait(sched)
-    plgpu.barrier_arrive(v_free.at[slot])
+    with region("idle"):
+      plgpu.barrier_wait(k_full.at[slot])
+      sync()
+      plgpu.barrier_arrive(k_free.at[slot])
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(v_full.at[slot])
+      plgpu.barrier_wait(sched)
+      plgpu.barrier_arrive(v_free.at[slot])
 
   pl.when(wg == 1)(sync)
   carry = (acc, m, l, _entry(g, r, n_list - 1, b, h, blk))
@@ -203,7 +211,8 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   if g.split:
     pl.loop(j0 + n_list + n_cols, j0 + n_own_steps)(idle)
   acc, m, l, _ = carry
-  pl.when(wg == 0)(sync)
+  with region("end_sync"):
+    pl.when(wg == 0)(sync)
 
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
@@ -215,5 +224,6 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     qo_smem, lse_smem = qo_smem.at[pl.ds(0, SPLIT_Q)], lse_smem.at[pl.ds(0, SPLIT_Q)]
   plgpu.copy_smem_to_gmem(qo_smem, r.out.at[b, pl.ds(q_base, g.rows), h])
   plgpu.copy_smem_to_gmem(lse_smem, r.lse.at[b, h, pl.ds(q_base, g.rows)])
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the CTA may end once the stores have read
-                                                    # shared memory; the kernel's end flushes them
+  with region("store_wait"):
+    # the CTA may end once the stores have read shared memory; the kernel's end flushes them
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)

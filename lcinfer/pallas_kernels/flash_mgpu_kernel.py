@@ -59,6 +59,8 @@ class Geometry:
                          # shorter than a tile or not a multiple of 8 rows: else TMA zero-fills the
                          # rows a tile reads past the end and drops the rows it writes past it (no
                          # copy of q or out per call)
+  profile: tuple = ()    # (regions a warpgroup, directory): Mosaic GPU's in-kernel profiler records
+                         # the `region`s below (clock cycles) and writes a trace there (probes only)
 
   @property
   def rows_q(self) -> int:
@@ -98,6 +100,13 @@ class _Refs(NamedTuple):
   colmap: object  # [B, H, Sp] int32: 1 at the list's columns (columns mode)
   out: object
   lse: object
+
+
+def region(name: str):
+  """A named region of the kernel: timed by Mosaic GPU's profiler when Geometry.profile is set (one
+  begin / end pair of clock reads a warpgroup), nothing otherwise. Regions do not nest: the probe
+  (`benchmarks/probes/kprof.py`) pairs each "k:" begin with the next event."""
+  return jax.named_scope("k:" + name)
 
 
 def _plgpu():
@@ -197,7 +206,8 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
     for x, smem, full, free in ((src[0], k_smem, k_full, k_free), (src[1], v_smem, v_full, v_free)):
       @pl.when(j >= g.stages)
       def _():
-        plgpu.barrier_wait(free.at[slot])
+        with region("p.wait_free"):
+          plgpu.barrier_wait(free.at[slot])
       dst = smem.at[slot] if w == g.block_k else smem.at[slot, pl.ds(0, w)]
       plgpu.copy_gmem_to_smem(x.at[rows], dst, full.at[slot])
 
@@ -244,7 +254,8 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
     for x, xc, smem, full, free in ring:
       @pl.when(j >= g.stages)
       def _():
-        plgpu.barrier_wait(free.at[slot])
+        with region("p.wait_free"):
+          plgpu.barrier_wait(free.at[slot])
 
       @pl.when(j < st.n_shared)
       def _():
@@ -271,6 +282,13 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
           pl.when(in_cols)(lambda: plgpu.copy_gmem_to_smem(
               xc.at[b, pl.ds(column_rows(jl, blk, n_list), g.block_k), h], dst, full.at[slot]))
         pl.when(own & ~in_list & ~in_cols)(lambda: plgpu.barrier_arrive(full.at[slot]))
+
+
+def _profile_params(g: Geometry) -> dict:
+  if not g.profile:
+    return {}
+  space, directory = g.profile
+  return dict(profile_space=space, profile_dir=directory, profile_bounds_check=True)
 
 
 def call_kernel(g: Geometry, args, interpret=None):
@@ -322,5 +340,5 @@ def call_kernel(g: Geometry, args, interpret=None):
     grid, names = (g.h, g.n_tiles, g.b), ("head", "tile", "batch")
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names, num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name="lcinfer_flash_mgpu",
+      compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params(g)), kernel_name="lcinfer_flash_mgpu",
       interpret=interpret)(*args)
