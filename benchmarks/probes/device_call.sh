@@ -26,7 +26,8 @@
 #                    (is the far-slash bound the hardware's L2 rate?). ~3-4 min
 #   kprof[=CASES]    probes/kprof.py (Mosaic GPU's in-kernel profiler: cycles of each step part of the Hopper
 #                    kernel per loop kind; CASES "V,S:PART:VARIANT" or "dense:S" joined by '+'; default
-#                    (3500, 100) and (1000, 6096) without far slashes, split and 128x64, and dense 16K). ~3 min
+#                    (3500, 100) without far slashes at 56x64, 128x64 and 128x128, (30, 800) without them at
+#                    128x64, and dense 16K). ~3-4 min
 #   l2[=ARGS]        probes/l2_probe.py (the L2 -> SM read ceiling: Triton and TMA readers of an L2-resident
 #                    buffer, 8-32 MB, and of a 512 MB one for HBM; ARGS: the probe's flags). ~1.5 min
 #   vstrace[=SETS]   probes/vs_trace_probe.py (per set, the whole call's GPU ops outside the kernel by time;
