@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lcinfer.pallas_kernels import dispatch, flash_mgpu
+from lcinfer.pallas_kernels import flash_mgpu_inputs as mgpu_inputs
 from lcinfer.pallas_kernels import flash_mgpu_kernel as kern
 from lcinfer.pallas_kernels.launch import hopper_device
 from lcinfer.pallas_kernels.reference import attention_reference, block_sparse_reference
@@ -242,7 +243,7 @@ def test_count_below_matches_a_binary_search():
   srt[0, 0, :4] = [0, 31, 32, 63]                          # first and last bits of words
   x = np.concatenate([rng.integers(0, sp + 1, (b, h, 50)),
                       np.broadcast_to(np.array([0, 1, 31, 32, 33, 63, 64, s, sp]), (b, h, 9))], -1)
-  at, every = flash_mgpu._count_below(jnp.asarray(srt), s, sp)
+  at, every = mgpu_inputs._count_below(jnp.asarray(srt), s, sp)
   got = np.asarray(at(jnp.asarray(x.reshape(b, h, 1, -1))))
   want = np.stack([np.stack([np.searchsorted(srt[i, j][srt[i, j] < s], x[i, j]) for j in range(h)])
                    for i in range(b)])
@@ -273,7 +274,7 @@ def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed, ca
   sp = -(-t // bk) * bk
 
   split = bq == flash_mgpu.SPLIT_Q
-  _, nq, tp = flash_mgpu._query_blocks(t, split)
+  _, nq, tp = mgpu_inputs._query_blocks(t, split)
 
   @jax.jit  # the wrapper's preparation, as `flash_mgpu._run` does it (one compile, not eager ops)
   def inputs(vert, slash):
@@ -281,7 +282,7 @@ def test_column_stream_counts_each_key_once(t, bq, bk, nv, near, n_far, seed, ca
     if cap:   # a block may take less than its rows reach (Columns' contract): the rows' counts must follow
       cols = dataclasses.replace(cols, count=jnp.minimum(cols.count, jnp.asarray(
           np.random.default_rng(seed).integers(0, cap, cols.count.shape), jnp.int32)))
-    return (ranges, cols), flash_mgpu._ranges_inputs(ranges, cols, jnp.zeros((1, sp, 1, 8)), t=t, s=t, h=h,
+    return (ranges, cols), mgpu_inputs._ranges_inputs(ranges, cols, jnp.zeros((1, sp, 1, 8)), t=t, s=t, h=h,
                                                      block_k=bk, causal=True, split=split)
   (ranges, cols), (meta, lo, hi, thr, colmap, srt) = inputs(jnp.asarray(vert), jnp.asarray(slash))
   assert not bool(jnp.any(ranges.saturated()))

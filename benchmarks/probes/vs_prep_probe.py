@@ -1,5 +1,5 @@
 """Probe (Hopper): where a vertical-slash call's time goes outside the kernel. Per set at 128K, H = 32,
-cumulative: the builder (`vertical_slash_to_ranges`), + the kernel's inputs (`flash_mgpu._ranges_inputs`:
+cumulative: the builder (`vertical_slash_to_ranges`), + the kernel's inputs (`flash_mgpu_inputs._ranges_inputs`:
 canonical ranges, band, shared windows, column fields), + the gathered column K/V, and the whole call.
     PYTHONPATH=. python3 benchmarks/probes/vs_prep_probe.py [--blocks 56x64 128x128]"""
 import argparse
@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernel_report import bench  # noqa: E402
 from kernels import vs_pattern, vs_ranges_builder  # noqa: E402
-from lcinfer.pallas_kernels import flash_mgpu  # noqa: E402
+from lcinfer.pallas_kernels import flash_mgpu, flash_mgpu_inputs  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sets", nargs="*", default=["1000,6096", "30,800", "3500,100", "100,800"])
@@ -39,11 +39,11 @@ for spec in args.sets:
 
     def inputs(q, k, vj, sj, gather):
       lay, cols = build(vj, sj)
-      kp = flash_mgpu._pad_to(k, max(-(-s // bk) * bk, flash_mgpu.SHARED if split else 0), 1)
-      meta, lo, hi, thr, colmap, srt = flash_mgpu._ranges_inputs(lay, cols, kp, t=s, s=s, h=h, block_k=bk,
+      kp = flash_mgpu_inputs._pad_to(k, max(-(-s // bk) * bk, flash_mgpu.SHARED if split else 0), 1)
+      meta, lo, hi, thr, colmap, srt = flash_mgpu_inputs._ranges_inputs(lay, cols, kp, t=s, s=s, h=h, block_k=bk,
                                                                  causal=True, split=split)
       out = (meta, lo, hi, thr, colmap)
-      return out + ((flash_mgpu._gather_columns(kp, srt, h), flash_mgpu._gather_columns(kp, srt, h)) if gather else ())
+      return out + ((flash_mgpu_inputs._gather_columns(kp, srt, h), flash_mgpu_inputs._gather_columns(kp, srt, h)) if gather else ())
 
     def whole(q, k, v, vj, sj):
       lay, cols = build(vj, sj)

@@ -1,7 +1,7 @@
 """The Hopper attention kernel (Pallas, Mosaic GPU lowering): its geometry, the KV stream of a tile,
 the producer warpgroup and the launch; the consumers are in `flash_mgpu_consumer.py`. Design, modes
 and measurements: `flash_mgpu.py`, whose wrappers build the inputs (`Geometry` static, then q, k, v,
-meta, lo, hi, kc, vc, thr, colmap)."""
+and from `flash_mgpu_inputs.py` meta, lo, hi, kc, vc, thr, colmap)."""
 
 from __future__ import annotations
 
