@@ -29,7 +29,7 @@
 #                    (3500, 100) without far slashes at 56x64, 128x64 and 128x128, (30, 800) without them at
 #                    128x64, and dense 16K). ~3-4 min
 #   l2[=ARGS]        probes/l2_probe.py (the L2 -> SM read ceiling: Triton and TMA readers of an L2-resident
-#                    buffer, 8-32 MB, and of a 512 MB one for HBM; ARGS: the probe's flags). ~1.5 min
+#                    buffer, 8 and 32 MB, and of a 512 MB one for HBM; ARGS: the probe's flags). ~2 min
 #   vstrace[=SETS]   probes/vs_trace_probe.py (per set, the whole call's GPU ops outside the kernel by time;
 #                    SETS: "V,S+V,S")
 #   vsburst[=SETS]   probes/vs_burst_probe.py (fixed cost per timed sample vs cost per call, vertical-slash

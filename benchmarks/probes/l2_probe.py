@@ -14,10 +14,10 @@ measures what the hardware gives a kernel that does nothing but read an L2-resid
 - `tma`: Pallas Mosaic GPU CTAs copying row blocks into a ring of shared-memory slots with TMA
   (the Hopper kernel's load path), nothing computed.
 
-Rate = bytes the programs read / kernel time. The buffer (--mb, default 8 16 32) fits the
+Rate = bytes the programs read / kernel time. The buffer (--mb, default 8 and 32) fits the
 H100/H200's 50 MB L2 after its first pass, so the rate is L2's, not HBM's; a buffer of 512 MB
 beside it gives HBM's for comparison.
-    PYTHONPATH=. python3 benchmarks/probes/l2_probe.py [--mb 8 16 32 512] [--reads-gb 40]"""
+    PYTHONPATH=. python3 benchmarks/probes/l2_probe.py [--mb 8 32 512] [--reads-gb 40]"""
 from __future__ import annotations
 
 import argparse
@@ -105,7 +105,7 @@ def tma_read(x16, *, programs, rows, n_steps, stages):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--mb", type=int, nargs="*", default=[8, 16, 32, 512], help="buffer sizes (MB)")
+  ap.add_argument("--mb", type=int, nargs="*", default=[8, 32, 512], help="buffer sizes (MB)")
   ap.add_argument("--reads-gb", type=float, default=40.0, help="bytes read per call, all programs")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--knobs", nargs="*", default=["132,64,4,4,1", "132,64,8,8,1", "264,64,4,4,1", "264,64,8,8,1",
