@@ -95,6 +95,55 @@ def test_profiled_kernel_times_every_step_part(monkeypatch):
   assert want | {"k:idle", "k:q_wait", "k:end_sync", "k:store_wait", "k:p.wait_free"} <= set(names)
 
 
+@pytest.mark.parametrize("case,t,h,kh,bq,bk,nv,ns", [
+    ("dense", 333, 4, 1, None, 128, 0, 0),          # odd length, GQA 4
+    ("full", 200, 2, 2, None, 64, 0, 0),            # not causal, ragged last key block
+    ("growth", 256, 2, 1, None, 64, 0, 0),          # the running max moves late: lazy rescales
+    ("ranges", 300, 2, 1, 128, 64, 0, 0),
+    ("ranges", 300, 2, 1, 56, 64, 0, 0),            # split mode
+    ("columns", 400, 2, 1, 128, 64, 25, 12),        # columns inside ranges (colmasked steps)
+    ("columns", 400, 2, 1, 128, 128, 25, 12),       # narrow steps
+    ("columns", 600, 2, 1, 56, 64, 150, 10),        # split: shared windows, shared column chunks, idle
+])
+def test_kernel_matches_oracle_in_interpret_mode(case, t, h, kh, bq, bk, nv, ns):
+  """The Hopper kernel itself (every mode, the ring's barrier protocol) on CPU, in Mosaic GPU's
+  interpret mode, against the float32 oracles: unwritten outputs would read NaN, out-of-bounds reads
+  raise, every barrier phase must be observed; the split case also runs the race detector."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks   # race detector state (jax 0.11.2)
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  d = 64
+  rng = np.random.default_rng(t + bk + nv)
+  q, k, v = _qkv(rng, 1, t, t, h, kh, d, "bfloat16")
+  if case == "growth":   # key j scaled up far from the diagonal: the max rises along the steps
+    far = 1.0 + 30.0 * (1.0 - np.arange(t) / t)
+    k = (k.astype(jnp.float32) * jnp.asarray(far, jnp.float32)[None, :, None, None]).astype(jnp.bfloat16)
+  layout = cols = None
+  if case == "ranges":
+    layout = _random_ranges(rng, 1, h, t, bk, 6, bq)
+  elif case == "columns":
+    layout, cols = _vertical_slash(rng, h, t, bk, nv, ns, bq, max_cols=-(-nv // 16) * 16)
+  races = bq == flash_mgpu.SPLIT_Q and cols is not None
+  interpret = plgpu.InterpretGPUParams(detect_races=True) if races else True
+  out, lse = flash_mgpu._run(q, k, v, layout, cols, scale=d ** -0.5, causal=case != "full", block_k=bk, stages=2,
+                             heads_fastest=True, interpret=interpret)
+  if layout is None:
+    ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, causal=case != "full", out_dtype=jnp.float32)
+  else:
+    ref, ref_lse = block_sparse_reference(q, k, v, layout, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
+  _close(case, out, lse, ref, ref_lse)
+  if races:
+    assert gpu_callbacks.get_races().races_found is False
+
+
+def test_interpret_mode_needs_three_devices(monkeypatch):
+  """With fewer host devices than warpgroups the interpreter deadlocks: a clear error instead."""
+  monkeypatch.setattr(jax, "local_device_count", lambda *a: 2)
+  q, k, v = _qkv(np.random.default_rng(0), 1, 128, 128, 2, 1, 64, "bfloat16")
+  with pytest.raises(ValueError, match=">= 3 devices"):
+    flash_mgpu._run(q, k, v, None, None, scale=0.1, causal=True, block_k=64, stages=2, heads_fastest=True,
+                    interpret=True)
+
+
 def _vertical_slash(rng, h, t, bk, nv=9, ns=6, bq=flash_mgpu.TILE_Q, max_cols=16):
   vert = rng.integers(0, t, (1, h, nv)).astype(np.int32)
   slash = rng.integers(0, t, (1, h, ns)).astype(np.int32)

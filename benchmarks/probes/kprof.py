@@ -108,8 +108,8 @@ def main(argv=None):
   from lcinfer.pallas_kernels import flash_mgpu
 
   ap = argparse.ArgumentParser()
-  ap.add_argument("cases", nargs="*", default=["3500,100:no-far:hf,q56", "3500,100:no-far:hf", "3500,100:no-far:hf,k128",
-                                                "30,800:no-far:hf", "dense:16384"])
+  ap.add_argument("cases", nargs="*", default=["3500,100:no-far:hf,q56", "3500,100:no-far:hf",
+                                                "3500,100:no-far:hf,k128", "30,800:no-far:hf", "dense:16384"])
   ap.add_argument("--space", type=int, default=1024, help="regions a warpgroup can record (truncated past it)")
   ap.add_argument("--ghz", type=float, default=1.98, help="SM clock for the us column")
   ap.add_argument("--reps", type=int, default=3)

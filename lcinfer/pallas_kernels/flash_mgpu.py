@@ -65,8 +65,11 @@ Lazy maximum (FlashAttention-4's conditional rescaling): the running max m, and 
 rescaling of O and the sums, moves only when a logit passes m by LAZY_TAU = 8 (base 2), decided by
 a warpgroup vote (`mgpu_inline.any_above_fn`); P <= 2^8 is exact enough in bf16 and float32.
 A row that sees nothing gets out = 0, lse = -inf. Only bf16 / f16, head_dim 64 or 128, layouts of
-block_q x block_k 128x64, 128x128 or 56x64 (`LAYOUT_BLOCKS`). Mosaic GPU has no interpret mode for
-wgmma: the tests run the kernel compiled on a Hopper GPU; on CPU its lowering is tested.
+block_q x block_k 128x64, 128x128 or 56x64 (`LAYOUT_BLOCKS`). Tests: on CPU the kernel lowers, and
+runs in Mosaic GPU's interpret mode (`_run(interpret=True)`; three stand-ins for what the interpreter
+cannot run, `flash_mgpu_kernel.interpret_params`) against the oracles; on a Hopper GPU, compiled.
+The dispatcher's interpret=True takes the Triton kernel (faster to interpret): this one serves it only
+through `_run`.
 """
 
 from __future__ import annotations
@@ -92,11 +95,15 @@ LAYOUT_BLOCKS = ((TILE_Q, 64), (TILE_Q, 128), (SPLIT_Q, 64))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "causal", "block_k", "stages", "heads_fastest", "lazy_max",
-                                             "narrow", "profile"))
+                                             "narrow", "profile", "interpret"))
 def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, stages, heads_fastest,
-         lazy_max=True, narrow=True, profile=()):
+         lazy_max=True, narrow=True, profile=(), interpret=False):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
+  if interpret and jax.local_device_count() < 3:
+    raise ValueError("Mosaic GPU's interpret mode runs the kernel's 3 warpgroups as threads that wait on "
+                     "one another, one host device each: it needs >= 3 devices, or it deadlocks (on CPU: "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=4; `make test` sets 8)")
   split = layout is not None and layout.block_q == SPLIT_Q
   _, _, tp = _query_blocks(t, split)
   sp = max(pl.cdiv(s, block_k), 1) * block_k
@@ -107,7 +114,8 @@ def _run(q_BTHD, k_BSKD, v_BSKD, layout, columns, *, scale, causal, block_k, sta
   g = Geometry(b=b, t_padded=tp, t_rows=tq, h=h, kv_heads=kh, d=d, s_valid=s, s_padded=sp, block_k=block_k,
                stages=stages, causal=causal, ranges=layout is not None, columns=columns is not None,
                heads_fastest=heads_fastest, scale=scale, dtype=q_BTHD.dtype, lazy_max=lazy_max,
-               narrow=narrow and layout is not None and block_k == 128, split=split, profile=profile)
+               narrow=narrow and layout is not None and block_k == 128, split=split, profile=profile,
+               interpret=interpret)
   q = _pad_to(q_BTHD, tq, 1)
   k, v = _pad_to(k_BSKD, sp, 1), _pad_to(v_BSKD, sp, 1)
   unread = jnp.zeros((1, 1, 1, 1), jnp.int32)
@@ -126,7 +134,8 @@ def _check_served(q_BTHD, stages: int, interpret: bool) -> None:
   if not isinstance(stages, int) or isinstance(stages, bool) or stages < 2:
     raise ValueError(f"stages must be an int >= 2, got {stages!r}")
   if interpret:
-    raise dispatch.Unsupported("Mosaic GPU kernels have no interpret mode")
+    raise dispatch.Unsupported("interpret mode: the Triton kernel serves it (this kernel's tests run it "
+                               "in Mosaic GPU's interpret mode through flash_mgpu._run)")
   if hopper_device() is None:
     raise dispatch.Unsupported("the Mosaic GPU (wgmma) kernel needs a Hopper GPU (sm_90)")
   if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):

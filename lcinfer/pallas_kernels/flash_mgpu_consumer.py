@@ -21,9 +21,10 @@ from lcinfer.pallas_kernels.online_softmax import LN2, LOG2E
 
 def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   plgpu = _plgpu()
-  (qo_smem2, k_smem, v_smem, lse_smem2, flags2), (k_full, v_full, q_bar), (k_free, v_free), sched = scoped
+  (qo_smem2, k_smem, v_smem, lse_smem2, flags2, *p_smem2), (k_full, v_full, q_bar), (k_free, v_free), sched = scoped
   bk, d = g.block_k, g.d
   qo_smem, lse_smem, flags = qo_smem2.at[wg], lse_smem2.at[wg], flags2.at[wg]
+  p_smem = p_smem2[0].at[wg] if g.interpret else None   # interpret mode: P through shared memory
   j0 = jnp.int32(0)   # the step of the list's first entry (split mode: after the shared windows)
   if g.split:  # the consumer's own query block and list, in its half of each slot
     blk = 2 * tile + wg
@@ -57,6 +58,8 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
   by_row = lambda x, w: lax.broadcast_in_dim(x, (ROWS_PER_WG, w), [0])           # noqa: E731
   bias = lambda keep: jnp.where(keep, 0.0, -jnp.inf)          # noqa: E731
   any_above = mi.any_above_fn(row_layout) if g.lazy_max else None
+  if g.lazy_max and g.interpret:   # the warp vote is inline PTX: interpret mode takes jnp.any
+    any_above = lambda mx, bound, flags: jnp.any(mx > bound)   # noqa: E731
   if g.columns:
     thr = plgpu.load(r.thr.at[b, h, pl.ds(q_base, ROWS_PER_WG)], layout=row_layout, optimized=False)
     thr_first = r.thr[b, h, q_base]   # rows ascend: the fewest columns of the warpgroup's rows
@@ -165,7 +168,13 @@ def consumer(g: Geometry, r: _Refs, scoped, wg, tile, b, h):
     def pv(acc_ref):
       plgpu.wgmma(acc_ref, p16, v_tile)
     with region(f"{kind}.pv"):
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      if g.interpret:   # interpret mode's wgmma reads both operands from shared memory and has no
+        p_ref = p_smem.at[:, pl.ds(0, w)]   # accumulator initialized from registers
+        p_ref[...] = p16
+        acc = acc + pl.run_scoped(lambda r: (plgpu.wgmma(r, p_ref, v_tile), r[...])[1],
+                                  plgpu.ACC(acc.shape, jnp.float32))
+      else:
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(v_free.at[slot])
     return acc, m, l
 

@@ -61,6 +61,8 @@ class Geometry:
                          # copy of q or out per call)
   profile: tuple = ()    # (regions a warpgroup, directory): Mosaic GPU's in-kernel profiler records
                          # the `region`s below (clock cycles) and writes a trace there (probes only)
+  interpret: object = False  # True or a plgpu.InterpretGPUParams: Mosaic GPU's interpret mode (CPU
+                             # tests); the pieces it cannot run take stand-ins (`interpret_params`)
 
   @property
   def rows_q(self) -> int:
@@ -197,7 +199,7 @@ def shared_window(g: Geometry, at, n_shared, j):
 
 def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
   plgpu = _plgpu()
-  (_, k_smem, v_smem, _, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
+  (_, k_smem, v_smem, *_), (k_full, v_full, _), (k_free, v_free), _ = scoped
   plgpu.set_max_registers(40, action="decrease")
   kvh = lax.div(h, jnp.int32(g.group))
 
@@ -234,6 +236,21 @@ def _producer(g: Geometry, r: _Refs, scoped, tile, b, h):
   if g.columns:
     pl.loop(n_list, n_list + n_cols)(lambda j: load(j, (r.kc, r.vc), (b, pl.ds(column_rows(j, tile, n_list),
                                                                               g.block_k), h)))
+  _drain_if_interpreted(g, n_list + n_cols, (k_free, v_free))
+
+
+def _drain_if_interpreted(g: Geometry, n_steps, frees):
+  """Interpret mode: wait for the slots' last `stages` releases, which the producer never reads on a
+  GPU (the CTA ends); the interpreter requires every phase of a barrier a thread waits on to be
+  seen before the barrier is freed."""
+  if not g.interpret:
+    return
+  plgpu = _plgpu()
+
+  @pl.loop(jnp.maximum(n_steps - g.stages, 0), n_steps)
+  def _(j):
+    for free in frees:
+      plgpu.barrier_wait(free.at[lax.rem(j, jnp.int32(g.stages))])
 
 
 def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows):
@@ -241,7 +258,7 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
   window per consumer half (its range, or its column chunk). The slot's full barrier takes two
   arrivals a phase: two copies, or a copy and a bare arrival (a shared window, a half with nothing)."""
   plgpu = _plgpu()
-  (_, k_smem, v_smem, _, _), (k_full, v_full, _), (k_free, v_free), _ = scoped
+  (_, k_smem, v_smem, *_), (k_full, v_full, _), (k_free, v_free), _ = scoped
   st = split_steps(g, r, tile, b, h)
   halves = [(w, 2 * tile + w) + _stream(g, r, 2 * tile + w, b, h) for w in (0, 1)]
   ring = ((r.k, r.kc, k_smem, k_full, k_free), (r.v, r.vc, v_smem, v_full, v_free))
@@ -282,6 +299,21 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
           pl.when(in_cols)(lambda: plgpu.copy_gmem_to_smem(
               xc.at[b, pl.ds(column_rows(jl, blk, n_list), g.block_k), h], dst, full.at[slot]))
         pl.when(own & ~in_list & ~in_cols)(lambda: plgpu.barrier_arrive(full.at[slot]))
+  _drain_if_interpreted(g, st.first_own + st.n_own, (k_free, v_free))
+
+
+def interpret_params(g: Geometry):
+  """Mosaic GPU's interpret mode (one Python thread a warpgroup, shared memory and barriers simulated,
+  unwritten outputs NaN, out-of-bounds reads raised, every barrier phase checked as observed) for
+  Geometry.interpret, else None. Three pieces of the GPU path take stand-ins there, in the consumer:
+  the lazy maximum's warp vote (inline PTX) is a jnp.any, and P V reads P from shared memory into a
+  fresh accumulator added to O (the interpreter's wgmma takes no register operand and no accumulator
+  initialized from registers); and the producer waits for the slots' last releases before it ends
+  (`_drain_if_interpreted`). Everything else (masks, lists, windows, the ring's barrier protocol) is
+  the code that runs on the GPU."""
+  if not g.interpret:
+    return None
+  return _plgpu().InterpretGPUParams() if g.interpret is True else g.interpret
 
 
 def _profile_params(g: Geometry) -> dict:
@@ -291,7 +323,7 @@ def _profile_params(g: Geometry) -> dict:
   return dict(profile_space=space, profile_dir=directory, profile_bounds_check=True)
 
 
-def call_kernel(g: Geometry, args, interpret=None):
+def call_kernel(g: Geometry, args):
   plgpu = _plgpu()
   d = g.d
 
@@ -325,7 +357,8 @@ def call_kernel(g: Geometry, args, interpret=None):
          plgpu.SMEM((g.stages, g.slot_rows, d), g.dtype, transforms=transforms),
          plgpu.SMEM((g.stages, g.slot_rows, d), g.dtype, transforms=transforms),
          plgpu.SMEM((2, ROWS_PER_WG), jnp.float32),
-         plgpu.SMEM((2, 2, 4), jnp.int32)),   # per consumer: two sets of per-warp votes (lazy max)
+         plgpu.SMEM((2, 2, 4), jnp.int32))   # per consumer: two sets of per-warp votes (lazy max)
+        + ((plgpu.SMEM((2, ROWS_PER_WG, g.slot_rows), g.dtype),) if g.interpret else ()),   # P, interpret mode
         (plgpu.Barrier(num_arrivals=fills, num_barriers=g.stages),
          plgpu.Barrier(num_arrivals=fills, num_barriers=g.stages), plgpu.Barrier(num_barriers=2)),
         (plgpu.Barrier(num_arrivals=2, num_barriers=g.stages),) * 2,   # freed by both consumers
@@ -341,4 +374,4 @@ def call_kernel(g: Geometry, args, interpret=None):
   return plgpu.kernel(
       body, out_type=out_type, grid=grid, grid_names=names, num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True, **_profile_params(g)), kernel_name="lcinfer_flash_mgpu",
-      interpret=interpret)(*args)
+      interpret=interpret_params(g))(*args)
