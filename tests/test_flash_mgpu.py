@@ -96,14 +96,11 @@ def test_profiled_kernel_times_every_step_part(monkeypatch):
 
 
 @pytest.mark.parametrize("case,t,h,kh,bq,bk,nv,ns", [
-    ("dense", 333, 4, 1, None, 128, 0, 0),          # odd length, GQA 4
-    ("full", 200, 2, 2, None, 64, 0, 0),            # not causal, ragged last key block
-    ("growth", 256, 2, 1, None, 64, 0, 0),          # the running max moves late: lazy rescales
-    ("ranges", 300, 2, 1, 128, 64, 0, 0),
-    ("ranges", 300, 2, 1, 56, 64, 0, 0),            # split mode
+    ("dense", 333, 4, 1, None, 128, 0, 0),          # odd length, GQA 4, a late-moving max (lazy rescales)
+    ("ranges", 300, 2, 1, 56, 64, 0, 0),            # split mode, random ranges
     ("columns", 400, 2, 1, 128, 64, 25, 12),        # columns inside ranges (colmasked steps)
     ("columns", 400, 2, 1, 128, 128, 25, 12),       # narrow steps
-    ("columns", 600, 2, 1, 56, 64, 150, 10),        # split: shared windows, shared column chunks, idle
+    ("columns", 448, 2, 1, 56, 64, 100, 10),        # split: shared windows, shared column chunks, idle
 ])
 def test_kernel_matches_oracle_in_interpret_mode(case, t, h, kh, bq, bk, nv, ns):
   """The Hopper kernel itself (every mode, the ring's barrier protocol) on CPU, in Mosaic GPU's
@@ -114,7 +111,7 @@ def test_kernel_matches_oracle_in_interpret_mode(case, t, h, kh, bq, bk, nv, ns)
   d = 64
   rng = np.random.default_rng(t + bk + nv)
   q, k, v = _qkv(rng, 1, t, t, h, kh, d, "bfloat16")
-  if case == "growth":   # key j scaled up far from the diagonal: the max rises along the steps
+  if case == "dense":   # key j scaled up far from the diagonal: the max rises along the steps
     far = 1.0 + 30.0 * (1.0 - np.arange(t) / t)
     k = (k.astype(jnp.float32) * jnp.asarray(far, jnp.float32)[None, :, None, None]).astype(jnp.bfloat16)
   layout = cols = None
@@ -124,10 +121,10 @@ def test_kernel_matches_oracle_in_interpret_mode(case, t, h, kh, bq, bk, nv, ns)
     layout, cols = _vertical_slash(rng, h, t, bk, nv, ns, bq, max_cols=-(-nv // 16) * 16)
   races = bq == flash_mgpu.SPLIT_Q and cols is not None
   interpret = plgpu.InterpretGPUParams(detect_races=True) if races else True
-  out, lse = flash_mgpu._run(q, k, v, layout, cols, scale=d ** -0.5, causal=case != "full", block_k=bk, stages=2,
+  out, lse = flash_mgpu._run(q, k, v, layout, cols, scale=d ** -0.5, causal=True, block_k=bk, stages=2,
                              heads_fastest=True, interpret=interpret)
   if layout is None:
-    ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, causal=case != "full", out_dtype=jnp.float32)
+    ref, ref_lse = attention_reference(q, k, v, scale=d ** -0.5, causal=True, out_dtype=jnp.float32)
   else:
     ref, ref_lse = block_sparse_reference(q, k, v, layout, scale=d ** -0.5, columns=cols, out_dtype=jnp.float32)
   _close(case, out, lse, ref, ref_lse)
