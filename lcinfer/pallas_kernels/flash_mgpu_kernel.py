@@ -305,10 +305,10 @@ def _split_producer(g: Geometry, r: _Refs, scoped, tile, b, h, kvh, column_rows)
 def interpret_params(g: Geometry):
   """Mosaic GPU's interpret mode (one Python thread a warpgroup, shared memory and barriers simulated,
   unwritten outputs NaN, out-of-bounds reads raised, every barrier phase checked as observed) for
-  Geometry.interpret, else None. Three pieces of the GPU path take stand-ins there, in the consumer:
+  Geometry.interpret, else None. Three pieces of the GPU path take stand-ins there. In the consumer,
   the lazy maximum's warp vote (inline PTX) is a jnp.any, and P V reads P from shared memory into a
   fresh accumulator added to O (the interpreter's wgmma takes no register operand and no accumulator
-  initialized from registers); and the producer waits for the slots' last releases before it ends
+  initialized from registers). The producer waits for the slots' last releases before it ends
   (`_drain_if_interpreted`). Everything else (masks, lists, windows, the ring's barrier protocol) is
   the code that runs on the GPU."""
   if not g.interpret:
