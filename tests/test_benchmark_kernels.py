@@ -141,7 +141,8 @@ def test_rerender_keeps_notes_and_rewrites_tables(tmp_path):
 
 def test_l2_probe_kernels_read_what_they_say():
   """The L2 probe's Triton fold (interpret mode) equals its jnp reference, so its rate counts bytes
-  that were read; programs > blocks wraps around; the TMA reader lowers to Mosaic GPU."""
+  that were read; programs > blocks wraps around; the TMA reader lowers to Mosaic GPU and, in its
+  interpret mode, ends holding the block its walk ends on."""
   import jax
   import jax.numpy as jnp
 
@@ -164,6 +165,14 @@ def test_l2_probe_kernels_read_what_they_say():
   x16 = jax.lax.bitcast_convert_type(x, jnp.bfloat16).reshape(40, 2 * l2_probe.ROW_WORDS)
   f = lambda y: l2_probe.tma_read(y, programs=2, rows=8, n_steps=5, stages=2)   # noqa: E731
   assert "mosaic_gpu" in jax.jit(f).trace(x16).lower(lowering_platforms=("cuda",)).as_text()
+  # run in Mosaic GPU's interpret mode: CTA p's last block is (p + 4 * 2) mod 5 (blocks of 8 rows)
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  got = np.asarray(l2_probe.tma_read(x16, programs=2, rows=8, n_steps=5, stages=2,
+                                     interpret=plgpu.InterpretGPUParams()))
+  x16n = np.asarray(x16)
+  for p in range(2):
+    blk = (p + 4 * 2) % 5
+    np.testing.assert_array_equal(got[8 * p:8 * p + 8], x16n[8 * blk:8 * blk + 8])
 
 
 def test_far_slash_bytes_counts_the_union_of_windows():

@@ -70,10 +70,11 @@ def fold_reference(x, *, programs, rows, unroll, n_steps):
   return jnp.sum(folded, axis=1)
 
 
-def tma_read(x16, *, programs, rows, n_steps, stages):
+def tma_read(x16, *, programs, rows, n_steps, stages, interpret=None):
   """Mosaic GPU: each CTA copies n_steps blocks of `rows` rows of x16 [N, 128] bf16 (CTA p from
   block p on, stride programs) into a ring of `stages` shared-memory slots with TMA, waiting for
-  each copy before reusing its slot; returns [programs * 8, 128], 8 rows of each CTA's last slot."""
+  each copy before reusing its slot; returns [programs * 8, 128], the first 8 rows of each CTA's
+  last block. interpret: a plgpu.InterpretGPUParams (CPU tests)."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   n_blocks = x16.shape[0] // rows
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -100,7 +101,7 @@ def tma_read(x16, *, programs, rows, n_steps, stages):
                   plgpu.Barrier(num_barriers=stages))
 
   return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((programs * 8, 128), x16.dtype), grid=(programs,),
-                      grid_names=("cta",), kernel_name="lcinfer_l2_tma")(x16)
+                      grid_names=("cta",), kernel_name="lcinfer_l2_tma", interpret=interpret)(x16)
 
 
 def main():
