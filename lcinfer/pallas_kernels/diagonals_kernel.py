@@ -10,8 +10,6 @@ diagonals sharing one rescale; then the block-sparse call's (out, lse) merged in
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -34,14 +32,7 @@ def _attend_block(q, q_pos, n_offsets, offset, kv_rows, excluded, *, qk_scale, s
     return jnp.where(ok, jnp.sum(q * k.astype(jnp.float32), axis=1) * qk_scale, -jnp.inf), v.astype(jnp.float32)
 
   def body(step, carry):   # per_step diagonals share one rescale of the accumulator
-    acc, m_prev, l_prev = carry
-    logits, vs = zip(*(one(step * per_step + i) for i in range(per_step)))
-    m_next = functools.reduce(jnp.maximum, logits, m_prev)
-    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    alpha = jnp.exp2(m_prev - m_safe)
-    ps = [jnp.exp2(x - m_safe) for x in logits]
-    acc = acc * alpha[:, None] + sum(p[:, None] * v for p, v in zip(ps, vs))
-    return acc, m_next, alpha * l_prev + sum(ps)
+    return osm.update_rows(carry, *zip(*(one(step * per_step + i) for i in range(per_step))))
 
   n_steps = lax.div(n_offsets + per_step - 1, per_step)
   return osm.finish(lax.fori_loop(0, n_steps, body, osm.init(q.shape[0], q.shape[-1])))

@@ -4,8 +4,8 @@ a GPU without Triton, a CPU without interpret mode), in memory linear in the seq
 The oracle (`diagonals.diagonal_reference`) builds [B, H, T, S] masks: 34 GB of booleans at 32K with
 32 heads. This one walks the offsets in a `lax.scan`, one diagonal a step: the key and value rows
 i - o of the rows i are one contiguous window of each KV head's rows (a dynamic slice per query head,
-GQA without repeats), one logit a row, online softmax
-(the accumulator [B, K, G, T, D] in float32), then the keys of the row's block that `exclude` or
+GQA without repeats), one logit a row, online softmax (`online_softmax.update_rows`, base 2;
+the accumulator [B, K, G, T, D] in float32), then the keys of the row's block that `exclude` or
 `exclude_columns` hold dropped (they are counted by the call this one is merged with). Same
 contract and result as `diagonals.diagonal_attention`; the kernel's knobs are accepted and ignored.
 """
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lcinfer.pallas_kernels import dispatch
+from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.diagonals import _check_args, canonical_offsets, column_slots, merged_with
 from lcinfer.pallas_kernels.sparse_index import Columns
 from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped
@@ -44,7 +45,7 @@ def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scal
   g = h // kh
   nq = -(-t // block_q)
   split = lambda x: x.reshape(b, kh, g, *x.shape[2:])                     # noqa: E731 [B, H, ...] -> [B, K, G, ...]
-  q = split(jnp.transpose(q_BTHD, (0, 2, 1, 3)).astype(jnp.float32) * scale)     # [B, K, G, T, D]
+  q = split(jnp.transpose(q_BTHD, (0, 2, 1, 3)).astype(jnp.float32) * (scale * osm.LOG2E))  # [B, K, G, T, D]
   # [B, K, S + S, D]: S rows of zeros in front, so that the rows i - o of a diagonal are one window
   k, v = (jnp.pad(jnp.transpose(x, (0, 2, 1, 3)), ((0, 0), (0, 0), (s, 0), (0, 0))) for x in (k_BSKD, v_BSKD))
   rows = jnp.arange(t, dtype=jnp.int32)
@@ -72,24 +73,17 @@ def _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, *, scal
     return jax.vmap(jax.vmap(jax.vmap(one, in_axes=(None, 0))))(x, o).astype(jnp.float32)
 
   def step(carry, o):                    # o [B, K, G]: one diagonal of every head
-    m, l, acc = carry
     key = rows - o[..., None]                                                      # [B, K, G, T]
     ok = (key >= 0) & (key < s)
     key = jnp.clip(key, 0, s - 1)
     ok &= ~dropped(key)
-    logit = jnp.where(ok, jnp.sum(q * window(k, o), axis=-1), -jnp.inf)
-    m_new = jnp.maximum(m, logit)
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha, p = jnp.exp(m - m_safe), jnp.exp(logit - m_safe)
-    return (m_new, alpha * l + p, alpha[..., None] * acc + p[..., None] * window(v, o)), None
+    logit = jnp.where(ok, jnp.sum(q * window(k, o), axis=-1), -jnp.inf)          # base 2
+    return osm.update_rows(carry, [logit], [window(v, o)]), None
 
-  init = (jnp.full((b, kh, g, t), -jnp.inf), jnp.zeros((b, kh, g, t)), jnp.zeros((b, kh, g, t, d)))
-  m, l, acc = lax.scan(step, init, offs)[0]
-  seen = l > 0
-  l_safe = jnp.where(seen, l, 1.0)
-  out = jnp.transpose((acc / l_safe[..., None]).reshape(b, h, t, d), (0, 2, 1, 3))
-  lse = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
-  return out, jnp.transpose(lse.reshape(b, h, t), (0, 2, 1))
+  init = (jnp.zeros((b, kh, g, t, d)), jnp.full((b, kh, g, t), -jnp.inf), jnp.zeros((b, kh, g, t)))
+  out, lse = osm.finish(lax.scan(step, init, offs)[0])
+  return (jnp.transpose(out.reshape(b, h, t, d), (0, 2, 1, 3)),
+          jnp.transpose(lse.reshape(b, h, t), (0, 2, 1)))
 
 
 dispatch.register("diagonal_attention", "xla", diagonal_attention_xla)

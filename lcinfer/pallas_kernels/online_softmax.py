@@ -7,6 +7,7 @@ FlashAttention-2, Dao 2023, Algorithm 1), in base 2: logits arrive pre-scaled by
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -53,12 +54,25 @@ def update(carry, s, v, mask, precision):
   return acc, m_next, l_next
 
 
+def update_rows(carry, s, v):
+  """Fold one key a row, for each of several keys sharing one rescale: s a sequence of base-2 logits
+  [..., R] (-inf where a row takes no key), v the matching value rows [..., R, D] float32 (the
+  diagonal kernels: row i's key is i - o, so P V is an elementwise product, not a matmul)."""
+  acc, m_prev, l_prev = carry
+  m_next = functools.reduce(jnp.maximum, s, m_prev)
+  m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+  alpha = jnp.exp2(m_prev - m_safe)
+  p = [jnp.exp2(x - m_safe) for x in s]
+  acc = acc * alpha[..., None] + sum(pi[..., None] * vi for pi, vi in zip(p, v))
+  return acc, m_next, alpha * l_prev + sum(p)
+
+
 def finish(carry):
-  """(out [R, D] float32 (a tuple of pieces if acc is one), lse [R] natural log)."""
+  """(out [..., R, D] float32 (a tuple of pieces if acc is one), lse [..., R] natural log)."""
   acc, m, l = carry
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
-  out = tuple(a / l_safe[:, None] for a in acc) if isinstance(acc, tuple) else acc / l_safe[:, None]
+  out = tuple(a / l_safe[..., None] for a in acc) if isinstance(acc, tuple) else acc / l_safe[..., None]
   return out, jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
 
 
