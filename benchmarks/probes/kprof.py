@@ -62,7 +62,7 @@ def summarize(buffer, names: dict[str, int], traces_per_block: int, entries: int
   last = np.take_along_axis(clks, np.maximum(n_ev - 1, 0)[..., None], axis=-1)[..., 0].astype(np.int64)
   span = np.where(n_ev > 0, (last - first) % (1 << 32), 0)
   return {"regions": out, "blocks": n_blocks, "consumer_cycles": int(span[:, :-1].sum()),
-          "unpaired": int((begin[:-1] & ~pair).sum() + (begin[-1:] if len(begin) else np.zeros(0, bool)).sum())}
+          "unpaired": int(begin.sum() - pair.sum())}   # every pair has one begin
 
 
 def table(summary: dict, ghz: float) -> list[str]:

@@ -61,7 +61,7 @@ def triton_read(x, *, programs, rows, unroll, n_steps, num_warps, num_stages, in
 
 
 def fold_reference(x, *, programs, rows, unroll, n_steps):
-  """What triton_read returns, in numpy-free jnp: each program's blocks XORed, then rows summed."""
+  """What triton_read returns, in jnp: each program's blocks XORed, then its rows summed."""
   n_blocks = x.shape[0] // rows
   blocks = x[:n_blocks * rows].reshape(n_blocks, rows, ROW_WORDS)
   k = jnp.arange(n_steps * unroll)
