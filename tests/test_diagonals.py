@@ -139,6 +139,34 @@ def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, si
   assert taken, "the pattern must have isolated slashes for this test to mean anything"
 
 
+def test_exact_mode_with_the_hopper_kernel_in_interpret_mode(monkeypatch):
+  """The exact mode's band and columns through the Hopper kernel itself (Mosaic GPU's interpret mode,
+  `flash_mgpu._run`; the dispatcher would give interpret calls to the Triton kernel) at 128x128, the
+  benchmark's layout for (3500, 100), against a mask built in numpy from the pattern."""
+  from lcinfer.pallas_kernels import flash_mgpu
+  runs = []
+
+  def hopper_interpreted(q, k, v, layout, *, scale, causal=True, columns=None, **_):
+    runs.append((layout.block_q, layout.block_k))
+    return flash_mgpu._run(q, k, v, layout, columns, scale=float(scale), causal=causal, block_k=layout.block_k,
+                           stages=2, heads_fastest=True, interpret=True)
+  monkeypatch.setitem(dispatch._IMPLS["block_sparse_attention"], "mosaic_gpu", hopper_interpreted)
+  rng = np.random.default_rng(12)
+  b, t, h, kh, d = 1, 384, 2, 1, 64
+  vert = rng.integers(0, t, (b, h, 20)).astype(np.int32)
+  far = [[170, 320, 35, 20], [200, 340, 350, 45]]   # isolated: 170, 320 / 200; the rest stay ranges
+  sl = np.concatenate([np.broadcast_to(np.arange(30), (b, h, 30)), np.asarray([far])], axis=-1).astype(np.int32)
+  q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
+  out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
+                                            block_q=128, block_k=128, max_ranges=64, max_cols=32,
+                                            implementation=("mosaic_gpu",))
+  assert runs == [(128, 128)]
+  ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(numpy_exact_mask(vert, sl, t, 128, 128, 64)),
+                                            scale=d ** -0.5)
+  assert_matches_oracle("exact vs, Hopper kernel interpreted", out, lse, ref, ref_lse, "bfloat16")
+  assert [sorted(numpy_split(sl[0, i], t, 128, 64)[1]) for i in range(h)] == [[170, 320], [200]]
+
+
 def test_bad_diagonal_input_raises():
   rng = np.random.default_rng(0)
   q, k, v = _qkv(rng, 1, 32, 2, 1, 64, "float32")
