@@ -248,6 +248,26 @@ def vs_density(vert, sl, s) -> float:
   return total / (vert.shape[1] * s * (s + 1) / 2)
 
 
+# vertical-slash rows: (kind, block_q, block_k, Triton column chunk); VS_EXTRA with --vs-all
+VS_VARIANTS = (("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
+               ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None),
+               ("ranges mosaic_gpu", 56, 64, None))   # split mode: 56-row blocks per consumer
+# exact: the isolated (far) slashes as diagonals (pallas_kernels/diagonals.py), the rest as ranges
+VS_EXTRA = (("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks", 64, 64, 32),
+            ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None), ("exact mosaic_gpu", 56, 64, None),
+            ("exact mosaic_gpu per_step=1", 56, 64, None), ("exact mosaic_gpu per_step=4", 56, 64, None),
+            ("exact mosaic_gpu side_stream", 128, 64, None), ("exact mosaic_gpu side_stream", 56, 64, None),
+            ("exact mosaic_gpu", 128, 128, None),   # no far-slash ranges, the 128x128 layout's costly part
+            ("exact mosaic_gpu side_stream programs=16", 128, 64, None),
+            ("exact mosaic_gpu side_stream programs=32", 128, 64, None),
+            ("exact mosaic_gpu side_stream programs=32", 128, 128, None))
+
+
+def vs_variant_names() -> dict:
+  """'kind BQxBK' -> row, for --vs-variants."""
+  return {f"{x[0]} {x[1]}x{x[2]}": x for x in VS_VARIANTS + VS_EXTRA}
+
+
 def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
   s, h, d = args.sparse_len, args.heads, 128
   rng = np.random.default_rng(0)
@@ -260,25 +280,16 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
       vert, sl = vs_pattern(rng, s, h, min(nv, s), min(ns, s))
       density = vs_density(vert, sl, s)
       vj, sj = jnp.asarray(vert), jnp.asarray(sl)
-      variants = [("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
-                  ("ranges mosaic_gpu", 128, 64, None), ("ranges mosaic_gpu stages=3", 128, 64, None),
-                  ("ranges mosaic_gpu", 56, 64, None)]   # split mode: 56-row blocks per consumer
-      # exact: the isolated (far) slashes as diagonals (pallas_kernels/diagonals.py), the rest as ranges
-      extra = [("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks", args.vs_block, args.vs_block, 32),
-               ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None), ("exact mosaic_gpu", 56, 64, None),
-               ("exact mosaic_gpu per_step=1", 56, 64, None), ("exact mosaic_gpu per_step=4", 56, 64, None),
-               ("exact mosaic_gpu side_stream", 128, 64, None), ("exact mosaic_gpu side_stream", 56, 64, None),
-               ("exact mosaic_gpu", 128, 128, None),   # no far-slash ranges, the 128x128 layout's costly part
-               ("exact mosaic_gpu side_stream programs=16", 128, 64, None),
-               ("exact mosaic_gpu side_stream programs=32", 128, 64, None)]
+      variants = list(VS_VARIANTS)
       if args.vs_all and kh == h:
-        variants += extra
+        variants += VS_EXTRA
       if args.smoke:  # the plumbing of both layouts and of the exact mode, once
         variants = [("ranges", 64, 64, 32), ("aligned blocks", args.vs_block, args.vs_block, 32),
                     ("exact", 64, 64, 32)] if kh == h else []
       if args.vs_variants:
-        variants = [x for x in dict.fromkeys(variants + extra)
-                    if f"{x[0]} {x[1]}x{x[2]}" in args.vs_variants.split(",")]
+        variants = [x for n, x in vs_variant_names().items() if n in args.vs_variants.split(",")]
+      variants = [(kind, args.vs_block, args.vs_block, c) if kind == "aligned blocks" else (kind, bq, bk, c)
+                  for kind, bq, bk, c in variants]   # the grid-aligned builder's blocks: --vs-block
       for kind, bq, bk, chunk in variants:
         if kind.startswith("ranges"):
           build = vs_ranges_builder(s, nv, ns, bq, bk)
@@ -384,6 +395,9 @@ def main(argv=None) -> int:
   args.seqs, args.tune_seqs = parse_lengths(args.seqs), parse_lengths(args.tune_seqs)
   args.sparse_len, args.decode_len = parse_lengths(args.sparse_len)[0], parse_lengths(args.decode_len)[0]
   args.vs_sets = VS_SETS
+  unknown = [n for n in args.vs_variants.split(",") if n and n not in vs_variant_names()]
+  if unknown:   # a misspelt row would silently vanish from the table
+    raise SystemExit(f"--vs-variants: unknown {unknown}; known: {sorted(vs_variant_names())}")
   kernel_report.BURST_S = args.burst_s
   if args.smoke:
     args.seqs, args.tune_seqs, args.sparse_len, args.decode_len = [128], [64], 256, 256

@@ -31,6 +31,18 @@ def test_smoke_run_writes_results(tmp_path):
   assert "## Vertical-slash" in md and "## Decode attention" in md
 
 
+def test_unknown_vertical_slash_variant_fails_before_any_run(tmp_path):
+  """A misspelt --vs-variants row would silently vanish from the table: it stops the run at once,
+  naming the rows that exist (and the device step's own list is all known rows)."""
+  with pytest.raises(SystemExit, match="unknown \\['exact mosaic_gpu 128x96'\\].*'exact mosaic_gpu 128x128'"):
+    kernels.main(["--smoke", "--only", "vertical_slash", "--out", str(tmp_path),
+                  "--vs-variants", "exact mosaic_gpu 128x128,exact mosaic_gpu 128x96"])
+  assert not list(tmp_path.iterdir())
+  step = (ROOT / "benchmarks/probes/device_call.sh").read_text().split("    exact)")[1].split(";;")[0]
+  rows = step.split('--vs-variants "${arg:-')[1].split('}"')[0].replace("\\\n", "").split(",")
+  assert len(rows) == 9 and set(rows) <= set(kernels.vs_variant_names()), rows
+
+
 def test_vertical_slash_density_is_exact():
   """vs_density against a brute-force count of the causal (q, k) pairs the pattern selects."""
   import numpy as np

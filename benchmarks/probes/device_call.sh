@@ -75,7 +75,7 @@ for step in "$@"; do
              --timeout-method=thread --maxfail=2 -rf 2>&1 | tail -6 | tee -a "$out/tests.log"
            timeout 420 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
              --burst-s "${VS_BURST_S:-0.1}" --vs-variants "${arg:-ranges mosaic_gpu 56x64,exact mosaic_gpu 56x64,\
-exact mosaic_gpu side_stream 128x64,exact mosaic_gpu side_stream 56x64,ranges mosaic_gpu 128x64,exact mosaic_gpu 128x64,\
+exact mosaic_gpu side_stream 128x64,exact mosaic_gpu side_stream programs=32 128x128,ranges mosaic_gpu 128x64,exact mosaic_gpu 128x64,\
 exact mosaic_gpu side_stream programs=16 128x64,exact mosaic_gpu side_stream programs=32 128x64,\
 exact mosaic_gpu 128x128}" 2>&1 | tables 40 ;;
     diag) timeout 300 python3 benchmarks/probes/diag_probe.py ${arg:+--set $arg} 2>&1 | grep -E "^diag|rror" \
