@@ -260,7 +260,8 @@ VS_EXTRA = (("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks",
             ("exact mosaic_gpu", 128, 128, None),   # no far-slash ranges, the 128x128 layout's costly part
             ("exact mosaic_gpu side_stream programs=16", 128, 64, None),
             ("exact mosaic_gpu side_stream programs=32", 128, 64, None),
-            ("exact mosaic_gpu side_stream programs=32", 128, 128, None))
+            ("exact mosaic_gpu side_stream programs=32", 128, 128, None),
+            ("exact mosaic_gpu desc", 128, 64, None), ("exact mosaic_gpu desc", 128, 128, None))  # offsets descending
 
 
 def vs_variant_names() -> dict:
@@ -303,13 +304,13 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
               stages=3 if "stages=3" in kind else 2, exact=kind.startswith("exact"), bq=bq, bk=bk,
               per_step=int(kind.split("per_step=")[1]) if "per_step=" in kind else None,
-              side_stream=1 if "side_stream" in kind else None,
+              side_stream=1 if "side_stream" in kind else None, descending="desc" in kind.split(),
               programs=int(kind.split("programs=")[1]) if "programs=" in kind else None):
           if exact:
             return exact_vertical_slash_attention(
                 q, k, v, vert, sl, scale=d ** -0.5, block_q=bq, block_k=bk, max_ranges=vs_list_sizes(ns, bq, bk)[0],
                 max_cols=vs_max_cols(nv), **({"diagonals_per_step": per_step} if per_step else {}),
-                side_stream=side_stream, diagonal_programs=programs,
+                side_stream=side_stream, diagonal_programs=programs, diagonal_descending=descending,
                 implementation="mosaic_gpu" if mosaic else "triton",
                 interpret=args.smoke)[0]
           layout, cols = build(vert, sl)

@@ -203,6 +203,28 @@ def test_far_slash_bytes_counts_the_union_of_windows():
     assert fsb.pair_rows(offsets, s) == sum(s - o for o in offsets)
 
 
+def test_diag_l2_model_counts_reads_and_misses():
+  """diag_l2_model's LRU: every (row, diagonal) pair read once; with a cache larger than the keys every
+  distinct row misses once and the order cannot matter; with a one-row cache nearly every read misses;
+  a tiny case against a hand-run LRU trace."""
+  sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+  import diag_l2_model as m
+
+  offs, s = np.asarray([3, 70, 71, 150, 400]), 260
+  pairs = sum(s - o for o in offs if o < s)
+  rows = len({i - o for o in offs for i in range(o, s)})
+  for desc in (False, True):
+    assert m.l2_misses(offs, s, programs=3, l2_rows=10 ** 6, descending=desc) == (pairs, rows)
+    reads, misses = m.l2_misses(offs, s, programs=3, l2_rows=1, descending=desc)
+    assert reads == pairs and misses > 0.9 * reads
+  # one block of 4 rows, offsets 1 and 2, one a step, an LRU of 2: rows 0,1,2 then 0,1 (keys i - o >= 0):
+  # 0 1 2 miss; 0 misses (evicted by 2), 1 misses (evicted by 0)
+  assert m.l2_misses(np.asarray([1, 2]), 4, programs=1, l2_rows=2, descending=False, block_q=4,
+                     per_step=1) == (5, 5)
+  assert m.l2_misses(np.asarray([1, 2]), 4, programs=1, l2_rows=3, descending=False, block_q=4,
+                     per_step=1) == (5, 3)
+
+
 def test_kprof_summarizes_profiler_buffers():
   """kprof.summarize on a buffer laid out as Mosaic GPU's profiler writes it (per trace: start, SM,
   entries used, then (tag, clock) pairs; an end tag has bit 31 set): regions paired per trace,

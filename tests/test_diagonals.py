@@ -53,7 +53,8 @@ def _exclusions(rng, b, h, t, bq, nv, ns):
   return vertical_slash_to_ranges(vert, sl, t, bq, 16, 4 * ns, nv + 8)
 
 
-# programs: a persistent launch (items not a multiple of it: programs with one item less)
+# programs: a persistent launch (items not a multiple of it: programs with one item less); 3 and 4
+# diagonals a step walk the offsets descending (a padded last step, and a persistent launch)
 @pytest.mark.parametrize("t,h,kh,d,bq,dtype,excl,per_step,programs", [
     (100, 4, 1, 64, 16, "float32", "both", 1, None),    # GQA 4, odd length, ranges and columns excluded
     (77, 2, 2, 128, 32, "float32", None, 3, 5),         # 3 diagonals a step (9 offsets: whole steps)
@@ -68,7 +69,7 @@ def test_diagonal_kernel_matches_oracle(t, h, kh, d, bq, dtype, excl, per_step, 
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
   out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step,
                                 heads_first=per_step > 1 and programs is None, programs=programs, interpret=True,
-                                _poison=NAN, **kw)
+                                descending=per_step in (3, 4), _poison=NAN, **kw)
   ref, ref_lse = diagonal_oracle(q, k, v, offs, **kw)
   empty = assert_matches_oracle("diagonal", out, lse, ref, ref_lse, dtype)
   assert empty.any() and not empty.all()
@@ -240,7 +241,7 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step, programs):
   ranges, cols = _exclusions(rng, b, h, t, bq, 40, 30)
   kw = dict(scale=d ** -0.5, exclude=ranges, exclude_columns=cols, block_q=bq)
   out, lse = diagonal_attention(q, k, v, offs, diagonals_per_step=per_step, heads_first=per_step > 1 and programs is None,
-                                programs=programs, _poison=NAN, **kw)
+                                programs=programs, descending=per_step == 4 or programs is not None, _poison=NAN, **kw)
   ref, ref_lse = diagonal_oracle(q, k, v, offs, **kw)
   assert_matches_oracle("diagonal gpu", out, lse, ref, ref_lse, dtype)
 

@@ -1,7 +1,7 @@
 """Probe (Hopper): the far slashes of a BENCHMARKS.md vertical-slash set at 128K (H = 32) as exact
 diagonals (`diagonals.diagonal_attention`, Triton) under its knobs (block_q, num_warps,
 diagonals_per_step, num_stages, heads_first, programs: a persistent launch on that many CTAs, i.e.
-the L2 rate a subset of the SMs can pull), beside the same slashes as ranges on the split-mode Hopper kernel (the far
+the L2 rate a subset of the SMs can pull; "d" after the knobs: offsets walked descending), beside the same slashes as ranges on the split-mode Hopper kernel (the far
 part of `kernels.vs_subset`, first column included in both). Prints ms and the rate of the K/V rows
 the diagonals must read (one 256-byte K row and one V row per query row per slash, a lower bound
 on their L2 reads), which says whether the exact mode is bound by L2 bandwidth (NOTES, session 19).
@@ -24,9 +24,10 @@ from lcinfer.pallas_kernels.diagonals import diagonal_attention  # noqa: E402
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--set", default="30,800")
-  ap.add_argument("--knobs", nargs="*", default=["64,8,2,3,0", "64,8,2,3,0,16", "64,8,2,3,0,32", "64,8,2,3,0,66",
-                                                   "64,8,2,3,0,132", "64,8,2,3,0,264", "32,4,2,2,0,32"],
-                  help="block_q,num_warps,diagonals_per_step,num_stages,heads_first (0/1)[,programs: persistent]")
+  ap.add_argument("--knobs", nargs="*", default=["64,8,2,3,0", "64,8,2,3,0d", "32,4,2,2,0", "32,4,2,2,0d",
+                                                   "64,8,2,3,0,32", "64,8,2,3,0,32d", "64,8,2,3,0,132"],
+                  help="block_q,num_warps,diagonals_per_step,num_stages,heads_first (0/1)[,programs: persistent]"
+                       "[d: offsets descending]")
   ap.add_argument("--reps", type=int, default=5)
   a = ap.parse_args()
   s, h, d = 131072, 32, 128
@@ -46,13 +47,17 @@ def main():
   ms = bench(ranges, q, k, v, jnp.asarray(vert), offs, reps=a.reps)["ms"]
   print(f"diag ranges mosaic_gpu 56x64 (far part): {ms:7.2f} ms", flush=True)
   for spec in a.knobs:
-    bq, warps, per_step, stages, heads, *programs = map(int, spec.split(","))
+    desc = spec.endswith("d")
+    bq, warps, per_step, stages, heads, *programs = map(int, spec.rstrip("d").split(","))
     programs = programs[0] if programs else None
-    name = f"bq={bq} warps={warps} per_step={per_step} stages={stages} heads_first={heads} programs={programs}"
+    name = (f"bq={bq} warps={warps} per_step={per_step} stages={stages} heads_first={heads} programs={programs}"
+            f" descending={int(desc)}")
 
-    def diag(q, k, v, o, bq=bq, warps=warps, per_step=per_step, stages=stages, heads=heads, programs=programs):
+    def diag(q, k, v, o, bq=bq, warps=warps, per_step=per_step, stages=stages, heads=heads, programs=programs,
+             desc=desc):
       return diagonal_attention(q, k, v, o, scale=d ** -0.5, block_q=bq, num_warps=warps, num_stages=stages,
-                                diagonals_per_step=per_step, heads_first=bool(heads), programs=programs)[0]
+                                diagonals_per_step=per_step, heads_first=bool(heads), programs=programs,
+                                descending=desc)[0]
     try:
       ms = bench(diag, q, k, v, offs, reps=a.reps)["ms"]
     except Exception as e:  # noqa: BLE001 (a knob Triton cannot compile)

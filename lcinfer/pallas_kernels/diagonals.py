@@ -162,10 +162,10 @@ def _check_args(q, k, v, offsets_BHF, exclude, exclude_columns, block_q, merge_w
 def diagonal_reference(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
                        diagonals_per_step: int = 2, heads_first: bool = False, interpret: bool = False,
-                       num_warps=None, num_stages=None, programs=None):
+                       num_warps=None, num_stages=None, programs=None, descending=None):
   """Float32 oracle of `diagonal_attention` from dense masks (merge_with through `merge_attention`).
   Returns (out [B,T,H,D], lse [B,T,H]); the kernel's knobs are accepted and ignored."""
-  del diagonals_per_step, heads_first, interpret, num_warps, num_stages, programs
+  del diagonals_per_step, heads_first, interpret, num_warps, num_stages, programs, descending
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   t, s = q_BTHD.shape[1], k_BSKD.shape[1]
   mask = diagonal_key_mask(offsets_BHF, t, s)
@@ -187,9 +187,9 @@ def merged_with(out_lse, merge_with, dtype=jnp.float32):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "per_step", "heads_first", "num_warps", "num_stages",
-                                             "interpret", "poison", "programs"))
+                                             "interpret", "poison", "programs", "descending"))
 def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, *, scale, block_q, per_step,
-              num_warps, num_stages, interpret, poison, heads_first=False, programs=None):
+              num_warps, num_stages, interpret, poison, heads_first=False, programs=None, descending=False):
   b, t, h, d = q_BTHD.shape
   s, kh = k_BSKD.shape[1], k_BSKD.shape[2]
   g = h // kh
@@ -233,7 +233,8 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
   out_shape = [jax.ShapeDtypeStruct((b, tp, h, d), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
   flags = dict(has_ranges=exclude is not None, has_cols=exclude_columns is not None,
                has_merge=merge_with is not None, aliased=poison is not None)
-  common = dict(qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step, **flags)
+  common = dict(qk_scale=scale * osm.LOG2E, block_q=block_q, s_valid=s, per_step=per_step, descending=descending,
+                **flags)
   out_specs = [q_spec, lse_spec]
   if programs is None:
     kernel = functools.partial(_kernel, qb_axis=qb_axis, **common)
@@ -251,8 +252,8 @@ def _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, mer
 def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                        exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
                        diagonals_per_step: int = 2, heads_first: bool = False, programs: int | None = None,
-                       interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
-                       _poison: float | None = None):
+                       descending: bool = False, interpret: bool = False, num_warps: int | None = None,
+                       num_stages: int | None = None, _poison: float | None = None):
   """Attention of query row i over the keys i - o, o in offsets_BHF[b, h] ([B, H, F] ints; entries
   outside [0, S) and repeats ignored), minus the keys of its query block (block_q rows) in
   `exclude` (KeyRanges of the same block_q) or in `exclude_columns` (one shared list per head, each
@@ -265,7 +266,9 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   diagonals share one rescale of the accumulator; heads_first, the launch order of the programs;
   programs=P, a persistent launch of P programs that share the (query block, batch, head) items
   (a few CTAs that leave the other SMs to a kernel on another stream: `exact_vertical_slash_attention`'s
-  side_stream), items in the grid's default order (so not with heads_first)."""
+  side_stream), items in the grid's default order (so not with heads_first); descending, each block
+  walks its offsets from the largest (the blocks in flight, started at different times, then read
+  nearer key rows at once: more of a head's K/V reads hit L2, by an LRU model in NOTES, session 23)."""
   _check_block("block_q", block_q)
   if not isinstance(diagonals_per_step, int) or not 1 <= diagonals_per_step <= 8:
     raise ValueError(f"diagonals_per_step must be an int in [1, 8], got {diagonals_per_step!r}")
@@ -284,7 +287,7 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   return _diagonal(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, merge_with, scale=float(scale),
                    block_q=block_q, per_step=diagonals_per_step, heads_first=bool(heads_first),
                    num_warps=num_warps or (8 if block_q >= 64 else 4), num_stages=num_stages or 3,
-                   interpret=bool(interpret), poison=_poison, programs=programs)
+                   interpret=bool(interpret), poison=_poison, programs=programs, descending=bool(descending))
 
 
 dispatch.register("diagonal_attention", "triton", diagonal_attention)   # "xla": diagonals_xla.py
@@ -293,7 +296,7 @@ dispatch.register("diagonal_attention", "triton", diagonal_attention)   # "xla":
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
                                    block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
                                    max_diagonals: int = 64, diagonal_block_q: int | None = None,
-                                   diagonals_per_step: int = 2,
+                                   diagonals_per_step: int = 2, diagonal_descending: bool = False,
                                    side_stream: int | None = None, diagonal_programs: int | None = None,
                                    implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
@@ -308,7 +311,8 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   beside its compute-bound ones; the two results are then merged by `merge_attention` (one more
   pass over both outputs). diagonal_programs=P: the diagonal kernel as P persistent programs
   (`diagonal_attention`'s programs), so that it holds P SMs' worth of CTAs and the block-sparse
-  kernel's CTAs (which take a whole SM's registers) the rest. The same result either way."""
+  kernel's CTAs (which take a whole SM's registers) the rest. diagonal_descending: `diagonal_attention`'s
+  descending. The same result either way."""
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
   if side_stream is not None and (not isinstance(side_stream, int) or side_stream < 1):
     raise ValueError(f"side_stream must be None or a GPU stream number >= 1, got {side_stream!r}")
@@ -335,7 +339,7 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
     return dispatch.call("diagonal_attention", None, q, k, v, offsets, scale=scale,
                          exclude_columns=Columns(count, index, True), merge_with=merge_with,
                          block_q=diagonal_block_q, diagonals_per_step=diagonals_per_step, programs=diagonal_programs,
-                         interpret=interpret)
+                         descending=diagonal_descending, interpret=interpret)
 
   def block_sparse():
     return dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,

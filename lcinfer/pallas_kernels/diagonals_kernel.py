@@ -17,13 +17,17 @@ from jax.experimental import pallas as pl
 from lcinfer.pallas_kernels import online_softmax as osm
 
 
-def _attend_block(q, q_pos, n_offsets, offset, kv_rows, excluded, *, qk_scale, s_valid, per_step):
+def _attend_block(q, q_pos, n_offsets, offset, kv_rows, excluded, *, qk_scale, s_valid, per_step, descending):
   """One query block over its diagonals: q [block_q, d] f32 at rows q_pos; offset(j) the j-th
   ascending offset; kv_rows(keys) the (k, v) rows [block_q, d]; excluded(keys) bool [block_q] or
-  None. Returns (out [block_q, d] f32, lse [block_q])."""
+  None; descending: the offsets walked from the largest. Returns (out [block_q, d] f32, lse [block_q])."""
   def one(j):
     """The block's keys on diagonal j: (base-2 logits [block_q], -inf where not taken; v rows)."""
-    keys = q_pos - offset(j)               # past the count: offsets > the block's rows or 2S
+    if descending:   # past the count: index < 0, an offset 2S (keys < 0, not taken)
+      idx = n_offsets - 1 - j
+      keys = q_pos - jnp.where(idx >= 0, offset(jnp.maximum(idx, 0)), 2 * s_valid)
+    else:
+      keys = q_pos - offset(j)             # past the count: offsets > the block's rows or 2S
     ok = (keys >= 0) & (keys < s_valid)
     keys = jnp.clip(keys, 0, s_valid - 1)
     if excluded is not None:   # counted by the block-sparse call
@@ -81,7 +85,8 @@ def _excluded(lo, hi, colpos, ccount):
   return excluded
 
 
-def _kernel(*refs, qk_scale, block_q, s_valid, per_step, qb_axis, has_ranges, has_cols, has_merge, aliased):
+def _kernel(*refs, qk_scale, block_q, s_valid, per_step, descending, qb_axis, has_ranges, has_cols, has_merge,
+            aliased):
   """One program per (query block, batch, head): the refs are that block's (BlockSpecs)."""
   (q_ref, k_ref, v_ref, meta_ref, off_ref, lo_ref, hi_ref, colpos_ref, mo_ref, mlse_ref, o_ref,
    lse_ref) = _unpack(refs, has_ranges, has_cols, has_merge, aliased)
@@ -90,15 +95,15 @@ def _kernel(*refs, qk_scale, block_q, s_valid, per_step, qb_axis, has_ranges, ha
                        (lambda keys: colpos_ref[keys]) if has_cols else None, meta_ref[1])
   out, lse = _attend_block(q_ref[...].astype(jnp.float32), q_pos, meta_ref[0], lambda j: off_ref[j],
                            lambda keys: (k_ref[keys, :], v_ref[keys, :]), excluded,
-                           qk_scale=qk_scale, s_valid=s_valid, per_step=per_step)
+                           qk_scale=qk_scale, s_valid=s_valid, per_step=per_step, descending=descending)
   if has_merge:
     out, lse = _merge(out, lse, mo_ref[...], mlse_ref[...])
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse
 
 
-def _persistent_kernel(*refs, qk_scale, block_q, s_valid, per_step, programs, n_items, heads, batch, group,
-                       has_ranges, has_cols, has_merge, aliased):
+def _persistent_kernel(*refs, qk_scale, block_q, s_valid, per_step, descending, programs, n_items, heads, batch,
+                       group, has_ranges, has_cols, has_merge, aliased):
   """`programs` programs, each taking the work items pid, pid + programs, ... (item w: head
   w % H, batch (w // H) % B, query block w // (H B), the grid kernel's order); refs whole."""
   (q_ref, k_ref, v_ref, meta_ref, off_ref, lo_ref, hi_ref, colpos_ref, mo_ref, mlse_ref, o_ref,
@@ -117,7 +122,7 @@ def _persistent_kernel(*refs, qk_scale, block_q, s_valid, per_step, programs, n_
     out, lse = _attend_block(q_ref[bi, rows, head, :].astype(jnp.float32), q0 + jnp.arange(block_q, dtype=jnp.int32),
                              meta_ref[bi, head, i, 0], lambda j: off_ref[bi, head, j],
                              lambda keys: (k_ref[bi, keys, kv, :], v_ref[bi, keys, kv, :]), excluded,
-                             qk_scale=qk_scale, s_valid=s_valid, per_step=per_step)
+                             qk_scale=qk_scale, s_valid=s_valid, per_step=per_step, descending=descending)
     if has_merge:
       out, lse = _merge(out, lse, mo_ref[bi, rows, head, :], mlse_ref[bi, head, rows])
     o_ref[bi, rows, head, :] = out.astype(o_ref.dtype)

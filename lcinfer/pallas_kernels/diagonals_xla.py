@@ -27,11 +27,11 @@ from lcinfer.pallas_kernels.vertical_slash import KeyRanges, _clipped
 
 def diagonal_attention_xla(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exclude: KeyRanges | None = None,
                            exclude_columns: Columns | None = None, merge_with=None, block_q: int = 64,
-                           diagonals_per_step=None, heads_first=None, programs=None, interpret=None,
-                           num_warps=None, num_stages=None):
+                           diagonals_per_step=None, heads_first=None, programs=None, descending=None,
+                           interpret=None, num_warps=None, num_stages=None):
   """`diagonals.diagonal_attention`'s contract in plain XLA (module docstring). Returns (out
   [B, T, H, D] in q's dtype, lse [B, T, H] f32)."""
-  del diagonals_per_step, heads_first, programs, interpret, num_warps, num_stages
+  del diagonals_per_step, heads_first, programs, descending, interpret, num_warps, num_stages
   _check_args(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, block_q, merge_with)
   out, lse = _scan(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, exclude, exclude_columns, scale=float(scale),
                    block_q=block_q)
