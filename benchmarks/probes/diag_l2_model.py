@@ -9,7 +9,9 @@ blocks spread over the whole sequence, and one head's K/V (64 MB at 128K) is mor
 ascending offsets (the default) make the newest blocks read the nearest diagonals and the oldest the
 farthest, descending offsets make blocks started at different times read nearer rows at once.
 Crude (no timing of misses, no L2 partitions or sectors, one head); it ranks orders, it does not
-predict milliseconds.
+predict milliseconds. The same kind of model was wrong once (NOTES, session 17: it predicted the
+Hopper kernel's tiles-first order would win, and that order lost on every set), so the diag probe's
+descending rows decide.
 
     PYTHONPATH=. python3 benchmarks/probes/diag_l2_model.py [--set 30,800] [--programs 264 528] [--l2-mb 25 40]
 """
