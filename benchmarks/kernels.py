@@ -256,11 +256,8 @@ VS_VARIANTS = (("ranges", 128, 128, 64), ("ranges mosaic_gpu", 128, 128, None),
 VS_EXTRA = (("ranges", 64, 64, 32), ("ranges", 128, 128, 32), ("aligned blocks", 64, 64, 32),
             ("exact", 64, 64, 32), ("exact mosaic_gpu", 128, 64, None), ("exact mosaic_gpu", 56, 64, None),
             ("exact mosaic_gpu per_step=1", 56, 64, None), ("exact mosaic_gpu per_step=4", 56, 64, None),
-            ("exact mosaic_gpu side_stream", 128, 64, None), ("exact mosaic_gpu side_stream", 56, 64, None),
             ("exact mosaic_gpu", 128, 128, None),   # no far-slash ranges, the 128x128 layout's costly part
-            ("exact mosaic_gpu side_stream programs=16", 128, 64, None),
-            ("exact mosaic_gpu side_stream programs=32", 128, 64, None),
-            ("exact mosaic_gpu side_stream programs=32", 128, 128, None),
+            ("exact mosaic_gpu programs=16", 128, 64, None), ("exact mosaic_gpu programs=32", 128, 64, None),
             ("exact mosaic_gpu desc", 128, 64, None), ("exact mosaic_gpu desc", 128, 128, None))  # offsets descending
 
 
@@ -304,13 +301,13 @@ def run_vertical_slash(args, rows, dense_ms_by_kh, dense_device_ms_by_kh):
         def f(q, k, v, vert, sl, build=build, chunk=chunk, mosaic="mosaic" in kind,
               stages=3 if "stages=3" in kind else 2, exact=kind.startswith("exact"), bq=bq, bk=bk,
               per_step=int(kind.split("per_step=")[1]) if "per_step=" in kind else None,
-              side_stream=1 if "side_stream" in kind else None, descending="desc" in kind.split(),
+              descending="desc" in kind.split(),
               programs=int(kind.split("programs=")[1]) if "programs=" in kind else None):
           if exact:
             return exact_vertical_slash_attention(
                 q, k, v, vert, sl, scale=d ** -0.5, block_q=bq, block_k=bk, max_ranges=vs_list_sizes(ns, bq, bk)[0],
                 max_cols=vs_max_cols(nv), **({"diagonals_per_step": per_step} if per_step else {}),
-                side_stream=side_stream, diagonal_programs=programs, diagonal_descending=descending,
+                diagonal_programs=programs, diagonal_descending=descending,
                 implementation="mosaic_gpu" if mosaic else "triton",
                 interpret=args.smoke)[0]
           layout, cols = build(vert, sl)
@@ -380,8 +377,8 @@ def main(argv=None) -> int:
   p.add_argument("--vs-block", type=int, default=64)
   p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants and the exact mode "
                  "(isolated slashes as diagonals: 'exact 64x64', 'exact mosaic_gpu 56x64' (+ 'per_step=1', 4), "
-                 "128x64; 'exact mosaic_gpu side_stream' 128x64 and 56x64: the diagonals on a second GPU stream, "
-                 "'... side_stream programs=16' (32) 128x64: as 16 persistent programs)")
+                 "128x64 (the H200 headline), 128x128; 'programs=16' (32) 128x64: the diagonals as persistent programs; "
+                 "'desc' 128x64 and 128x128: the diagonals' offsets walked descending)")
   p.add_argument("--vs-variants", default="", help='vertical-slash: only these, e.g. "ranges mosaic_gpu 128x64"')
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--burst-s", type=float, default=kernel_report.BURST_S,

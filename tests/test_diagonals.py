@@ -116,9 +116,9 @@ def test_exclusion_removes_exactly_the_listed_keys():
   assert_matches_oracle("exclusion", out, lse, ref, ref_lse, "float32")
 
 
-# 24: ranges of other heights than 16; side_stream: the diagonals on their own GPU stream, merged after
-@pytest.mark.parametrize("impl, bq, side_stream", [("triton", 16, None), ("xla", 24, 1)])
-def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, side_stream):
+# 24: ranges of other heights than 16; programs: the diagonals as a persistent launch
+@pytest.mark.parametrize("impl, bq, programs", [("triton", 16, None), ("xla", 24, 5)])
+def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, programs):
   rng = np.random.default_rng(7)
   b, t, h, kh, d = 1, 160, 4, 2, 64
   vert = rng.integers(0, t, (b, h, 5)).astype(np.int32)
@@ -127,12 +127,9 @@ def test_exact_vertical_slash_matches_a_mask_built_from_the_pattern(impl, bq, si
   sl[0, 0, -2:] = [100, 104]                                              # close pair: stays ranges
   q, k, v = _qkv(rng, b, t, h, kh, d, "float32")
   call = functools.partial(exact_vertical_slash_attention, scale=d ** -0.5, block_q=bq, block_k=16, max_ranges=64,
-                           max_cols=16, diagonal_block_q=16, side_stream=side_stream, implementation=impl,
-                           diagonal_programs=side_stream and 5, interpret=True)
+                           max_cols=16, diagonal_block_q=16, implementation=impl, diagonal_programs=programs,
+                           interpret=True)
   out, lse = call(q, k, v, jnp.asarray(vert), jnp.asarray(sl))
-  if side_stream:   # the diagonals' call carries the stream annotation XLA's GPU backend reads
-    hlo = jax.jit(call).lower(q, k, v, jnp.asarray(vert), jnp.asarray(sl)).as_text()
-    assert f'_xla_stream_annotation = "{side_stream}"' in hlo
   mask = numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs ({impl})", out, lse, ref, ref_lse, "float32")
@@ -168,6 +165,29 @@ def test_exact_mode_with_the_hopper_kernel_in_interpret_mode(monkeypatch):
   assert [sorted(numpy_split(sl[0, i], t, 128, 64)[1]) for i in range(h)] == [[170, 320], [200]]
 
 
+def test_exact_mode_default_blocks_follow_the_kernel_that_serves(monkeypatch):
+  """Blocks default to 128 x 64 where the Hopper kernel would run first (the H200 benchmark's fastest
+  layout), else 64 x 64 (the Triton kernel's): checked on the layout the block-sparse call gets."""
+  import lcinfer.pallas_kernels.diagonals as dg
+  seen = []
+  monkeypatch.setitem(dispatch._IMPLS["block_sparse_attention"], "xla",
+                      lambda q, k, v, layout, **kw: seen.append((layout.block_q, layout.block_k)) or
+                      (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -jnp.inf)))
+  rng = np.random.default_rng(3)
+  q, k, v = _qkv(rng, 1, 256, 2, 1, 64, "float32")
+  vert, sl = jnp.zeros((1, 2, 4), jnp.int32), jnp.asarray([[[0, 1, 200, 90]] * 2], jnp.int32)
+  call = functools.partial(exact_vertical_slash_attention, q, k, v, vert, sl, scale=0.1, max_ranges=16,
+                           max_cols=8, implementation="xla")
+  call()
+  monkeypatch.setattr(dg, "hopper_device", lambda: "H200")
+  call()                                               # "xla" first: not the Hopper kernel's call
+  assert dg._hopper_serves(None, False) and dg._hopper_serves(("mosaic_gpu", "triton"), False)
+  assert not dg._hopper_serves("triton", False) and not dg._hopper_serves(None, True)
+  monkeypatch.setattr(dg, "_hopper_serves", lambda impl, interpret: True)
+  call()
+  assert seen == [(64, 64), (64, 64), (128, 64)]
+
+
 def test_bad_diagonal_input_raises():
   rng = np.random.default_rng(0)
   q, k, v = _qkv(rng, 1, 32, 2, 1, 64, "float32")
@@ -201,8 +221,8 @@ def test_bad_diagonal_input_raises():
       exact_vertical_slash_attention(q, k, v, vert, sl, scale=1.0, max_ranges=4, max_cols=4, interpret=True)
   with pytest.raises(ValueError, match="integer"):
     split_isolated_slashes(offs.astype(jnp.float32), 32, 16)
-  with pytest.raises(ValueError, match="side_stream"):
-    exact_vertical_slash_attention(q, k, v, offs, offs, scale=1.0, max_ranges=4, max_cols=4, side_stream=0,
+  with pytest.raises(ValueError, match="both block_q and block_k"):
+    exact_vertical_slash_attention(q, k, v, offs, offs, scale=1.0, block_q=64, max_ranges=4, max_cols=4,
                                    interpret=True)
   with pytest.raises(dispatch.Unsupported, match="head_dim"):
     q2, k2, v2 = _qkv(rng, 1, 32, 2, 1, 32, "float32")
@@ -247,10 +267,10 @@ def test_diagonal_kernel_gpu(dtype, kh, per_step, programs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl, bq, bk, side_stream, programs", [
-    ("triton", 64, 64, None, None), ("mosaic_gpu", 128, 64, None, None), ("mosaic_gpu", 56, 64, None, None),
-    ("mosaic_gpu", 128, 64, 1, 16), ("mosaic_gpu", 128, 128, None, None)])   # 128x128: narrow steps for ranges
-def test_exact_vertical_slash_gpu(impl, bq, bk, side_stream, programs):
+@pytest.mark.parametrize("impl, bq, bk, programs", [
+    ("triton", 64, 64, None), ("mosaic_gpu", 128, 64, None), ("mosaic_gpu", 56, 64, None),
+    ("mosaic_gpu", 128, 64, 16), ("mosaic_gpu", 128, 128, None)])   # 128x128: narrow steps for ranges
+def test_exact_vertical_slash_gpu(impl, bq, bk, programs):
   if impl == "mosaic_gpu" and hopper_device() is None:
     pytest.skip("needs a Hopper GPU")
   rng = np.random.default_rng(12)
@@ -261,7 +281,7 @@ def test_exact_vertical_slash_gpu(impl, bq, bk, side_stream, programs):
   q, k, v = _qkv(rng, b, t, h, kh, d, "bfloat16")
   out, lse = exact_vertical_slash_attention(q, k, v, jnp.asarray(vert), jnp.asarray(sl), scale=d ** -0.5,
                                             block_q=bq, block_k=bk, max_ranges=64, max_cols=32,
-                                            side_stream=side_stream, diagonal_programs=programs, implementation=impl)
+                                            diagonal_programs=programs, implementation=impl)
   mask = numpy_exact_mask(vert, sl, t, bq, bq, 64)
   ref, ref_lse = masked_attention_reference(q, k, v, jnp.asarray(mask), scale=d ** -0.5)
   assert_matches_oracle(f"exact vs gpu ({impl})", out, lse, ref, ref_lse, "bfloat16")

@@ -7,7 +7,8 @@
 #                    2 failures: a hanging kernel costs 120 s per test)
 #   dtests[=EXPR]    gpu tests of the decode kernels (bf16, quantized Triton, int4 Hopper), pytest -k EXPR
 #   vs[=VARIANTS]    vertical-slash benchmark, H = 32 (default: both Hopper layouts, 56x64 and 128x128)
-#   vsgqa[=VARIANTS] the same with the GQA rows (8 KV heads) beside the H = 32 ones (both: VS_BURST_S=0.5 in the
+#   vsgqa[=VARIANTS] the same with the GQA rows (8 KV heads) beside the H = 32 ones (default: the headline, exact
+#                    mosaic_gpu 128x64; both: VS_BURST_S=0.5 in the
 #                    environment for 0.5 s samples instead of 0.1 s)
 #   kernels=SECTIONS benchmarks/kernels.py --only SECTIONS (e.g. dense / block_sparse / copy,decode),
 #                    into $OUT/<sections> (rename to kernels-<device>[-sparse|-decode].md)
@@ -34,7 +35,7 @@
 #                    SETS: "V,S+V,S")
 #   vsburst[=SETS]   probes/vs_burst_probe.py (fixed cost per timed sample vs cost per call, vertical-slash
 #                    and cuDNN dense, from bursts of 1-8 calls; SETS: "V,S+V,S")
-#   vsoverlap[=SETS] probes/vs_trace_probe.py --variant exact[,side_stream][,programs=16|32]: the exact mode's
+#   vsoverlap[=SETS] probes/vs_trace_probe.py --variant exact[,programs=16|32]: the exact mode's
 #                    diagonal and block-sparse kernel windows in one synced call, and how long they overlap
 #                    (SETS: "V,S+V,S"; default 1000,6096+3500,100: the two sets 65% efficiency is in reach on)
 #   prep             probes/vs_prep_probe.py (builder / kernel inputs / whole call)
@@ -75,14 +76,14 @@ for step in "$@"; do
              --timeout-method=thread --maxfail=2 -rf 2>&1 | tail -6 | tee -a "$out/tests.log"
            timeout 420 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 32 --reps 5 --out "$out" \
              --burst-s "${VS_BURST_S:-0.1}" --vs-variants "${arg:-ranges mosaic_gpu 56x64,exact mosaic_gpu 56x64,\
-exact mosaic_gpu side_stream 128x64,exact mosaic_gpu side_stream programs=32 128x128,ranges mosaic_gpu 128x64,exact mosaic_gpu 128x64,\
-exact mosaic_gpu side_stream programs=16 128x64,exact mosaic_gpu side_stream programs=32 128x64,\
+exact mosaic_gpu desc 128x64,exact mosaic_gpu desc 128x128,ranges mosaic_gpu 128x64,exact mosaic_gpu 128x64,\
+exact mosaic_gpu programs=16 128x64,exact mosaic_gpu programs=32 128x64,\
 exact mosaic_gpu 128x128}" 2>&1 | tables 40 ;;
     diag) timeout 300 python3 benchmarks/probes/diag_probe.py ${arg:+--set $arg} 2>&1 | grep -E "^diag|rror" \
             | tee -a "$out/diag.log" ;;
     vsgqa) timeout 400 python3 benchmarks/kernels.py --only vertical_slash --gqa-kv-heads 8 --reps 5 --out "$out" \
              --burst-s "${VS_BURST_S:-0.1}" \
-             --vs-variants "${arg:-ranges mosaic_gpu 56x64}" 2>&1 | tables 14 ;;
+             --vs-variants "${arg:-exact mosaic_gpu 128x64}" 2>&1 | tables 14 ;;
     kernels) timeout 330 python3 benchmarks/kernels.py --only "$arg" --reps 5 --out "$out/${arg//,/_}" 2>&1 | tables 40 ;;
     vsorder) v=${arg:-hf,s2,lazy,q56+tf,s2,lazy,q56}
              timeout 500 python3 benchmarks/probes/vs_order_probe.py --check --variants ${v//+/ } 2>&1 \
@@ -106,7 +107,7 @@ l1tex__m_xbar2l1tex_read_bytes.sum,dram__throughput.avg.pct_of_peak_sustained_el
     vstrace) timeout 300 python3 benchmarks/probes/vs_trace_probe.py ${arg:+--sets ${arg//+/ }} --out /tmp/trace 2>&1 \
                | grep -E "^vstrace|rror" | tee -a "$out/vstrace.log" ;;
     vsoverlap) sets="${arg:-1000,6096+3500,100}"
-               for variant in exact exact,side_stream exact,side_stream,programs=16 exact,side_stream,programs=32; do
+               for variant in exact exact,programs=16 exact,programs=32; do
                  timeout 150 python3 benchmarks/probes/vs_trace_probe.py --sets ${sets//+/ } --top 0 \
                    --variant $variant --out /tmp/trace 2>&1 | grep -E "^vstrace|rror" | tee -a "$out/vsoverlap.log"
                done ;;

@@ -4,9 +4,9 @@ own time, the sum of everything else and of the idle gaps between ops (synced ca
 BURST calls dispatched back to back, as the benchmark times them), then the ops outside the kernel
 by their time per call, largest first, with their lcinfer source lines (`hlo_sources`), and the
 widest gaps by the op that waited. It says where the 1.5-3 ms a call spends outside the attention
-kernel go. --variant exact[,side_stream][,programs=P]: the exact mode (far slashes as diagonals,
-128x64 ranges) instead, with each kernel's window in the synced call and how long the diagonal and
-the block-sparse kernels ran at the same time (did the side stream overlap them?).
+kernel go. --variant exact[,programs=P]: the exact mode (far slashes as diagonals, 128x64 ranges)
+instead, with each kernel's window in the synced call and how long the diagonal and the
+block-sparse kernels ran at the same time.
     PYTHONPATH=. python3 benchmarks/probes/vs_trace_probe.py [--sets 1000,6096 ...] [--top 12] [--variant ranges]"""
 import argparse
 import statistics
@@ -80,10 +80,9 @@ def main():
   ap.add_argument("--seq", type=int, default=131072)
   ap.add_argument("--top", type=int, default=12)
   ap.add_argument("--out", default=tempfile.gettempdir())
-  ap.add_argument("--variant", default="ranges", help="ranges, or exact[,side_stream][,programs=P]")
+  ap.add_argument("--variant", default="ranges", help="ranges, or exact[,programs=P]")
   a = ap.parse_args()
   exact = a.variant.startswith("exact")
-  side = 1 if "side_stream" in a.variant else None
   programs = int(a.variant.split("programs=")[1].split(",")[0]) if "programs=" in a.variant else None
   Path(a.out).mkdir(parents=True, exist_ok=True)
   s, h, d, bq, bk = a.seq, 32, 128, flash_mgpu.SPLIT_Q, 64
@@ -99,7 +98,7 @@ def main():
       if exact:
         return exact_vertical_slash_attention(
             q, k, v, vj, sj, scale=d ** -0.5, block_q=128, block_k=bk, max_ranges=vs_list_sizes(ns, 128, bk)[0],
-            max_cols=vs_max_cols(nv), side_stream=side, diagonal_programs=programs, implementation="mosaic_gpu")[0]
+            max_cols=vs_max_cols(nv), diagonal_programs=programs, implementation="mosaic_gpu")[0]
       lay, cols = build(vj, sj)
       return flash_mgpu.block_sparse_attention_mgpu(q, k, v, lay, scale=d ** -0.5, columns=cols)[0]
     r = op_times(call, q, k, v, jnp.asarray(vert), jnp.asarray(sl), out_dir=a.out)

@@ -46,7 +46,7 @@ from lcinfer.pallas_kernels import dispatch
 from lcinfer.pallas_kernels import online_softmax as osm
 from lcinfer.pallas_kernels.diagonals_kernel import _kernel, _persistent_kernel
 from lcinfer.pallas_kernels.flash_triton import SUPPORTED_HEAD_DIMS, _check_block, _gpu_backend, _next_pow2
-from lcinfer.pallas_kernels.launch import triton_call
+from lcinfer.pallas_kernels.launch import hopper_device, triton_call
 from lcinfer.pallas_kernels.reference import check_qkv, masked_attention_reference
 from lcinfer.pallas_kernels.sparse_index import (Columns, _last_q_row, _sort_dedupe, check_vertical_slash_args,
                                                  count_at_most, shared_vertical_columns)
@@ -265,8 +265,8 @@ def diagonal_attention(q_BTHD, k_BSKD, v_BSKD, offsets_BHF, *, scale: float, exc
   outputs after it). Knobs for the GPU (the result is the same): diagonals_per_step, how many
   diagonals share one rescale of the accumulator; heads_first, the launch order of the programs;
   programs=P, a persistent launch of P programs that share the (query block, batch, head) items
-  (a few CTAs that leave the other SMs to a kernel on another stream: `exact_vertical_slash_attention`'s
-  side_stream), items in the grid's default order (so not with heads_first); descending, each block
+  (a few CTAs that leave the other SMs to another kernel; 3-13x slower than the grid on the H200),
+  items in the grid's default order (so not with heads_first); descending, each block
   walks its offsets from the largest (the blocks in flight, started at different times, then read
   nearer key rows at once: more of a head's K/V reads hit L2, by an LRU model in NOTES, session 23)."""
   _check_block("block_q", block_q)
@@ -294,28 +294,28 @@ dispatch.register("diagonal_attention", "triton", diagonal_attention)   # "xla":
 
 
 def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_idx, *, scale: float,
-                                   block_q: int = 64, block_k: int = 64, max_ranges: int, max_cols: int,
-                                   max_diagonals: int = 64, diagonal_block_q: int | None = None,
+                                   block_q: int | None = None, block_k: int | None = None, max_ranges: int,
+                                   max_cols: int, max_diagonals: int = 64, diagonal_block_q: int | None = None,
                                    diagonals_per_step: int = 2, diagonal_descending: bool = False,
-                                   side_stream: int | None = None, diagonal_programs: int | None = None,
-                                   implementation=None, interpret: bool = False):
+                                   diagonal_programs: int | None = None, implementation=None, interpret: bool = False):
   """Vertical-slash attention with the isolated slashes exact (module docstring): the runs of
-  slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them, e.g.
-  56 x 64 for "mosaic_gpu" split mode) and the verticals through the block-sparse dispatcher, the
-  isolated slashes (>= block_q from every other) through `diagonal_attention` (its own
-  diagonal_block_q rows a program, default 64, 128 on a TPU; "triton", "tpu", else "xla"), which
-  merges the block-sparse result into its own by lse. Returns (out [B, T, H, D], lse [B, T, H]).
+  slashes (ranges of block_q x block_k, as the kernel named by `implementation` takes them) and the
+  verticals through the block-sparse dispatcher, the isolated slashes (>= block_q from every other)
+  through `diagonal_attention` (its own diagonal_block_q rows a program, default 64, 128 on a TPU;
+  "triton", "tpu", else "xla"), which merges the block-sparse result into its own by lse. Returns
+  (out [B, T, H, D], lse [B, T, H]).
 
-  side_stream=N: the diagonals go to GPU stream N (`jax.experimental.compute_on("gpu_stream:N")`,
-  ignored off GPU), independent of the block-sparse call, so that their L2-bound CTAs may run
-  beside its compute-bound ones; the two results are then merged by `merge_attention` (one more
-  pass over both outputs). diagonal_programs=P: the diagonal kernel as P persistent programs
-  (`diagonal_attention`'s programs), so that it holds P SMs' worth of CTAs and the block-sparse
-  kernel's CTAs (which take a whole SM's registers) the rest. diagonal_descending: `diagonal_attention`'s
+  Blocks default to 128 x 64 where the Hopper kernel runs (a Hopper GPU, `implementation` None or
+  starting with "mosaic_gpu", not interpret mode: the fastest layout of the H200 benchmark,
+  `benchmarks/results/kernels-nvidia-h200-vs-exact.md`), else 64 x 64. diagonal_programs=P: the
+  diagonal kernel as P persistent programs (`diagonal_attention`'s programs; 3-13x slower on the
+  H200, `benchmarks/results/l2-nvidia-h200.md`). diagonal_descending: `diagonal_attention`'s
   descending. The same result either way."""
   from lcinfer.pallas_kernels.vertical_slash import vertical_slash_to_ranges
-  if side_stream is not None and (not isinstance(side_stream, int) or side_stream < 1):
-    raise ValueError(f"side_stream must be None or a GPU stream number >= 1, got {side_stream!r}")
+  if (block_q is None) != (block_k is None):
+    raise ValueError(f"pass both block_q and block_k or neither, got {block_q!r} x {block_k!r}")
+  if block_q is None:
+    block_q, block_k = (128, 64) if _hopper_serves(implementation, interpret) else (64, 64)
   if diagonal_block_q is None:   # the TPU kernel's rows come in tiles of 128
     diagonal_block_q = 128 if _on_tpu() else 64
   check_vertical_slash_args(vertical_idx, slash_idx, block_q=block_q, block_k=block_k, max_ranges=max_ranges,
@@ -331,23 +331,20 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
   # The columns: the list is ascending and a block takes its entries <= its last row, so a key
   # i - o <= i is counted there iff it is in the list at all: every block excludes the whole list.
   # The same list as the builder's, from the verticals alone: the diagonal call then waits for the
-  # slash split and one sort, not for the range builder (with side_stream it starts while that runs).
+  # slash split and one sort, not for the range builder.
   whole = shared_vertical_columns(vertical_idx, t, jnp.full((1, 1), t - 1, jnp.int32), max_cols)
   count, index = jnp.broadcast_to(whole.count, (b, h, -(-t // diagonal_block_q))), whole.index
 
-  def diagonals(q, k, v, offsets, count, index, merge_with=None):
-    return dispatch.call("diagonal_attention", None, q, k, v, offsets, scale=scale,
-                         exclude_columns=Columns(count, index, True), merge_with=merge_with,
-                         block_q=diagonal_block_q, diagonals_per_step=diagonals_per_step, programs=diagonal_programs,
-                         descending=diagonal_descending, interpret=interpret)
+  other = dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
+                        causal=True, columns=cols, interpret=interpret)
+  return dispatch.call("diagonal_attention", None, q_BTHD, k_BSKD, v_BSKD, offsets, scale=scale,
+                       exclude_columns=Columns(count, index, True), merge_with=other, block_q=diagonal_block_q,
+                       diagonals_per_step=diagonals_per_step, programs=diagonal_programs,
+                       descending=diagonal_descending, interpret=interpret)
 
-  def block_sparse():
-    return dispatch.call("block_sparse_attention", implementation, q_BTHD, k_BSKD, v_BSKD, ranges, scale=scale,
-                         causal=True, columns=cols, interpret=interpret)
-  if side_stream is None:
-    return diagonals(q_BTHD, k_BSKD, v_BSKD, offsets, count, index, merge_with=block_sparse())
-  from jax.experimental.compute_on import compute_on
-  from lcinfer.attention.base import merge_attention
-  side = compute_on(compute_type=f"gpu_stream:{side_stream}", out_memory_spaces=jax.memory.Space.Device)(diagonals)
-  diag = side(q_BTHD, k_BSKD, v_BSKD, offsets, count, index)
-  return merge_attention([block_sparse(), diag])
+
+def _hopper_serves(implementation, interpret: bool) -> bool:
+  """Would the block-sparse dispatcher try the Hopper kernel first for this call?"""
+  first = implementation if isinstance(implementation, str) or implementation is None else \
+      (implementation[0] if len(implementation) else None)
+  return not interpret and first in (None, "mosaic_gpu") and hopper_device() is not None
