@@ -346,6 +346,5 @@ def exact_vertical_slash_attention(q_BTHD, k_BSKD, v_BSKD, vertical_idx, slash_i
 
 def _hopper_serves(implementation, interpret: bool) -> bool:
   """Would the block-sparse dispatcher try the Hopper kernel first for this call?"""
-  first = implementation if isinstance(implementation, str) or implementation is None else \
-      (implementation[0] if len(implementation) else None)
-  return not interpret and first in (None, "mosaic_gpu") and hopper_device() is not None
+  order = dispatch.call_order("block_sparse_attention", implementation)
+  return not interpret and order[:1] == ("mosaic_gpu",) and hopper_device() is not None

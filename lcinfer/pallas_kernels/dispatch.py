@@ -70,15 +70,20 @@ def implementations(op: str) -> tuple[str, ...]:
   return _default_order(_IMPLS[op])
 
 
+def call_order(op: str, impls: Sequence[str] | str | None) -> tuple[str, ...]:
+  """The implementation names `call` tries for `impls`, in order (None: the default order)."""
+  if isinstance(impls, str):
+    return (impls,)
+  return implementations(op) if impls is None else tuple(impls)
+
+
 def call(op: str, impls: Sequence[str] | str | None, *args, interpret: bool = False, **kwargs):
   """Run the first implementation of `op` (in `impls` order, or the default order: registration
   order with the "xla" reference last) that serves the call; `interpret` is passed to every one."""
   table = _IMPLS.get(op)
   if table is None:
     raise KeyError(f"unknown op {op!r}; registered: {', '.join(sorted(_IMPLS))}")
-  if isinstance(impls, str):
-    impls = (impls,)
-  order = _default_order(table) if impls is None else tuple(impls)
+  order = call_order(op, impls)
   if not order:
     raise ValueError(f"empty implementation list for {op!r}; registered: {', '.join(table)}")
   reasons: list[tuple[str, str]] = []
