@@ -1,8 +1,9 @@
 """Probe (Hopper): the far slashes of a BENCHMARKS.md vertical-slash set at 128K (H = 32) as exact
 diagonals (`diagonals.diagonal_attention`, Triton) under its knobs (block_q, num_warps,
 diagonals_per_step, num_stages, heads_first, programs: a persistent launch on that many CTAs, i.e.
-the L2 rate a subset of the SMs can pull; "d" after the knobs: offsets walked descending), beside the same slashes as ranges on the split-mode Hopper kernel (the far
-part of `kernels.vs_subset`, first column included in both). Prints ms and the rate of the K/V rows
+the L2 rate a subset of the SMs can pull; "d" after the knobs: offsets walked descending), beside
+the same slashes as ranges on the split-mode Hopper kernel (the far part of `kernels.vs_subset`,
+first column included in both). Prints ms and the rate of the K/V rows
 the diagonals must read (one 256-byte K row and one V row per query row per slash, a lower bound
 on their L2 reads), which says whether the exact mode is bound by L2 bandwidth (NOTES, session 19).
     PYTHONPATH=. python3 benchmarks/probes/diag_probe.py [--set 30,800] [--knobs 64,8,2,3,0 64,8,2,3,0,32 ...]"""
