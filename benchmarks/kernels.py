@@ -377,8 +377,8 @@ def main(argv=None) -> int:
   p.add_argument("--vs-block", type=int, default=64)
   p.add_argument("--vs-all", action="store_true", help="vertical-slash: also the slower Triton variants and the exact mode "
                  "(isolated slashes as diagonals: 'exact 64x64', 'exact mosaic_gpu 56x64' (+ 'per_step=1', 4), "
-                 "128x64 (the H200 headline), 128x128; 'programs=16' (32) 128x64: the diagonals as persistent programs; "
-                 "'desc' 128x64 and 128x128: the diagonals' offsets walked descending)")
+                 "128x64 (the H200 headline), 128x128; 'programs=16' (32) 128x64: the diagonals as persistent "
+                 "programs; 'desc' 128x64 and 128x128: the diagonals' offsets walked descending)")
   p.add_argument("--vs-variants", default="", help='vertical-slash: only these, e.g. "ranges mosaic_gpu 128x64"')
   p.add_argument("--reps", type=int, default=7)
   p.add_argument("--burst-s", type=float, default=kernel_report.BURST_S,
