@@ -203,6 +203,24 @@ def test_far_slash_bytes_counts_the_union_of_windows():
     assert fsb.pair_rows(offsets, s) == sum(s - o for o in offsets)
 
 
+def test_far_slash_whole_call_bound(tmp_path):
+  """The whole-call bound by hand: 9.9 GB at 9.9 TB/s is 1 ms; with 2 ms of rest one after the other
+  3 ms against a 4 ms budget at 65% is 0.65 x 4 / 3; overlapped, 1/4 of the L2 ceiling and 2/4 of the
+  tensor rate. The table's rows agree with it, and its efficiency falls as the rest slows."""
+  sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+  import far_slash_bytes as fsb
+
+  got = fsb.whole_call_bound(9.9, 2.0, 4.0, 9.9)
+  assert got == pytest.approx({"far_ms": 1.0, "serial_eff": 0.65 * 4 / 3, "l2_frac": 0.25, "tensor_frac": 0.5})
+  assert fsb.whole_call_bound(9.9, 2.0, 4.0, 9.9, rest_scale=0.5)["serial_eff"] == pytest.approx(0.65 * 4 / 2)
+  out = tmp_path / "bound.md"
+  assert fsb.main(["--sets", "30,100", "--tiles", "64", "--s", "4096", "--heads", "2", "--out", str(out)]) == 0
+  rows = [r for r in out.read_text().splitlines() if r.startswith("| (30, 100) | ")]
+  assert len(rows) == 1 + len(fsb.DESIGNS)
+  serial = [float(r.split(" | ")[5].split(" / ")[0]) for r in rows[1:]]
+  assert serial == sorted(serial)             # larger shared tiles read less, so never a worse bound
+
+
 def test_diag_l2_model_counts_reads_and_misses():
   """diag_l2_model's LRU: every (row, diagonal) pair read once; with a cache larger than the keys every
   distinct row misses once and the order cannot matter; with a one-row cache nearly every read misses;
