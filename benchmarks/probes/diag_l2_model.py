@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from far_slash_bytes import ROW_BYTES  # noqa: E402  (a K row and a V row)
 from kernels import vs_pattern, vs_subset  # noqa: E402
-
-ROW_BYTES = 2 * 128 * 2
 
 
 def l2_misses(offsets, s: int, programs: int, l2_rows: int, descending: bool, block_q: int = 64,

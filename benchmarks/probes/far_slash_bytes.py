@@ -102,12 +102,12 @@ def main(argv=None):
     floors.append(f"({nv}, {ns}): the rest (verticals and near slashes, exact pairs) at cuDNN dense's rate: "
                   f"{rest_ms:.2f} ms of the {budget:.2f} ms budget")
     pairs = sum(pair_rows(sl[0, i], s) for i in range(h))
-    gb_at = {}
-    for n in sorted(set(a.tiles) | {d for d, _ in DESIGNS}):
-      gb_at[n] = sum(window_union_rows(sl[0, i], s, n) for i in range(h)) * ROW_BYTES / 1e9
+    rows_at = {n: sum(window_union_rows(sl[0, i], s, n) for i in range(h))
+               for n in sorted(set(a.tiles) | {d for d, _ in DESIGNS})}
+    gb_at = {n: rows * ROW_BYTES / 1e9 for n, rows in rows_at.items()}
     for n in a.tiles:
       gb = gb_at[n]
-      tiles.append(f"| ({nv}, {ns}) | {n} | {gb:.1f} | {gb * 1e9 / ROW_BYTES / pairs:.3f} | {gb / a.rate:.2f} | "
+      tiles.append(f"| ({nv}, {ns}) | {n} | {gb:.1f} | {rows_at[n] / pairs:.3f} | {gb / a.rate:.2f} | "
                    f"{budget:.2f} | {gb / budget:.1f} |")
     for n, what in DESIGNS:
       cud = whole_call_bound(gb_at[n], rest_ms, budget, a.rate)
